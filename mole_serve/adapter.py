@@ -1,0 +1,128 @@
+"""In-memory MoLE adapter: per-layer routers and LoRA factors, plus the base shapes they fit.
+
+Tensors are kept in fp32, as MoE-PEFT trains and stores them; compute code casts as needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import ATTENTION_PROJS, MoleConfig
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """The frozen Llama-family dimensions an adapter must fit."""
+
+    hidden: int
+    intermediate: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "BaseShape":
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        heads = get("num_attention_heads")
+        head_dim = get("head_dim") or get("hidden_size") // heads
+        return cls(hidden=get("hidden_size"), intermediate=get("intermediate_size"),
+                   num_layers=get("num_hidden_layers"), num_heads=heads,
+                   num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim)
+
+    def in_out(self, proj: str) -> tuple[int, int]:
+        """(in_features, out_features) of a projection of the frozen model."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv),
+                "v_proj": (self.hidden, kv), "o_proj": (q, self.hidden),
+                "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate),
+                "down_proj": (self.intermediate, self.hidden)}[proj]
+
+
+@dataclass
+class LoRA:
+    """One plain LoRA pair: delta(x) = scaling * B A x."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+
+
+@dataclass
+class ExpertLoRAs:
+    """The E expert LoRA pairs of one projection, stacked on dim 0."""
+
+    a: torch.Tensor  # [E, r, in]
+    b: torch.Tensor  # [E, out, r]
+
+
+@dataclass
+class MoleLayer:
+    """What one decoder layer of an adapter holds.
+
+    MixLoRA: `router` [E, hidden] for the FFN, `experts` for the targeted FFN projections and
+    plain `lora` for targeted attention projections. DynMoLE: `routers` and `experts` for
+    every targeted projection (attention included).
+    """
+
+    router: torch.Tensor | None = None
+    experts: dict[str, ExpertLoRAs] = field(default_factory=dict)
+    routers: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora: dict[str, LoRA] = field(default_factory=dict)
+
+
+@dataclass
+class MoleAdapter:
+    name: str
+    config: MoleConfig
+    layers: list[MoleLayer]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def init_adapter(config: MoleConfig, base: BaseShape, name: str = "adapter", *,
+                 generator: torch.Generator | None = None, router_std: float | None = None,
+                 b_std: float = 0.0) -> MoleAdapter:
+    """A fresh adapter initialised as MoE-PEFT does.
+
+    Router N(0, 0.02) for MixLoRA (DynMoLE: Kaiming-uniform, like nn.Linear), A
+    Kaiming-uniform(a=sqrt(5)), B zeros. Tests pass `b_std`/`router_std` to make the adapter
+    change outputs and routing visibly.
+    """
+    def kaiming(*shape: int) -> torch.Tensor:
+        bound = 1.0 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)) on [.., fan_in]
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+    def normal(std: float, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * std
+
+    E, r = config.num_experts, config.r
+    layers = []
+    for _ in range(base.num_layers):
+        layer = MoleLayer()
+        if config.is_per_linear:
+            for proj in config.target_modules:
+                fan_in, fan_out = base.in_out(proj)
+                layer.routers[proj] = (normal(router_std, E, fan_in) if router_std is not None
+                                       else kaiming(E, fan_in))
+                layer.experts[proj] = ExpertLoRAs(kaiming(E, r, fan_in), normal(b_std, E, fan_out, r))
+        else:
+            layer.router = normal(0.02 if router_std is None else router_std, E, base.hidden)
+            for proj in config.ffn_targets:
+                fan_in, fan_out = base.in_out(proj)
+                layer.experts[proj] = ExpertLoRAs(kaiming(E, r, fan_in), normal(b_std, E, fan_out, r))
+            for proj in config.attention_targets:
+                fan_in, fan_out = base.in_out(proj)
+                layer.lora[proj] = LoRA(kaiming(r, fan_in), normal(b_std, fan_out, r))
+        layers.append(layer)
+    return MoleAdapter(name, config, layers)
+
+
+def is_attention(proj: str) -> bool:
+    return proj in ATTENTION_PROJS

@@ -1,0 +1,251 @@
+"""Read and write MoLE adapter dirs: MoE-PEFT / mixlora (modern and legacy keys) and DynMoLE.
+
+Reading accepts `adapter_model.safetensors` (preferred) or `adapter_model.bin`, the pickle
+the peers write, which we open only with `torch.load(weights_only=True)`. Every tensor is
+checked against the shape the config (and, when given, the base model) implies, so a bad
+adapter fails here with a message naming the tensor, never later inside a kernel.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+import re
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer, is_attention
+from .config import AdapterLimits, MoleConfig, LEGACY_PROJS
+from .errors import AdapterError
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+_LEGACY_ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.gate\.weight$")
+_LEGACY_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lora_[AB]\.weight)$")
+_MODERN_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(\w+)\.experts\.(\d+)\.(lora_[AB]\.weight)$")
+_LAYER_INDEX = re.compile(r"^\w+\.layers\.(\d+)\.")
+
+
+def _module(proj: str) -> str:
+    return "self_attn" if is_attention(proj) else "mlp"
+
+
+def _prefix(config: MoleConfig) -> str:
+    return "dynmole" if config.is_per_linear else "mixlora"
+
+
+def _expert_key(config: MoleConfig, layer: int, proj: str, expert: int, ab: str) -> str:
+    return f"{_prefix(config)}.layers.{layer}.{_module(proj)}.{proj}.experts.{expert}.lora_{ab}.weight"
+
+
+def _router_key(config: MoleConfig, layer: int, proj: str | None = None) -> str:
+    if proj is None:
+        return f"mixlora.layers.{layer}.mlp.moe_gate.weight"
+    return f"dynmole.layers.{layer}.{_module(proj)}.{proj}.moe_gate.weight"
+
+
+def _lora_key(layer: int, proj: str, ab: str) -> str:
+    return f"mixlora.layers.{layer}.self_attn.{proj}.lora_{ab}.weight"
+
+
+def state_dict_items(adapter: MoleAdapter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors under their modern keys, in the order MoE-PEFT writes them."""
+    config = adapter.config
+    for index, layer in enumerate(adapter.layers):
+        if config.is_per_linear:
+            for proj in config.target_modules:
+                yield _router_key(config, index, proj), layer.routers[proj]
+                yield from _expert_items(config, index, proj, layer.experts[proj])
+            continue
+        yield _router_key(config, index), layer.router
+        for proj in config.attention_targets:
+            yield _lora_key(index, proj, "A"), layer.lora[proj].a
+            yield _lora_key(index, proj, "B"), layer.lora[proj].b
+        for proj in ("gate_proj", "down_proj", "up_proj"):
+            if proj in layer.experts:
+                yield from _expert_items(config, index, proj, layer.experts[proj])
+
+
+def _expert_items(config: MoleConfig, layer: int, proj: str, experts: ExpertLoRAs):
+    for e in range(config.num_experts):
+        yield _expert_key(config, layer, proj, e, "A"), experts.a[e]
+        yield _expert_key(config, layer, proj, e, "B"), experts.b[e]
+
+
+def convert_legacy_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """m-LoRA names (`layers.L.gate`, `layers.L.experts.e.w1_proj`) -> modern MoE-PEFT names."""
+    out = {}
+    for key, value in tensors.items():
+        if m := _LEGACY_ROUTER.match(key):
+            key = f"mixlora.layers.{m[1]}.mlp.moe_gate.weight"
+        elif m := _LEGACY_EXPERT.match(key):
+            proj = LEGACY_PROJS.get(m[3], m[3])
+            key = f"mixlora.layers.{m[1]}.mlp.{proj}.experts.{m[2]}.{m[4]}"
+        elif m := _MODERN_EXPERT.match(key):
+            proj = LEGACY_PROJS.get(m[2], m[2])
+            key = f"mixlora.layers.{m[1]}.mlp.{proj}.experts.{m[3]}.{m[4]}"
+        out[key] = value
+    return out
+
+
+def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Tensor]:
+    """The raw tensor dict of an adapter dir (safetensors preferred over the .bin pickle)."""
+    st, pt = adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME
+    try:
+        if st.is_file():
+            return load_file(str(st))
+        if pt.is_file():
+            loaded = torch.load(str(pt), map_location="cpu", weights_only=True)
+            if not isinstance(loaded, dict) or not all(
+                    isinstance(v, torch.Tensor) for v in loaded.values()):
+                raise AdapterError(adapter, BIN_NAME, "a dict of tensors",
+                                   type(loaded).__name__)
+            return {k: v.detach() for k, v in loaded.items()}
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError,
+            pickle.UnpicklingError) as exc:
+        if isinstance(exc, AdapterError):
+            raise
+        raise AdapterError(adapter, st.name if st.is_file() else BIN_NAME,
+                           "a readable weights file", f"{type(exc).__name__}: {exc}") from None
+    raise AdapterError(adapter, "weights", f"{SAFETENSORS_NAME} or {BIN_NAME} in {adapter_dir}",
+                       "neither file")
+
+
+def load_adapter(adapter_dir: str | pathlib.Path, name: str | None = None, *,
+                 base: BaseShape | None = None, limits: AdapterLimits | None = None
+                 ) -> MoleAdapter:
+    """Read and validate one adapter dir (any supported flavour) into a MoleAdapter."""
+    path = pathlib.Path(adapter_dir)
+    name = name or path.name
+    if not path.is_dir():
+        raise AdapterError(name, "path", "an adapter directory", f"{path} does not exist")
+    config = MoleConfig.load(path, name, limits)
+    tensors = read_tensors(path, name)
+    if not config.is_per_linear:
+        tensors = convert_legacy_keys(tensors)
+    return from_state_dict(config, tensors, name, base)
+
+
+def from_state_dict(config: MoleConfig, tensors: dict[str, torch.Tensor], name: str,
+                    base: BaseShape | None = None) -> MoleAdapter:
+    """Check keys, shapes and values of a modern-key tensor dict and build the adapter."""
+    num_layers = base.num_layers if base is not None else _count_layers(tensors, name)
+    dims = _projection_dims(config, tensors, base, name)
+    hidden = base.hidden if base is not None else _hidden(config, dims, tensors)
+    expected = _expected_shapes(config, num_layers, dims, hidden)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise AdapterError(name, missing[0], f"present (tensor of shape "
+                           f"{list(expected[missing[0]])})", f"missing ({len(missing)} "
+                           f"missing keys in all)")
+    extra = sorted(k for k in tensors if k not in expected)
+    if extra:
+        raise AdapterError(name, extra[0], "no such tensor for this config "
+                           f"({config.routing_strategy}, {num_layers} layers, targets "
+                           f"{list(config.target_modules)})",
+                           f"an unexpected key ({len(extra)} unexpected keys in all)")
+    for key, shape in expected.items():
+        tensor = tensors[key]
+        if not tensor.is_floating_point():
+            raise AdapterError(name, key, "a floating-point tensor", str(tensor.dtype))
+        if tuple(tensor.shape) != shape:
+            raise AdapterError(name, key, f"shape {list(shape)}", f"shape {list(tensor.shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterError(name, key, "finite values", f"{bad} NaN/Inf values")
+    fp32 = {k: tensors[k].float() for k in expected}
+    return MoleAdapter(name, config, [_layer(config, fp32, i) for i in range(num_layers)])
+
+
+def _layer(config: MoleConfig, t: dict[str, torch.Tensor], i: int) -> MoleLayer:
+    def experts(proj: str) -> ExpertLoRAs:
+        E = range(config.num_experts)
+        return ExpertLoRAs(torch.stack([t[_expert_key(config, i, proj, e, "A")] for e in E]),
+                           torch.stack([t[_expert_key(config, i, proj, e, "B")] for e in E]))
+
+    if config.is_per_linear:
+        return MoleLayer(routers={p: t[_router_key(config, i, p)] for p in config.target_modules},
+                         experts={p: experts(p) for p in config.target_modules})
+    return MoleLayer(router=t[_router_key(config, i)],
+                     experts={p: experts(p) for p in config.ffn_targets},
+                     lora={p: LoRA(t[_lora_key(i, p, "A")], t[_lora_key(i, p, "B")])
+                           for p in config.attention_targets})
+
+
+def _count_layers(tensors: dict[str, torch.Tensor], name: str) -> int:
+    indices = [int(m[1]) for k in tensors if (m := _LAYER_INDEX.match(k))]
+    if not indices:
+        raise AdapterError(name, "weights", "keys like 'mixlora.layers.0....' or "
+                           "'dynmole.layers.0....'", f"{len(tensors)} keys, none per layer")
+    return max(indices) + 1
+
+
+def _projection_dims(config: MoleConfig, tensors: dict[str, torch.Tensor],
+                     base: BaseShape | None, name: str) -> dict[str, tuple[int, int]]:
+    """(in, out) per targeted projection: from the base when known, else from layer 0."""
+    if base is not None:
+        return {p: base.in_out(p) for p in config.target_modules}
+    dims = {}
+    for proj in config.target_modules:
+        if is_attention(proj) and not config.is_per_linear:
+            a, b = _lora_key(0, proj, "A"), _lora_key(0, proj, "B")
+        else:
+            a, b = (_expert_key(config, 0, proj, 0, ab) for ab in "AB")
+        if a not in tensors or b not in tensors:
+            raise AdapterError(name, a if a not in tensors else b, "present", "missing")
+        dims[proj] = (tensors[a].shape[-1], tensors[b].shape[0])
+    return dims
+
+
+def _hidden(config: MoleConfig, dims: dict[str, tuple[int, int]],
+            tensors: dict[str, torch.Tensor]) -> int:
+    for proj in ("gate_proj", "up_proj", "q_proj", "k_proj", "v_proj"):
+        if proj in dims:
+            return dims[proj][0]
+    for proj in ("down_proj", "o_proj"):
+        if proj in dims:
+            return dims[proj][1]
+    router = tensors.get(_router_key(config, 0))
+    return router.shape[-1] if router is not None and router.dim() == 2 else -1
+
+
+def _expected_shapes(config: MoleConfig, num_layers: int, dims: dict[str, tuple[int, int]],
+                     hidden: int) -> dict[str, tuple[int, ...]]:
+    E, r = config.num_experts, config.r
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(num_layers):
+        if not config.is_per_linear:
+            shapes[_router_key(config, i)] = (E, hidden)
+        for proj in config.target_modules:
+            fan_in, fan_out = dims[proj]
+            if is_attention(proj) and not config.is_per_linear:
+                shapes[_lora_key(i, proj, "A")] = (r, fan_in)
+                shapes[_lora_key(i, proj, "B")] = (fan_out, r)
+                continue
+            if config.is_per_linear:
+                shapes[_router_key(config, i, proj)] = (E, fan_in)
+            for e in range(E):
+                shapes[_expert_key(config, i, proj, e, "A")] = (r, fan_in)
+                shapes[_expert_key(config, i, proj, e, "B")] = (fan_out, r)
+    return shapes
+
+
+def save_adapter(adapter: MoleAdapter, adapter_dir: str | pathlib.Path, *,
+                 safetensors: bool = True, bin: bool = False) -> pathlib.Path:
+    """Write config + weights. `bin=True` adds the `.bin` that MoE-PEFT / mixlora read."""
+    if not (safetensors or bin):
+        raise ValueError("save_adapter: ask for safetensors, bin or both")
+    path = pathlib.Path(adapter_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    adapter.config.save(path)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in state_dict_items(adapter)}
+    if safetensors:
+        save_file(tensors, str(path / SAFETENSORS_NAME), metadata={"format": "pt"})
+    if bin:
+        torch.save(tensors, str(path / BIN_NAME))
+    return path

@@ -1,0 +1,236 @@
+"""The numerical truth: plain-PyTorch MoLE math, in two forms.
+
+* literal (`*_literal`): one adapter, loops over experts exactly as MoE-PEFT / DynMoLE do
+  (each expert runs the whole FFN on its tokens, `W_d` included). Slow on purpose.
+* rewritten (`mole_ffn`, `mole_projection`): many adapters in one batch through slot-stacked
+  weights, vectorised and free of host syncs, using DESIGN §1's exact rewrites: `W_g x` and
+  `W_u x` once for all tokens, the k intermediates mixed before one `W_d`. Kernels and the
+  vLLM layer are tested against this form, and this form against the literal one.
+
+Frozen (base) matmuls run in the input dtype, as the frozen model does; routers, LoRA and
+mixing run in fp32, as MoE-PEFT does. Tokens with slot -1 (base model) get exactly the
+frozen model's result: no delta is added to them, not even a zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import ExpertLoRAs, LoRA, MoleLayer
+from .config import MoleConfig
+from .routing import route, route_config
+from .stack import GatedLoRAStack, LayerStack, LoRAStack, MixLoRAStack
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class FrozenFFN:
+    """A Llama MLP's frozen weights ([out, in], nn.Linear layout)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    act_fn: str = "silu"
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.act_fn](x)
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.linear(x, self.gate)) * F.linear(x, self.up)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.intermediate(x), self.down)
+
+
+def lora_delta(x: torch.Tensor, lora: LoRA, scaling: float) -> torch.Tensor:
+    """s * B A x in fp32."""
+    return scaling * F.linear(F.linear(x.float(), lora.a), lora.b)
+
+
+def _expert(experts: ExpertLoRAs | None, e: int) -> LoRA | None:
+    return None if experts is None else LoRA(experts.a[e], experts.b[e])
+
+
+# -- literal forms (one adapter) --------------------------------------------------------------
+def mixlora_ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
+                        config: MoleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE-PEFT's MixLoRA block: every selected expert runs a full SwiGLU FFN (frozen weights
+    plus its LoRA deltas) on its tokens; outputs are weighted and summed.
+    Returns (output [T, H], router logits [T, E])."""
+    s = config.scaling
+    logits = F.linear(x.float(), layer.router)
+    weights, ids = route_config(logits, config)
+    out = torch.zeros(x.shape[0], base.down.shape[0], dtype=torch.float32, device=x.device)
+    for e in range(config.num_experts):
+        token, slot = torch.where((ids == e) & (weights > 0))
+        if token.numel() == 0:
+            continue
+        xe = x[token]
+        g, u = F.linear(xe, base.gate).float(), F.linear(xe, base.up).float()
+        for proj, target in (("gate_proj", "g"), ("up_proj", "u")):
+            lora = _expert(layer.experts.get(proj), e)
+            if lora is not None:
+                delta = lora_delta(xe, lora, s)
+                g, u = (g + delta, u) if target == "g" else (g, u + delta)
+        h = base.act(g) * u
+        y = F.linear(h.to(x.dtype), base.down).float()
+        lora = _expert(layer.experts.get("down_proj"), e)
+        if lora is not None:
+            y = y + lora_delta(h, lora, s)
+        out.index_add_(0, token, y * weights[token, slot, None])
+    return out.to(x.dtype), logits
+
+
+def gated_linear_literal(x: torch.Tensor, weight: torch.Tensor, router: torch.Tensor,
+                         experts: ExpertLoRAs, config: MoleConfig
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynMoLE's routed linear: W x + sum_e w_e s B_e A_e x, experts looped densely.
+    Returns (output, router logits)."""
+    logits = F.linear(x.float(), router)
+    weights, ids = route_config(logits, config)
+    dense = torch.zeros_like(logits).scatter_add(-1, ids, weights)
+    out = F.linear(x, weight).float()
+    for e in range(config.num_experts):
+        out = out + dense[:, e:e + 1] * lora_delta(x, _expert(experts, e), config.scaling)
+    return out.to(x.dtype), logits
+
+
+def dynmole_ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
+                        config: MoleConfig) -> torch.Tensor:
+    """A Llama MLP whose targeted linears are DynMoLE routed linears."""
+    def linear(h: torch.Tensor, proj: str, weight: torch.Tensor) -> torch.Tensor:
+        if proj not in layer.routers:
+            return F.linear(h, weight)
+        return gated_linear_literal(h, weight, layer.routers[proj], layer.experts[proj],
+                                    config)[0]
+
+    h = base.act(linear(x, "gate_proj", base.gate)) * linear(x, "up_proj", base.up)
+    return linear(h, "down_proj", base.down)
+
+
+def projection_literal(x: torch.Tensor, weight: torch.Tensor, proj: str, layer: MoleLayer,
+                       config: MoleConfig) -> torch.Tensor:
+    """An attention projection of one adapter: plain LoRA (MixLoRA) or routed (DynMoLE)."""
+    if proj in layer.routers:
+        return gated_linear_literal(x, weight, layer.routers[proj], layer.experts[proj],
+                                    config)[0]
+    if proj in layer.lora:
+        return (F.linear(x, weight).float() + lora_delta(x, layer.lora[proj], config.scaling)
+                ).to(x.dtype)
+    return F.linear(x, weight)
+
+
+def ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
+                config: MoleConfig) -> torch.Tensor:
+    if config.is_per_linear:
+        return dynmole_ffn_literal(x, base, layer, config)
+    return mixlora_ffn_literal(x, base, layer, config)[0]
+
+
+# -- rewritten forms (slot-stacked, many adapters) --------------------------------------------
+def _gather(table: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table[slot[t], ids[t, j]] -> [T, k, ...]."""
+    return table[slot[:, None], ids]
+
+
+def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token routing through each token's slot router.
+    Returns (weights [T, k_max] zero for non-MixLoRA tokens, expert ids, uses-MixLoRA mask)."""
+    slot = slots.clamp(min=0)
+    uses = (slots >= 0) & stack.enabled[slot]
+    logits = torch.einsum("th,teh->te", x.float(), stack.router[slot])
+    weights, ids = route(logits, stack.routing[slot], stack.k_max)
+    return weights * uses[:, None], ids, uses
+
+
+def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                    weights: torch.Tensor, ids: torch.Tensor, stack: MixLoRAStack,
+                    act_fn: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each selected expert's intermediate h_k = act(g0 + dg_k) * (u0 + du_k); returns the
+    weight-mixed intermediate [T, I] (fp32) and the down shrinks A_d h_k [T, k, r] (fp32)."""
+    slot = slots.clamp(min=0)
+    r = stack.down_a.shape[2]
+    scale = stack.scaling[slot][:, None, None]
+    shrink = torch.einsum("th,tkrh->tkr", x.float(), _gather(stack.gate_up_a, slot, ids))
+    expand = _gather(stack.gate_up_b, slot, ids)                       # [T, k, 2, I, r]
+    g = g0.float()[:, None] + scale * torch.einsum("tkr,tkir->tki", shrink[..., :r], expand[:, :, 0])
+    u = u0.float()[:, None] + scale * torch.einsum("tkr,tkir->tki", shrink[..., r:], expand[:, :, 1])
+    h = ACTIVATIONS[act_fn](g) * u
+    mixed = (weights[..., None] * h).sum(1)
+    down_shrink = torch.einsum("tki,tkri->tkr", h, _gather(stack.down_a, slot, ids))
+    return mixed, down_shrink
+
+
+def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                       ids: torch.Tensor, stack: MixLoRAStack) -> torch.Tensor:
+    """sum_k w_k s B_d,k (A_d,k h_k) -> [T, H] fp32."""
+    slot = slots.clamp(min=0)
+    coef = weights * stack.scaling[slot][:, None]
+    return torch.einsum("tkr,tkhr->th", down_shrink * coef[..., None],
+                        _gather(stack.down_b, slot, ids))
+
+
+def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-linear routed LoRA delta [T, out] fp32 and the mask of tokens it applies to."""
+    slot = slots.clamp(min=0)
+    uses = (slots >= 0) & stack.enabled[slot]
+    logits = torch.einsum("ti,tei->te", x.float(), stack.router[slot])
+    weights, ids = route(logits, stack.routing[slot], stack.k_max)
+    coef = weights * stack.scaling[slot][:, None] * uses[:, None]
+    shrink = torch.einsum("ti,tkri->tkr", x.float(), _gather(stack.a, slot, ids))
+    delta = torch.einsum("tkr,tkor->to", shrink * coef[..., None], _gather(stack.b, slot, ids))
+    return delta, uses
+
+
+def lora_stack_delta(x: torch.Tensor, slots: torch.Tensor, stack: LoRAStack
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain per-slot LoRA delta [T, out] fp32 and the mask of tokens it applies to."""
+    slot = slots.clamp(min=0)
+    uses = (slots >= 0) & stack.enabled[slot]
+    shrink = torch.einsum("ti,tri->tr", x.float(), stack.a[slot])
+    delta = torch.einsum("tr,tor->to", shrink * stack.scaling[slot][:, None], stack.b[slot])
+    return delta, uses
+
+
+def _add_where(base: torch.Tensor, delta: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:
+    """base + delta on `uses` rows (in fp32, cast back); other rows untouched bit for bit."""
+    return torch.where(uses[:, None], (base.float() + delta).to(base.dtype), base)
+
+
+def mole_projection(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, proj: str,
+                    stack: LayerStack, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection of the frozen model plus whatever adapter each token's slot holds."""
+    y = F.linear(x, weight, bias)
+    if proj in stack.lora:
+        y = _add_where(y, *lora_stack_delta(x, slots, stack.lora[proj]))
+    if proj in stack.gated:
+        y = _add_where(y, *gated_lora_delta(x, slots, stack.gated[proj]))
+    return y
+
+
+def mole_ffn(x: torch.Tensor, base: FrozenFFN, slots: torch.Tensor,
+             stack: LayerStack) -> torch.Tensor:
+    """The MoLE FFN for a mixed batch: [T, H] in, [T, H] out, one frozen FFN per token."""
+    g = mole_projection(x, base.gate, slots, "gate_proj", stack)
+    u = mole_projection(x, base.up, slots, "up_proj", stack)
+    h = base.act(g) * u
+    ffn = stack.ffn
+    if ffn is None:
+        return mole_projection(h, base.down, slots, "down_proj", stack)
+    weights, ids, uses = mixlora_route(x, slots, ffn)
+    mixed, down_shrink = mixlora_experts(g, u, x, slots, weights, ids, ffn, base.act_fn)
+    h = torch.where(uses[:, None], mixed.to(h.dtype), h)
+    y = mole_projection(h, base.down, slots, "down_proj", stack)
+    return _add_where(y, mixlora_down_delta(down_shrink, slots, weights, ids, ffn), uses)

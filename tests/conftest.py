@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny shapes and random adapters built in the test, never downloaded."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this at import time; set it before any test module imports triton
+    # (vLLM imports it too), so kernels run on the CPU through the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mole_serve.adapter import BaseShape, init_adapter
+from mole_serve.config import MoleConfig
+
+# Odd sizes on purpose (DESIGN §9): nothing may assume powers of two.
+ODD_BASE = BaseShape(hidden=96, intermediate=200, num_layers=2, num_heads=3, num_kv_heads=1,
+                     head_dim=32)
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def configs() -> dict[str, MoleConfig]:
+    """One adapter per strategy, with different E, r, targets and scalings."""
+    return {
+        "topk": MoleConfig("mixlora", num_experts=4, r=8, lora_alpha=16, target_modules=ALL,
+                           top_k=2),
+        "top1": MoleConfig("mixlora", num_experts=3, r=4, lora_alpha=8, target_modules=FFN,
+                           top_k=1, use_rslora=True),
+        "dynamic": MoleConfig("mixlora-dynamic", num_experts=5, r=6, lora_alpha=12,
+                              target_modules=("q_proj", "o_proj") + FFN, top_p=0.8),
+        "switch": MoleConfig("mixlora-switch", num_experts=4, r=8, lora_alpha=16,
+                             target_modules=("gate_proj", "down_proj")),
+        "dynmole": MoleConfig("dynmole", num_experts=6, r=5, lora_alpha=10,
+                              target_modules=("q_proj", "v_proj") + FFN, top_p=0.75,
+                              keep_top_k=2, entropy_threshold=0.9),
+    }
+
+
+def random_adapters(base: BaseShape = ODD_BASE, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: init_adapter(cfg, base, name, generator=g, b_std=0.05, router_std=0.5)
+            for name, cfg in configs().items()}
+
+
+@pytest.fixture(scope="session")
+def adapters():
+    return random_adapters()

@@ -1,0 +1,168 @@
+"""Adapter dirs: write/read round trips (safetensors and the peers' .bin), the legacy m-LoRA
+layout, DynMoLE keys, and one clear AdapterError per malformed input."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import ODD_BASE, random_adapters
+from mole_serve.adapter import BaseShape
+from mole_serve.checkpoint import (BIN_NAME, SAFETENSORS_NAME, load_adapter, save_adapter,
+                                   state_dict_items)
+from mole_serve.config import AdapterLimits
+from mole_serve.errors import AdapterError
+from mole_serve.reference import FrozenFFN, ffn_literal
+
+
+def assert_same_adapter(a, b):
+    assert a.config == b.config
+    left, right = dict(state_dict_items(a)), dict(state_dict_items(b))
+    assert list(left) == list(right)
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+@pytest.mark.parametrize("name", ["topk", "dynamic", "switch", "dynmole", "top1"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_round_trip(tmp_path, adapters, name, fmt):
+    adapter = adapters[name]
+    save_adapter(adapter, tmp_path, safetensors=fmt == "safetensors", bin=fmt == "bin")
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json",
+                                                    SAFETENSORS_NAME if fmt == "safetensors"
+                                                    else BIN_NAME}
+    assert_same_adapter(load_adapter(tmp_path, name, base=ODD_BASE), adapter)
+    assert_same_adapter(load_adapter(tmp_path, name), adapter)  # shapes inferred, no base
+
+
+def test_modern_key_names(adapters):
+    keys = [k for k, _ in state_dict_items(adapters["topk"])]
+    assert keys[0] == "mixlora.layers.0.mlp.moe_gate.weight"
+    assert "mixlora.layers.1.self_attn.q_proj.lora_A.weight" in keys
+    assert "mixlora.layers.0.mlp.down_proj.experts.3.lora_B.weight" in keys
+    dyn = [k for k, _ in state_dict_items(adapters["dynmole"])]
+    assert "dynmole.layers.0.self_attn.q_proj.moe_gate.weight" in dyn
+    assert "dynmole.layers.1.mlp.up_proj.experts.5.lora_A.weight" in dyn
+
+
+def test_legacy_checkpoint_loads_to_the_same_numbers(tmp_path, adapters):
+    """alpaca-mixlora-7b's m-LoRA layout: `mixtral`, w1/w2/w3, layers.L.gate, layers.L.experts."""
+    modern = adapters["topk"]
+    legacy_names = {"gate_proj": "w1_proj", "down_proj": "w2_proj", "up_proj": "w3_proj"}
+    tensors = {}
+    for key, value in state_dict_items(modern):
+        parts = key.split(".")
+        if parts[3:5] == ["mlp", "moe_gate"]:
+            key = f"mixlora.layers.{parts[2]}.gate.weight"
+        elif parts[3] == "mlp":  # mixlora.layers.L.mlp.PROJ.experts.E.lora_X.weight
+            key = (f"mixlora.layers.{parts[2]}.experts.{parts[6]}.{legacy_names[parts[4]]}."
+                   f"{parts[7]}.weight")
+        tensors[key] = value.clone()
+    torch.save(tensors, tmp_path / BIN_NAME)
+    raw = modern.config.to_dict()
+    raw.update(routing_strategy="mixtral", target_modules=["q_proj", "k_proj", "v_proj",
+                                                            "o_proj", "w1_proj", "w2_proj",
+                                                            "w3_proj"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
+    legacy = load_adapter(tmp_path, "legacy", base=ODD_BASE)
+    assert_same_adapter(legacy, modern)
+    base = FrozenFFN(torch.randn(200, 96), torch.randn(200, 96), torch.randn(96, 200))
+    x = torch.randn(9, 96)
+    assert torch.equal(ffn_literal(x, base, legacy.layers[1], legacy.config),
+                       ffn_literal(x, base, modern.layers[1], modern.config))
+
+
+def test_bin_with_parameters_loads_with_weights_only(tmp_path, adapters):
+    """MoE-PEFT saves nn.Parameter values; they must still load with weights_only=True."""
+    save_adapter(adapters["topk"], tmp_path, safetensors=False, bin=True)
+    tensors = torch.load(tmp_path / BIN_NAME, weights_only=True)
+    torch.save({k: torch.nn.Parameter(v) for k, v in tensors.items()}, tmp_path / BIN_NAME)
+    assert_same_adapter(load_adapter(tmp_path, "p"), adapters["topk"])
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, adapters):
+    adapters["topk"].config.save(tmp_path)
+    with open(tmp_path / BIN_NAME, "wb") as f:
+        pickle.dump({"mixlora.layers.0.mlp.moe_gate.weight": Evil()}, f, protocol=2)
+    with pytest.raises(AdapterError, match="adapter 'evil': adapter_model.bin: expected a "
+                                           "readable weights file"):
+        load_adapter(tmp_path, "evil")
+
+
+def write_tensors(tmp_path, adapter, edit):
+    tensors = {k: v.clone() for k, v in state_dict_items(adapter)}
+    edit(tensors)
+    adapter.config.save(tmp_path)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / SAFETENSORS_NAME))
+
+
+GATE = "mixlora.layers.1.mlp.moe_gate.weight"
+EXPERT_B = "mixlora.layers.0.mlp.up_proj.experts.2.lora_B.weight"
+
+
+@pytest.mark.parametrize("edit, item, expected, found", [
+    (lambda t: t.pop(EXPERT_B), EXPERT_B, "present (tensor of shape [200, 8])",
+     "missing (1 missing keys in all)"),
+    (lambda t: t.update({"mixlora.layers.0.mlp.classifier.weight": torch.zeros(2)}),
+     "mixlora.layers.0.mlp.classifier.weight", "no such tensor", "an unexpected key"),
+    (lambda t: t.update({GATE: torch.zeros(4, 95)}), GATE, "shape [4, 96]", "shape [4, 95]"),
+    (lambda t: t[EXPERT_B].__setitem__((0, 0), float("nan")), EXPERT_B, "finite values",
+     "1 NaN/Inf values"),
+    (lambda t: t[GATE].__setitem__((1, 1), float("inf")), GATE, "finite values",
+     "1 NaN/Inf values"),
+    (lambda t: t.update({GATE: torch.zeros(4, 96, dtype=torch.int32)}), GATE,
+     "a floating-point tensor", "torch.int32"),
+])
+def test_malformed_tensors_name_the_tensor(tmp_path, adapters, edit, item, expected, found):
+    write_tensors(tmp_path, adapters["topk"], edit)
+    with pytest.raises(AdapterError) as info:
+        load_adapter(tmp_path, "math", base=ODD_BASE)
+    err = info.value
+    assert (err.adapter, err.item) == ("math", item)
+    assert expected in err.expected and found in err.found
+
+
+def test_base_model_mismatch(tmp_path, adapters):
+    save_adapter(adapters["topk"], tmp_path)
+    wider = BaseShape(hidden=128, intermediate=200, num_layers=2, num_heads=4, num_kv_heads=1,
+                      head_dim=32)
+    with pytest.raises(AdapterError, match=r"expected shape \[4, 128\], found shape \[4, 96\]"):
+        load_adapter(tmp_path, "math", base=wider)
+    deeper = BaseShape(96, 200, 3, 3, 1, 32)
+    with pytest.raises(AdapterError, match="mixlora.layers.2.mlp.moe_gate.weight: expected "
+                                           "present"):
+        load_adapter(tmp_path, "math", base=deeper)
+
+
+def test_limits_and_missing_files(tmp_path, adapters):
+    save_adapter(adapters["dynmole"], tmp_path)
+    with pytest.raises(AdapterError, match="max rank 4"):
+        load_adapter(tmp_path, "d", limits=AdapterLimits(max_rank=4))
+    with pytest.raises(AdapterError, match="max experts 4"):
+        load_adapter(tmp_path, "d", limits=AdapterLimits(max_experts=4))
+    (tmp_path / SAFETENSORS_NAME).unlink()
+    with pytest.raises(AdapterError, match="found neither file"):
+        load_adapter(tmp_path, "d")
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapter(tmp_path / "missing", "d")
+
+
+def test_truncated_safetensors(tmp_path, adapters):
+    save_adapter(adapters["switch"], tmp_path)
+    data = (tmp_path / SAFETENSORS_NAME).read_bytes()
+    (tmp_path / SAFETENSORS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="readable weights file"):
+        load_adapter(tmp_path, "s")
+
+
+def test_other_seed_differs():
+    """Guard for the round-trip tests: two seeds must give different adapters."""
+    a, b = random_adapters(seed=7)["topk"], random_adapters(seed=8)["topk"]
+    assert not torch.equal(a.layers[0].router, b.layers[0].router)

@@ -1,0 +1,126 @@
+"""adapter_config.json parsing: every flavour the peers write, round trips, and clear errors."""
+
+import json
+
+import pytest
+
+from mole_serve.config import AdapterLimits, MoleConfig
+from mole_serve.errors import AdapterError
+
+MOE_PEFT = {"bias": "none", "peft_type": "MIXLORA", "r": 8, "lora_alpha": 16,
+            "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "down_proj", "up_proj"],
+            "routing_strategy": "mixlora", "num_experts": 4, "act_fn": "silu", "top_k": 2,
+            "base_model_name_or_path": "/host_data/Llama-2-7b-hf", "task_type": "CAUSAL_LM"}
+
+LEGACY = {"bias": "none", "peft_type": "MIXLORA", "r": 16, "lora_alpha": 32,
+          "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                    "w1_proj", "w2_proj", "w3_proj"],
+          "routing_strategy": "mixtral", "num_experts": 8, "act_fn": "silu", "top_k": 2,
+          "base_model_name_or_path": "/host_data/Llama-2-7b-hf", "task_type": "CAUSAL_LM"}
+
+DYNMOLE = {"bias": "none", "peft_type": "DYNMOLE", "r": 24, "lora_alpha": 48,
+           "lora_dropout": 0.05, "target_modules": ["gate_proj", "down_proj", "up_proj"],
+           "routing_strategy": "dynmole", "num_experts": 6, "top_p": 0.75, "keep_top_k": 2,
+           "entropy_threshold": 0.9, "entropy_index": 1.1, "entropy_type": "tsallis",
+           "entropy_eps": 1e-5}
+
+
+def test_moe_peft_config_round_trips_exactly():
+    config = MoleConfig.from_dict(MOE_PEFT)
+    assert (config.routing_strategy, config.top_k, config.scaling) == ("mixlora", 2, 2.0)
+    assert config.to_dict() == MOE_PEFT
+    assert list(config.to_dict()) == list(MOE_PEFT)  # MoE-PEFT's field order
+
+
+def test_dynamic_config_fields():
+    raw = dict(MOE_PEFT, routing_strategy="mixlora-dynamic", top_p=0.8, temperature=0.5)
+    del raw["top_k"]
+    config = MoleConfig.from_dict(raw)
+    assert (config.top_p, config.temperature, config.max_experts_per_token) == (0.8, 0.5, 4)
+    assert config.to_dict() == raw
+
+
+def test_legacy_names_are_read_as_modern():
+    config = MoleConfig.from_dict(LEGACY)
+    assert config.routing_strategy == "mixlora"
+    assert config.ffn_targets == ("gate_proj", "up_proj", "down_proj")
+    assert config.to_dict()["routing_strategy"] == "mixlora"
+
+
+def test_dynmole_config_and_old_threshold_spelling():
+    config = MoleConfig.from_dict(DYNMOLE)
+    assert config.is_per_linear and config.keep_top_k == 2 and config.entropy_index == 1.1
+    assert config.to_dict()["peft_type"] == "DYNMOLE"
+    assert MoleConfig.from_dict(config.to_dict()) == config
+    old = {k: v for k, v in DYNMOLE.items() if k != "entropy_threshold"}
+    assert MoleConfig.from_dict(dict(old, broadcast_threshhold=0.8)).entropy_threshold == 0.8
+
+
+def test_rslora_scaling_and_unknown_fields_survive():
+    config = MoleConfig.from_dict(dict(MOE_PEFT, use_rslora=True, router_aux_loss_coef=0.01))
+    assert config.scaling == pytest.approx(16 / 8 ** 0.5)
+    out = config.to_dict()
+    assert out["use_rslora"] is True and out["router_aux_loss_coef"] == 0.01
+
+
+def test_save_and_load(tmp_path):
+    config = MoleConfig.from_dict(DYNMOLE)
+    config.save(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["routing_strategy"] == \
+        "dynmole"
+    assert MoleConfig.load(tmp_path) == config
+
+
+@pytest.mark.parametrize("change, item, expected", [
+    ({"routing_strategy": "hash"}, "routing_strategy", "one of"),
+    ({"use_dora": True}, "use_dora", "false"),
+    ({"lora_alpha": 16.5}, "lora_alpha", "an integer"),
+    ({"lora_alpha": "16"}, "lora_alpha", "an integer"),
+    ({"r": 0}, "r", ">= 1"),
+    ({"top_k": 5}, "top_k", "in [1, num_experts=4]"),
+    ({"num_experts": 0}, "num_experts", ">= 1"),
+    ({"target_modules": ["q_proj", "lm_head"]}, "target_modules", "names among"),
+    ({"peft_type": "LORA"}, "peft_type", "'MIXLORA'"),
+    ({"act_fn": "swish2"}, "act_fn", "one of"),
+    ({"lora_dropout": float("nan")}, "lora_dropout", "a finite number"),
+    ({"expert_lora": {"r": 4}}, "expert_lora.r", "equal to top-level r"),
+])
+def test_bad_configs_name_the_field(change, item, expected):
+    with pytest.raises(AdapterError) as info:
+        MoleConfig.from_dict(dict(MOE_PEFT, **change), adapter="math")
+    err = info.value
+    assert err.adapter == "math" and err.item == f"adapter_config.json:{item}"
+    assert expected in err.expected
+    assert "adapter 'math'" in str(err) and item in str(err)
+
+
+def test_missing_required_field():
+    raw = {k: v for k, v in MOE_PEFT.items() if k != "num_experts"}
+    with pytest.raises(AdapterError, match="num_experts: expected present, found missing"):
+        MoleConfig.from_dict(raw, adapter="math")
+
+
+def test_bad_dynmole_values():
+    with pytest.raises(AdapterError, match="keep_top_k"):
+        MoleConfig.from_dict(dict(DYNMOLE, keep_top_k=7))
+    with pytest.raises(AdapterError, match="entropy_type"):
+        MoleConfig.from_dict(dict(DYNMOLE, entropy_type="renyi"))
+    with pytest.raises(AdapterError, match="top_p"):
+        MoleConfig.from_dict(dict(DYNMOLE, top_p=1.5))
+
+
+def test_limits_exclude_rank_and_experts():
+    with pytest.raises(AdapterError, match="r: expected <= the server's max rank 4, found 8"):
+        MoleConfig.from_dict(MOE_PEFT, "math", AdapterLimits(max_rank=4))
+    with pytest.raises(AdapterError, match="num_experts: expected <= the server's max experts 2"):
+        MoleConfig.from_dict(MOE_PEFT, "math", AdapterLimits(max_experts=2))
+    MoleConfig.from_dict(MOE_PEFT, "math", AdapterLimits(max_rank=8, max_experts=4))
+
+
+def test_unreadable_config_file(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="expected valid JSON"):
+        MoleConfig.load(tmp_path, "math")
+    with pytest.raises(AdapterError, match="no such file"):
+        MoleConfig.load(tmp_path / "nope", "math")

@@ -1,0 +1,78 @@
+"""The transformers integration: per-row adapters in one forward, generation, detach."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import random_adapters
+from mole_serve.adapter import BaseShape
+from mole_serve.hf import attach_adapters
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                         vocab_size=300, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(model):
+    assert BaseShape.from_hf_config(model.config).hidden == 96
+    return random_adapters(seed=4)
+
+
+def test_each_row_uses_its_adapter(model, adapters):
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        base = model(ids).logits
+        attachment = attach_adapters(model, list(adapters.values()))
+        try:
+            alone = {}
+            for name in adapters:
+                with attachment.use(name):
+                    alone[name] = model(ids).logits
+                assert not torch.allclose(alone[name], base, atol=1e-3), name
+            rows = [None, *adapters, None]
+            with attachment.use(rows):
+                mixed = model(ids.expand(len(rows), -1)).logits
+            with attachment.use(None):
+                assert torch.equal(model(ids).logits, base)
+        finally:
+            attachment.detach()
+        assert torch.equal(model(ids).logits, base)
+    torch.testing.assert_close(mixed[0], base[0], rtol=0, atol=1e-6)
+    for i, name in enumerate(adapters, start=1):
+        torch.testing.assert_close(mixed[i], alone[name][0], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_mixed_rows(model, adapters):
+    ids = torch.randint(0, 300, (3, 6))
+    attachment = attach_adapters(model, [adapters["topk"], adapters["dynmole"]])
+    try:
+        with torch.no_grad():
+            with attachment.use(["topk", None, "dynmole"]):
+                together = model.generate(ids, max_new_tokens=5, do_sample=False)
+            for row, name in enumerate(["topk", None, "dynmole"]):
+                with attachment.use(name):
+                    alone = model.generate(ids[row:row + 1], max_new_tokens=5, do_sample=False)
+                assert torch.equal(together[row], alone[0]), name
+    finally:
+        attachment.detach()
+
+
+def test_errors(model, adapters):
+    attachment = attach_adapters(model, [adapters["topk"]])
+    try:
+        with pytest.raises(KeyError, match="no adapter named 'nope'"):
+            with attachment.use("nope"):
+                pass
+        with pytest.raises(ValueError, match="2 adapter choices for a batch of 3 rows"):
+            with attachment.use(["topk", None]), torch.no_grad():
+                model(torch.zeros(3, 4, dtype=torch.long))
+    finally:
+        attachment.detach()
+    with pytest.raises(ValueError, match="unique"):
+        attach_adapters(model, [adapters["topk"], adapters["topk"]])
