@@ -66,7 +66,7 @@ class MoleLayer:
 
     MixLoRA: `router` [E, hidden] for the FFN, `experts` for the targeted FFN projections and
     plain `lora` for targeted attention projections. DynMoLE: `routers` and `experts` for
-    every targeted projection (attention included).
+    every targeted projection (attention included). Plain LoRA: `lora` only.
     """
 
     router: torch.Tensor | None = None
@@ -106,20 +106,19 @@ def init_adapter(config: MoleConfig, base: BaseShape, name: str = "adapter", *,
     layers = []
     for _ in range(base.num_layers):
         layer = MoleLayer()
-        if config.is_per_linear:
-            for proj in config.target_modules:
-                fan_in, fan_out = base.in_out(proj)
+        if config.has_ffn_experts:
+            layer.router = normal(0.02 if router_std is None else router_std, E, base.hidden)
+        expert_projs = config.target_modules if config.is_per_linear else (
+            config.ffn_targets if config.has_ffn_experts else ())
+        for proj in expert_projs:
+            fan_in, fan_out = base.in_out(proj)
+            if config.is_per_linear:
                 layer.routers[proj] = (normal(router_std, E, fan_in) if router_std is not None
                                        else kaiming(E, fan_in))
-                layer.experts[proj] = ExpertLoRAs(kaiming(E, r, fan_in), normal(b_std, E, fan_out, r))
-        else:
-            layer.router = normal(0.02 if router_std is None else router_std, E, base.hidden)
-            for proj in config.ffn_targets:
-                fan_in, fan_out = base.in_out(proj)
-                layer.experts[proj] = ExpertLoRAs(kaiming(E, r, fan_in), normal(b_std, E, fan_out, r))
-            for proj in config.attention_targets:
-                fan_in, fan_out = base.in_out(proj)
-                layer.lora[proj] = LoRA(kaiming(r, fan_in), normal(b_std, fan_out, r))
+            layer.experts[proj] = ExpertLoRAs(kaiming(E, r, fan_in), normal(b_std, E, fan_out, r))
+        for proj in config.lora_targets:
+            fan_in, fan_out = base.in_out(proj)
+            layer.lora[proj] = LoRA(kaiming(r, fan_in), normal(b_std, fan_out, r))
         layers.append(layer)
     return MoleAdapter(name, config, layers)
 

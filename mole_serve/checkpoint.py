@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer, is_attention
-from .config import AdapterLimits, MoleConfig, LEGACY_PROJS
+from .config import MOE_PEFT_ORDER, AdapterLimits, LEGACY_PROJS, MoleConfig
 from .errors import AdapterError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -27,7 +27,7 @@ BIN_NAME = "adapter_model.bin"
 _LEGACY_ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.gate\.weight$")
 _LEGACY_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lora_[AB]\.weight)$")
 _MODERN_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(\w+)\.experts\.(\d+)\.(lora_[AB]\.weight)$")
-_LAYER_INDEX = re.compile(r"^\w+\.layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"^(?:base_model\.model\.model|\w+)\.layers\.(\d+)\.")
 
 
 def _module(proj: str) -> str:
@@ -48,7 +48,9 @@ def _router_key(config: MoleConfig, layer: int, proj: str | None = None) -> str:
     return f"dynmole.layers.{layer}.{_module(proj)}.{proj}.moe_gate.weight"
 
 
-def _lora_key(layer: int, proj: str, ab: str) -> str:
+def _lora_key(config: MoleConfig, layer: int, proj: str, ab: str) -> str:
+    if config.is_plain_lora:  # PEFT's names, which vLLM reads
+        return f"base_model.model.model.layers.{layer}.{_module(proj)}.{proj}.lora_{ab}.weight"
     return f"mixlora.layers.{layer}.self_attn.{proj}.lora_{ab}.weight"
 
 
@@ -61,10 +63,12 @@ def state_dict_items(adapter: MoleAdapter) -> Iterator[tuple[str, torch.Tensor]]
                 yield _router_key(config, index, proj), layer.routers[proj]
                 yield from _expert_items(config, index, proj, layer.experts[proj])
             continue
-        yield _router_key(config, index), layer.router
-        for proj in config.attention_targets:
-            yield _lora_key(index, proj, "A"), layer.lora[proj].a
-            yield _lora_key(index, proj, "B"), layer.lora[proj].b
+        if config.has_ffn_experts:
+            yield _router_key(config, index), layer.router
+        for proj in MOE_PEFT_ORDER:
+            if proj in config.lora_targets:
+                yield _lora_key(config, index, proj, "A"), layer.lora[proj].a
+                yield _lora_key(config, index, proj, "B"), layer.lora[proj].b
         for proj in ("gate_proj", "down_proj", "up_proj"):
             if proj in layer.experts:
                 yield from _expert_items(config, index, proj, layer.experts[proj])
@@ -125,7 +129,7 @@ def load_adapter(adapter_dir: str | pathlib.Path, name: str | None = None, *,
         raise AdapterError(name, "path", "an adapter directory", f"{path} does not exist")
     config = MoleConfig.load(path, name, limits)
     tensors = read_tensors(path, name)
-    if not config.is_per_linear:
+    if config.has_ffn_experts:
         tensors = convert_legacy_keys(tensors)
     return from_state_dict(config, tensors, name, base)
 
@@ -167,13 +171,13 @@ def _layer(config: MoleConfig, t: dict[str, torch.Tensor], i: int) -> MoleLayer:
         return ExpertLoRAs(torch.stack([t[_expert_key(config, i, proj, e, "A")] for e in E]),
                            torch.stack([t[_expert_key(config, i, proj, e, "B")] for e in E]))
 
-    if config.is_per_linear:
-        return MoleLayer(routers={p: t[_router_key(config, i, p)] for p in config.target_modules},
-                         experts={p: experts(p) for p in config.target_modules})
-    return MoleLayer(router=t[_router_key(config, i)],
-                     experts={p: experts(p) for p in config.ffn_targets},
-                     lora={p: LoRA(t[_lora_key(i, p, "A")], t[_lora_key(i, p, "B")])
-                           for p in config.attention_targets})
+    expert_projs = config.target_modules if config.is_per_linear else config.ffn_targets
+    return MoleLayer(
+        router=t[_router_key(config, i)] if config.has_ffn_experts else None,
+        routers={p: t[_router_key(config, i, p)] for p in expert_projs if config.is_per_linear},
+        experts={p: experts(p) for p in expert_projs if not config.is_plain_lora},
+        lora={p: LoRA(t[_lora_key(config, i, p, "A")], t[_lora_key(config, i, p, "B")])
+              for p in config.lora_targets})
 
 
 def _count_layers(tensors: dict[str, torch.Tensor], name: str) -> int:
@@ -191,8 +195,8 @@ def _projection_dims(config: MoleConfig, tensors: dict[str, torch.Tensor],
         return {p: base.in_out(p) for p in config.target_modules}
     dims = {}
     for proj in config.target_modules:
-        if is_attention(proj) and not config.is_per_linear:
-            a, b = _lora_key(0, proj, "A"), _lora_key(0, proj, "B")
+        if proj in config.lora_targets:
+            a, b = _lora_key(config, 0, proj, "A"), _lora_key(config, 0, proj, "B")
         else:
             a, b = (_expert_key(config, 0, proj, 0, ab) for ab in "AB")
         if a not in tensors or b not in tensors:
@@ -218,13 +222,13 @@ def _expected_shapes(config: MoleConfig, num_layers: int, dims: dict[str, tuple[
     E, r = config.num_experts, config.r
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(num_layers):
-        if not config.is_per_linear:
+        if config.has_ffn_experts:
             shapes[_router_key(config, i)] = (E, hidden)
         for proj in config.target_modules:
             fan_in, fan_out = dims[proj]
-            if is_attention(proj) and not config.is_per_linear:
-                shapes[_lora_key(i, proj, "A")] = (r, fan_in)
-                shapes[_lora_key(i, proj, "B")] = (fan_out, r)
+            if proj in config.lora_targets:
+                shapes[_lora_key(config, i, proj, "A")] = (r, fan_in)
+                shapes[_lora_key(config, i, proj, "B")] = (fan_out, r)
                 continue
             if config.is_per_linear:
                 shapes[_router_key(config, i, proj)] = (E, fan_in)

@@ -23,10 +23,12 @@ MIXLORA = "mixlora"
 MIXLORA_DYNAMIC = "mixlora-dynamic"
 MIXLORA_SWITCH = "mixlora-switch"
 DYNMOLE = "dynmole"
-STRATEGIES = (MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH, DYNMOLE)
+PLAIN_LORA = "lora"  # a PEFT LoRA: the baseline, and what vLLM serves natively
+STRATEGIES = (MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH, DYNMOLE, PLAIN_LORA)
+FFN_EXPERT_STRATEGIES = (MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH)
 
 PEFT_TYPE_OF = {MIXLORA: "MIXLORA", MIXLORA_DYNAMIC: "MIXLORA", MIXLORA_SWITCH: "MIXLORA",
-                DYNMOLE: "DYNMOLE"}
+                DYNMOLE: "DYNMOLE", PLAIN_LORA: "LORA"}
 
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -44,7 +46,7 @@ _KNOWN_KEYS = {
     "target_modules", "top_k", "top_p", "temperature", "keep_top_k", "entropy_threshold",
     "broadcast_threshhold", "entropy_index", "entropy_eps", "entropy_type", "expert_capacity",
     "sparse_step", "use_rslora", "use_dora", "act_fn", "base_model_name_or_path", "task_type",
-    "bias", "expert_lora",
+    "bias", "expert_lora", "fan_in_fan_out",
 }
 
 
@@ -102,13 +104,29 @@ class MoleConfig:
         return self.routing_strategy == DYNMOLE
 
     @property
+    def has_ffn_experts(self) -> bool:
+        """The MixLoRA family: one router per FFN, experts are whole FFNs."""
+        return self.routing_strategy in FFN_EXPERT_STRATEGIES
+
+    @property
+    def is_plain_lora(self) -> bool:
+        return self.routing_strategy == PLAIN_LORA
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """Projections carrying one plain LoRA pair (MixLoRA: attention; plain LoRA: all)."""
+        if self.is_plain_lora:
+            return self.target_modules
+        return self.attention_targets if self.has_ffn_experts else ()
+
+    @property
     def max_experts_per_token(self) -> int:
         """k_max: how many expert slots a token can need (static shapes use this)."""
         if self.routing_strategy == MIXLORA:
             return self.top_k
         if self.routing_strategy == MIXLORA_SWITCH:
             return 1
-        return self.num_experts
+        return 0 if self.is_plain_lora else self.num_experts
 
     @property
     def ffn_targets(self) -> tuple[str, ...]:
@@ -138,8 +156,10 @@ class MoleConfig:
                 "true (DoRA is refused: MoE-PEFT does not save the DoRA magnitude vectors, "
                 "so the checkpoint cannot reproduce the trained model)")
         strategy = raw.get("routing_strategy")
-        if strategy is None and peft_type == "DYNMOLE":
-            strategy = DYNMOLE
+        if strategy is None and peft_type in ("DYNMOLE", "LORA"):
+            strategy = DYNMOLE if peft_type == "DYNMOLE" else PLAIN_LORA
+        if strategy == PLAIN_LORA:
+            _check_plain_lora(raw, adapter)
         strategy = LEGACY_STRATEGIES.get(strategy, strategy)
         if strategy not in STRATEGIES:
             raise AdapterError(adapter, f"{CONFIG_NAME}:routing_strategy",
@@ -174,7 +194,8 @@ class MoleConfig:
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
         config = cls(
             routing_strategy=strategy,
-            num_experts=_integer(adapter, "num_experts", need("num_experts")),
+            num_experts=_integer(adapter, "num_experts", 1 if strategy == PLAIN_LORA
+                                 else need("num_experts")),
             r=_integer(adapter, "r", need("r")),
             lora_alpha=_integer(adapter, "lora_alpha", need("lora_alpha")),
             target_modules=tuple(p for p in ALL_PROJS if p in targets),
@@ -234,30 +255,45 @@ class MoleConfig:
 
     # -- writing --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The modern MoE-PEFT layout (field order as MoE-PEFT writes it)."""
+        """The modern MoE-PEFT layout (field order as MoE-PEFT writes it); PEFT's for LoRA."""
+        if self.is_plain_lora:
+            return self._peft_lora_dict()
         out: dict[str, Any] = {}
         if self.use_rslora:
             out["use_rslora"] = True
-        out.update(bias="none", peft_type=self.peft_type, r=self.r, lora_alpha=self.lora_alpha,
-                   lora_dropout=self.lora_dropout,
+        # The peers assert exact JSON types: ints for r / lora_alpha, floats for the rest.
+        out.update(bias="none", peft_type=self.peft_type, r=int(self.r),
+                   lora_alpha=int(self.lora_alpha), lora_dropout=float(self.lora_dropout),
                    target_modules=[p for p in MOE_PEFT_ORDER if p in self.target_modules],
                    routing_strategy=self.routing_strategy, num_experts=self.num_experts,
                    act_fn=self.act_fn)
         if self.routing_strategy == MIXLORA:
             out["top_k"] = self.top_k
         elif self.routing_strategy == MIXLORA_DYNAMIC:
-            out.update(top_p=self.top_p, temperature=self.temperature)
+            out.update(top_p=float(self.top_p), temperature=float(self.temperature))
         elif self.routing_strategy == MIXLORA_SWITCH:
             out.update(expert_capacity=self.expert_capacity, sparse_step=None)
         else:
-            out.update(top_p=self.top_p, keep_top_k=self.keep_top_k,
-                       entropy_threshold=self.entropy_threshold,
-                       entropy_index=self.entropy_index, entropy_type="tsallis",
-                       entropy_eps=self.entropy_eps)
+            out.update(top_p=float(self.top_p), keep_top_k=int(self.keep_top_k),
+                       entropy_threshold=float(self.entropy_threshold),
+                       entropy_index=float(self.entropy_index), entropy_type="tsallis",
+                       entropy_eps=float(self.entropy_eps))
         out.update(self.extra)
         # mixlora refuses a non-string base path; "" says "unknown" and still loads there.
         out["base_model_name_or_path"] = self.base_model_name_or_path or ""
         out["task_type"] = self.task_type
+        return out
+
+    def _peft_lora_dict(self) -> dict[str, Any]:
+        """A PEFT `LoraConfig` that PEFT, vLLM and MoE-PEFT all read."""
+        out = {"peft_type": "LORA", "task_type": self.task_type,
+               "base_model_name_or_path": self.base_model_name_or_path or "",
+               "r": int(self.r), "lora_alpha": int(self.lora_alpha),
+               "lora_dropout": float(self.lora_dropout),
+               "target_modules": [p for p in MOE_PEFT_ORDER if p in self.target_modules],
+               "bias": "none", "use_rslora": self.use_rslora, "use_dora": False,
+               "fan_in_fan_out": False}
+        out.update(self.extra)
         return out
 
     def replace(self, **changes: Any) -> "MoleConfig":
@@ -280,6 +316,21 @@ class MoleConfig:
         path = pathlib.Path(adapter_dir)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_plain_lora(raw: dict[str, Any], adapter: str) -> None:
+    """PEFT LoRA options that change the math and that we do not implement are refused."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise AdapterError(adapter, f"{CONFIG_NAME}:{key}", "empty (one rank and alpha "
+                               "for every module)", repr(raw[key]))
+    if raw.get("bias", "none") != "none":
+        raise AdapterError(adapter, f"{CONFIG_NAME}:bias", "'none'", repr(raw["bias"]))
+    if raw.get("modules_to_save"):
+        raise AdapterError(adapter, f"{CONFIG_NAME}:modules_to_save", "empty",
+                           repr(raw["modules_to_save"]))
+    if raw.get("fan_in_fan_out"):
+        raise AdapterError(adapter, f"{CONFIG_NAME}:fan_in_fan_out", "false", "true")
 
 
 def _integer(adapter: str, key: str, value: Any) -> int:

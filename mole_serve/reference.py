@@ -91,36 +91,30 @@ def mixlora_ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
     return out.to(x.dtype), logits
 
 
-def gated_linear_literal(x: torch.Tensor, weight: torch.Tensor, router: torch.Tensor,
-                         experts: ExpertLoRAs, config: MoleConfig
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DynMoLE's routed linear: W x + sum_e w_e s B_e A_e x, experts looped densely.
-    Returns (output, router logits)."""
+def gated_delta_literal(x: torch.Tensor, router: torch.Tensor, experts: ExpertLoRAs,
+                        config: MoleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynMoLE's routed delta sum_e w_e s B_e A_e x (fp32), experts looped densely as its
+    code does. Returns (delta, router logits)."""
     logits = F.linear(x.float(), router)
     weights, ids = route_config(logits, config)
     dense = torch.zeros_like(logits).scatter_add(-1, ids, weights)
-    out = F.linear(x, weight).float()
+    delta = torch.zeros(x.shape[0], experts.b.shape[1], device=x.device)
     for e in range(config.num_experts):
-        out = out + dense[:, e:e + 1] * lora_delta(x, _expert(experts, e), config.scaling)
-    return out.to(x.dtype), logits
+        delta = delta + dense[:, e:e + 1] * lora_delta(x, _expert(experts, e), config.scaling)
+    return delta, logits
 
 
-def dynmole_ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
-                        config: MoleConfig) -> torch.Tensor:
-    """A Llama MLP whose targeted linears are DynMoLE routed linears."""
-    def linear(h: torch.Tensor, proj: str, weight: torch.Tensor) -> torch.Tensor:
-        if proj not in layer.routers:
-            return F.linear(h, weight)
-        return gated_linear_literal(h, weight, layer.routers[proj], layer.experts[proj],
-                                    config)[0]
-
-    h = base.act(linear(x, "gate_proj", base.gate)) * linear(x, "up_proj", base.up)
-    return linear(h, "down_proj", base.down)
+def gated_linear_literal(x: torch.Tensor, weight: torch.Tensor, router: torch.Tensor,
+                         experts: ExpertLoRAs, config: MoleConfig
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynMoLE's routed linear W x + routed delta. Returns (output, router logits)."""
+    delta, logits = gated_delta_literal(x, router, experts, config)
+    return (F.linear(x, weight).float() + delta).to(x.dtype), logits
 
 
 def projection_literal(x: torch.Tensor, weight: torch.Tensor, proj: str, layer: MoleLayer,
                        config: MoleConfig) -> torch.Tensor:
-    """An attention projection of one adapter: plain LoRA (MixLoRA) or routed (DynMoLE)."""
+    """One adapted linear of one adapter: routed (DynMoLE), plain LoRA, or frozen."""
     if proj in layer.routers:
         return gated_linear_literal(x, weight, layer.routers[proj], layer.experts[proj],
                                     config)[0]
@@ -132,9 +126,15 @@ def projection_literal(x: torch.Tensor, weight: torch.Tensor, proj: str, layer: 
 
 def ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
                 config: MoleConfig) -> torch.Tensor:
-    if config.is_per_linear:
-        return dynmole_ffn_literal(x, base, layer, config)
-    return mixlora_ffn_literal(x, base, layer, config)[0]
+    """The FFN of one adapter: MixLoRA experts, or a Llama MLP whose linears are adapted."""
+    if config.has_ffn_experts:
+        return mixlora_ffn_literal(x, base, layer, config)[0]
+
+    def linear(h: torch.Tensor, proj: str, weight: torch.Tensor) -> torch.Tensor:
+        return projection_literal(h, weight, proj, layer, config)
+
+    h = base.act(linear(x, "gate_proj", base.gate)) * linear(x, "up_proj", base.up)
+    return linear(h, "down_proj", base.down)
 
 
 # -- rewritten forms (slot-stacked, many adapters) --------------------------------------------

@@ -47,7 +47,7 @@ class GatedLoRAStack:
 
 @dataclass
 class LoRAStack:
-    """Plain LoRA (MixLoRA's attention adapters) of one projection for S slots."""
+    """Plain LoRA of one projection for S slots (MixLoRA's attention LoRA, PEFT LoRA)."""
 
     a: torch.Tensor            # [S, r, in]
     b: torch.Tensor            # [S, out, r]
@@ -83,18 +83,16 @@ _FACTORS = {"gate_up_a", "gate_up_b", "down_a", "down_b", "a", "b"}
 def stack_layer(slots: list[MoleAdapter | None], layer: int, base: BaseShape) -> LayerStack:
     """Stack layer `layer` of the adapters in `slots` (None = empty slot)."""
     present = [a for a in slots if a is not None]
-    mix = [a for a in present if not a.config.is_per_linear]
-    ffn = _stack_mixlora(slots, layer, base) if mix else None
+    ffn = _stack_mixlora(slots, layer, base) if any(
+        a.config.has_ffn_experts for a in present) else None
     gated = {}
     for proj in ATTENTION_PROJS + FFN_PROJS:
         users = [a for a in present if a.config.is_per_linear and proj in a.config.target_modules]
         if users:
             gated[proj] = _stack_gated(slots, layer, proj, base)
     lora = {}
-    for proj in ATTENTION_PROJS:
-        users = [a for a in present if not a.config.is_per_linear
-                 and proj in a.config.attention_targets]
-        if users:
+    for proj in ATTENTION_PROJS + FFN_PROJS:
+        if any(proj in a.config.lora_targets for a in present):
             lora[proj] = _stack_lora(slots, layer, proj, base)
     return LayerStack(ffn, gated, lora)
 
@@ -104,24 +102,27 @@ def _sizes(adapters: list[MoleAdapter]) -> tuple[int, int]:
 
 
 def _common(slots: list[MoleAdapter | None], uses) -> tuple[torch.Tensor, ...]:
+    """Per-slot scaling, routing table and enabled flag for the slots `uses` selects."""
     scaling = torch.zeros(len(slots))
     table = torch.zeros(len(slots), NUM_COLUMNS)
     enabled = torch.zeros(len(slots), dtype=torch.bool)
     for s, a in enumerate(slots):
         if a is not None and uses(a):
-            scaling[s], table[s], enabled[s] = a.config.scaling, routing_row(a.config), True
+            scaling[s], enabled[s] = a.config.scaling, True
+            if not a.config.is_plain_lora:
+                table[s] = routing_row(a.config)
     return scaling, table, enabled
 
 
 def _stack_mixlora(slots: list[MoleAdapter | None], layer: int, base: BaseShape) -> MixLoRAStack:
-    users = [a for a in slots if a is not None and not a.config.is_per_linear]
+    users = [a for a in slots if a is not None and a.config.has_ffn_experts]
     E, r = _sizes(users)
     S, H, I = len(slots), base.hidden, base.intermediate
     router = torch.zeros(S, E, H)
     gate_up_a, gate_up_b = torch.zeros(S, E, 2 * r, H), torch.zeros(S, E, 2, I, r)
     down_a, down_b = torch.zeros(S, E, r, I), torch.zeros(S, E, H, r)
     for s, a in enumerate(slots):
-        if a is None or a.config.is_per_linear:
+        if a is None or not a.config.has_ffn_experts:
             continue
         w, e, ra = a.layers[layer], a.config.num_experts, a.config.r
         router[s, :e] = w.router
@@ -134,7 +135,7 @@ def _stack_mixlora(slots: list[MoleAdapter | None], layer: int, base: BaseShape)
         if "down_proj" in w.experts:
             down_a[s, :e, :ra] = w.experts["down_proj"].a
             down_b[s, :e, :, :ra] = w.experts["down_proj"].b
-    scaling, table, enabled = _common(slots, lambda a: not a.config.is_per_linear)
+    scaling, table, enabled = _common(slots, lambda a: a.config.has_ffn_experts)
     k_max = max(a.config.max_experts_per_token for a in users)
     return MixLoRAStack(router, gate_up_a, gate_up_b, down_a, down_b, scaling, table, enabled,
                         k_max)
@@ -166,7 +167,7 @@ def _stack_gated(slots: list[MoleAdapter | None], layer: int, proj: str,
 def _stack_lora(slots: list[MoleAdapter | None], layer: int, proj: str,
                 base: BaseShape) -> LoRAStack:
     def uses(a: MoleAdapter) -> bool:
-        return not a.config.is_per_linear and proj in a.config.attention_targets
+        return proj in a.config.lora_targets
 
     r = max(a.config.r for a in slots if a is not None and uses(a))
     fan_in, fan_out = base.in_out(proj)

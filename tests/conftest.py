@@ -35,6 +35,8 @@ def configs() -> dict[str, MoleConfig]:
         "dynmole": MoleConfig("dynmole", num_experts=6, r=5, lora_alpha=10,
                               target_modules=("q_proj", "v_proj") + FFN, top_p=0.75,
                               keep_top_k=2, entropy_threshold=0.9),
+        "lora": MoleConfig("lora", num_experts=1, r=7, lora_alpha=14,
+                           target_modules=("q_proj", "o_proj", "up_proj", "down_proj")),
     }
 
 

@@ -24,7 +24,7 @@ def assert_same_adapter(a, b):
         assert torch.equal(left[key], right[key]), key
 
 
-@pytest.mark.parametrize("name", ["topk", "dynamic", "switch", "dynmole", "top1"])
+@pytest.mark.parametrize("name", ["topk", "dynamic", "switch", "dynmole", "top1", "lora"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_round_trip(tmp_path, adapters, name, fmt):
     adapter = adapters[name]
@@ -44,6 +44,10 @@ def test_modern_key_names(adapters):
     dyn = [k for k, _ in state_dict_items(adapters["dynmole"])]
     assert "dynmole.layers.0.self_attn.q_proj.moe_gate.weight" in dyn
     assert "dynmole.layers.1.mlp.up_proj.experts.5.lora_A.weight" in dyn
+    lora = [k for k, _ in state_dict_items(adapters["lora"])]
+    assert lora[:2] == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in lora
 
 
 def test_legacy_checkpoint_loads_to_the_same_numbers(tmp_path, adapters):

@@ -124,3 +124,13 @@ def test_unreadable_config_file(tmp_path):
         MoleConfig.load(tmp_path, "math")
     with pytest.raises(AdapterError, match="no such file"):
         MoleConfig.load(tmp_path / "nope", "math")
+
+
+def test_written_types_are_what_the_peers_assert():
+    """MoE-PEFT asserts float top_p/temperature/lora_dropout and int r/lora_alpha."""
+    config = MoleConfig("mixlora-dynamic", num_experts=4, r=8, lora_alpha=16,
+                        target_modules=("gate_proj",), top_p=1, temperature=0, lora_dropout=0)
+    out = config.to_dict()
+    for key in ("top_p", "temperature", "lora_dropout"):
+        assert type(out[key]) is float, key
+    assert type(out["r"]) is int and type(out["lora_alpha"]) is int

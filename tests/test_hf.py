@@ -76,3 +76,32 @@ def test_errors(model, adapters):
         attachment.detach()
     with pytest.raises(ValueError, match="unique"):
         attach_adapters(model, [adapters["topk"], adapters["topk"]])
+
+
+def test_plain_peft_lora_matches_peft(model, tmp_path):
+    """A PEFT LoRA written by peft itself loads as our plain-LoRA adapter with PEFT's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from mole_serve.checkpoint import load_adapter
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+        init_lora_weights=False, lora_dropout=0.0))
+    ids = torch.randint(0, 300, (2, 9))
+    try:
+        with torch.no_grad():
+            expected = peft_model(ids).logits
+        peft_model.save_pretrained(tmp_path)
+    finally:
+        base = peft_model.unload()
+    assert base is model
+    adapter = load_adapter(tmp_path, "plain")
+    assert adapter.config.is_plain_lora and adapter.config.scaling == 2.0
+    attachment = attach_adapters(model, [adapter])
+    try:
+        with torch.no_grad(), attachment.use("plain"):
+            ours = model(ids).logits
+    finally:
+        attachment.detach()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
