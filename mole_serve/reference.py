@@ -52,9 +52,12 @@ class FrozenFFN:
         return F.linear(self.intermediate(x), self.down)
 
 
-def lora_delta(x: torch.Tensor, lora: LoRA, scaling: float) -> torch.Tensor:
-    """s * B A x in fp32."""
-    return scaling * F.linear(F.linear(x.float(), lora.a), lora.b)
+def lora_delta(x: torch.Tensor, lora: LoRA, scaling: float, dropout=None) -> torch.Tensor:
+    """s * B A drop(x) in fp32 (`dropout`: the trainer's LoRA dropout; None at inference)."""
+    x = x.float()
+    if dropout is not None:
+        x = dropout(x)
+    return scaling * F.linear(F.linear(x, lora.a), lora.b)
 
 
 def _expert(experts: ExpertLoRAs | None, e: int) -> LoRA | None:
@@ -92,15 +95,16 @@ def mixlora_ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
 
 
 def gated_delta_literal(x: torch.Tensor, router: torch.Tensor, experts: ExpertLoRAs,
-                        config: MoleConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """DynMoLE's routed delta sum_e w_e s B_e A_e x (fp32), experts looped densely as its
-    code does. Returns (delta, router logits)."""
+                        config: MoleConfig, dropout=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynMoLE's routed delta sum_e w_e s B_e A_e drop(x) (fp32), experts looped densely as
+    its code does (a fresh dropout mask per expert). Returns (delta, router logits)."""
     logits = F.linear(x.float(), router)
     weights, ids = route_config(logits, config)
     dense = torch.zeros_like(logits).scatter_add(-1, ids, weights)
     delta = torch.zeros(x.shape[0], experts.b.shape[1], device=x.device)
     for e in range(config.num_experts):
-        delta = delta + dense[:, e:e + 1] * lora_delta(x, _expert(experts, e), config.scaling)
+        delta = delta + dense[:, e:e + 1] * lora_delta(x, _expert(experts, e), config.scaling,
+                                                        dropout)
     return delta, logits
 
 

@@ -121,3 +121,32 @@ def test_our_adapter_loads_in_the_peers(world, name):
              "--out", str(root / f"{name}.{lib}.pt"))
         theirs = torch.load(root / f"{name}.{lib}.pt", weights_only=True)["logits"]
         assert rel_err(ours, theirs) <= TOLERANCE, lib
+
+
+@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic"])
+def test_trained_adapter_loads_in_the_peers(tmp_path, strategy):
+    """What `mole_serve.train` writes (with --write-bin) gives our logits in MoE-PEFT and,
+    for top-k routing, in mixlora."""
+    from mole_serve.training.options import AdapterSpec, TrainOptions
+    from mole_serve.training.trainer import Trainer
+    from tiny_model import make_tiny_llama, task_rows, write_jsonl
+
+    base = make_tiny_llama(tmp_path / "base", hidden=64, intermediate=128, layers=2, heads=2,
+                           kv_heads=1)
+    ids = torch.randint(4, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+               base / "input_ids.pt")
+    data = write_jsonl(tmp_path / "rev.jsonl", task_rows("reverse", 16, seed=0))
+    trainer = Trainer(TrainOptions(
+        base_model=str(base), output_dir=str(tmp_path / "out"), write_bin=True, progress=False,
+        adapters=[AdapterSpec("rev", str(data), strategy, num_experts=4, r=4, lora_alpha=8,
+                              lr=1e-2, steps=3, batch_size=4)]))
+    adapter_dir = trainer.train()["rev"]
+    trainer.model.eval()
+    with torch.no_grad(), trainer.model.rows(["rev", "rev"]):
+        ours = trainer.model(input_ids=ids).logits
+    for lib in ["moe-peft", "mixlora"] if strategy == "mixlora" else ["moe-peft"]:
+        peer("logits", "--lib", lib, "--base", str(base), "--adapter", str(adapter_dir),
+             "--out", str(tmp_path / f"{lib}.pt"))
+        theirs = torch.load(tmp_path / f"{lib}.pt", weights_only=True)["logits"]
+        assert rel_err(ours, theirs) <= TOLERANCE, lib

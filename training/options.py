@@ -1,0 +1,141 @@
+"""What a training run is told: run options plus one spec per adapter (MoE-PEFT-template-like).
+
+A run is described by flags (one adapter) or by a JSON / YAML file (any number of adapters,
+each with its own data, hyper-parameters and optimizer), e.g.
+
+    {"base_model": "BASE", "output_dir": "out", "steps": 200,
+     "adapters": [{"name": "math", "data": "math.jsonl", "strategy": "mixlora"},
+                  {"name": "code", "data": "code.jsonl", "strategy": "dynmole"}]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mole_serve.config import ALL_PROJS, FFN_PROJS, STRATEGIES, MoleConfig
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to train: its data, its MoLE shape and its optimizer."""
+
+    name: str
+    data: str
+    strategy: str = "mixlora"
+    num_experts: int = 8
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    attention: bool = True
+    target_modules: list[str] | None = None
+    top_k: int = 2
+    top_p: float | None = None
+    temperature: float = 0.0
+    keep_top_k: int = 2
+    entropy_threshold: float = 0.9
+    entropy_index: float = 1.1
+    use_rslora: bool = False
+    router_init_range: float | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    accumulation: int = 1
+    steps: int | None = None
+    epochs: float = 1.0
+    balance_coef: float = 0.001
+    entropy_coef: float = 0.01
+    eval_data: str | None = None
+    choice_data: str | None = None
+
+    def mole_config(self, base_model: str | None) -> MoleConfig:
+        targets = tuple(self.target_modules) if self.target_modules else (
+            ALL_PROJS if self.attention else FFN_PROJS)
+        top_p = self.top_p if self.top_p is not None else (
+            0.75 if self.strategy == "dynmole" else 0.8)
+        config = MoleConfig(
+            routing_strategy=self.strategy, num_experts=1 if self.strategy == "lora"
+            else self.num_experts, r=self.r, lora_alpha=self.lora_alpha,
+            target_modules=targets, lora_dropout=self.lora_dropout, top_k=self.top_k,
+            top_p=top_p, temperature=self.temperature, keep_top_k=self.keep_top_k,
+            entropy_threshold=self.entropy_threshold, entropy_index=self.entropy_index,
+            use_rslora=self.use_rslora, base_model_name_or_path=base_model)
+        config.validate(self.name)
+        return config
+
+    @property
+    def seed_offset(self) -> int:
+        """Per-adapter seed: an adapter's init, data order and dropout depend on the run seed
+        and its name only, so training it with others gives what training it alone gives."""
+        return zlib.crc32(self.name.encode())
+
+
+@dataclass
+class TrainOptions:
+    base_model: str
+    output_dir: str
+    adapters: list[AdapterSpec] = field(default_factory=list)
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    cutoff_len: int = 512
+    train_on_inputs: bool = False
+    add_eos: bool = True
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 42
+    save_every: int = 0
+    resume: bool = False
+    write_bin: bool = False
+    pad_token: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.adapters:
+            raise ValueError("no adapters to train: give --data (and --name) or a config file "
+                             "with an 'adapters' list")
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be unique, got {names}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.scheduler not in ("constant", "cosine"):
+            raise ValueError(f"scheduler must be constant or cosine, got {self.scheduler!r}")
+        for spec in self.adapters:
+            if spec.strategy not in STRATEGIES:
+                raise ValueError(f"adapter {spec.name!r}: strategy must be one of "
+                                 f"{list(STRATEGIES)}, got {spec.strategy!r}")
+            if spec.batch_size < 1 or spec.accumulation < 1:
+                raise ValueError(f"adapter {spec.name!r}: batch_size and accumulation must "
+                                 "be >= 1")
+
+
+def load_options_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """A JSON or YAML run description as a plain dict."""
+    path = pathlib.Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def options_from_dict(raw: dict[str, Any]) -> TrainOptions:
+    """Build options from a file's dict, refusing unknown keys (typos would be silent)."""
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown run option(s) {unknown}; known: {sorted(known)}")
+    adapter_fields = {f.name for f in dataclasses.fields(AdapterSpec)}
+    specs = []
+    for item in raw.get("adapters", []):
+        bad = sorted(set(item) - adapter_fields)
+        if bad:
+            raise ValueError(f"unknown adapter option(s) {bad}; known: {sorted(adapter_fields)}")
+        specs.append(AdapterSpec(**item))
+    options = TrainOptions(**{**raw, "adapters": specs})
+    options.validate()
+    return options

@@ -1,0 +1,271 @@
+"""The training loop: several adapters in one batch, each with its own optimizer.
+
+Every micro-step takes one micro-batch from each adapter that still has steps to go, runs
+the frozen model once over all their rows, sums per-adapter losses (causal-LM CE + router
+losses, each divided by that adapter's accumulation), and steps each adapter's AdamW on its
+own accumulation schedule. Checkpoints hold everything needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mole_serve.adapter import BaseShape, init_adapter
+from mole_serve.checkpoint import load_adapter, save_adapter
+from mole_serve.routing import route_config, router_loss
+
+from .data import IGNORE, Example, batches, collate, load_records, tokenize
+from .evaluate import choice_accuracy, heldout_loss
+from .modules import MoleTrainingModel
+from .options import AdapterSpec, TrainOptions
+from .report import RunLog
+
+STATE_NAME = "trainer_state.pt"
+
+
+@dataclass
+class AdapterRun:
+    """One adapter's moving parts during a run."""
+
+    spec: AdapterSpec
+    examples: list[Example]
+    total_steps: int
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    micro_steps: int = 0
+    steps: int = 0
+    batches_taken: int = 0
+    stream: object = None
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+def load_base(options: TrainOptions):
+    """The frozen base model and tokenizer from a local dir (never the hub)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
+    model = AutoModelForCausalLM.from_pretrained(options.base_model, dtype=dtype,
+                                                 local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(options.base_model, local_files_only=True)
+    if options.pad_token is not None:
+        tokenizer.pad_token = options.pad_token
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False})
+    return model, tokenizer
+
+
+def _schedule(options: TrainOptions, total: int):
+    def factor(step: int) -> float:
+        if step < options.warmup_steps:
+            return (step + 1) / (options.warmup_steps + 1)
+        if options.scheduler == "constant":
+            return 1.0
+        progress = (step - options.warmup_steps) / max(1, total - options.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions, model=None, tokenizer=None):
+        options.validate()
+        self.options = options
+        self.output = pathlib.Path(options.output_dir)
+        if model is None:
+            model, tokenizer = load_base(options)
+        self.tokenizer = tokenizer
+        base = BaseShape.from_hf_config(model.config)
+        self.runs: dict[str, AdapterRun] = {}
+        adapters = []
+        for spec in options.adapters:
+            config = spec.mole_config(options.base_model)
+            generator = torch.Generator().manual_seed(options.seed + spec.seed_offset)
+            adapters.append(init_adapter(config, base, spec.name, generator=generator,
+                                         router_std=spec.router_init_range))
+            rows = load_records(spec.data)
+            examples, truncated = tokenize(rows, tokenizer, cutoff=options.cutoff_len,
+                                           train_on_inputs=options.train_on_inputs,
+                                           add_eos=options.add_eos, source=spec.data)
+            if truncated:
+                print(f"warning: adapter {spec.name!r}: {truncated} of {len(examples)} rows "
+                      f"were longer than cutoff_len={options.cutoff_len} and were truncated")
+            per_step = spec.batch_size * spec.accumulation
+            total = spec.steps or max(1, math.ceil(spec.epochs * len(examples) / per_step))
+            self.runs[spec.name] = AdapterRun(spec, examples, total)
+        device = next(model.parameters()).device
+        self.model = MoleTrainingModel(
+            model, adapters, [options.seed + s.seed_offset for s in options.adapters]).to(device)
+        for name, run in self.runs.items():
+            params = list(self.model.adapters[name].parameters())
+            run.optimizer = torch.optim.AdamW(params, lr=run.spec.lr,
+                                              weight_decay=run.spec.weight_decay)
+            run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                run.optimizer, _schedule(options, run.total_steps))
+            run.stream = batches(run.examples, run.spec.batch_size,
+                                 options.seed + run.spec.seed_offset)
+        self.micro_step = 0
+        self.log = RunLog(self.output, progress=options.progress, resume=options.resume)
+        if options.resume:
+            self._resume()
+
+    # -- one micro-step --------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """One micro-batch of every unfinished adapter through one forward and backward."""
+        active = [run for run in self.runs.values() if not run.done]
+        groups = []
+        for run in active:
+            groups.append(next(run.stream))
+            run.batches_taken += 1
+        batch = collate(groups, self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        names = [run.spec.name for run, group in zip(active, groups) for _ in group]
+        self.model.train()
+        started = time.perf_counter()
+        with self.model.rows(names, batch["attention_mask"]) as router_log:
+            logits = self.model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits
+        total, metrics, start = 0.0, {}, 0
+        for run, group in zip(active, groups):
+            rows = slice(start, start + len(group))
+            start += len(group)
+            ce = causal_lm_loss(logits[rows], batch["labels"][rows])
+            aux = torch.zeros((), device=ce.device)
+            router_logits = router_log.of(run.spec.name)
+            config = self.model.adapters[run.spec.name].config
+            if router_logits is not None:
+                aux = router_loss(router_logits, config, balance_coef=run.spec.balance_coef,
+                                  entropy_coef=run.spec.entropy_coef)
+            total = total + (ce + aux) / run.spec.accumulation
+            metrics[run.spec.name] = {"loss": ce.item(), "aux": aux.item(),
+                                      "load": expert_load(router_logits, config)}
+        total.backward()
+        tokens = int(batch["attention_mask"].sum())
+        elapsed = time.perf_counter() - started
+        for run in active:
+            run.micro_steps += 1
+            run.history.append(metrics[run.spec.name]["loss"])
+            if run.micro_steps % run.spec.accumulation == 0:
+                torch.nn.utils.clip_grad_norm_(self.model.adapters[run.spec.name].parameters(),
+                                               1.0)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                run.steps += 1
+        self.micro_step += 1
+        for run in active:
+            m = metrics[run.spec.name]
+            self.log.write(step=self.micro_step, adapter=run.spec.name, loss=m["loss"],
+                           aux=m["aux"], lr=run.scheduler.get_last_lr()[0],
+                           tokens_per_s=tokens / elapsed, load=m["load"])
+        return {name: m["loss"] for name, m in metrics.items()}
+
+    # -- the whole run ---------------------------------------------------------------------
+    def train(self) -> dict[str, pathlib.Path]:
+        total = sum(r.total_steps * r.spec.accumulation for r in self.runs.values())
+        self.log.start(total, initial=sum(r.micro_steps for r in self.runs.values()))
+        while any(not r.done for r in self.runs.values()):
+            self.step()
+            if self.options.save_every and self.micro_step % self.options.save_every == 0:
+                self.save_checkpoint()
+        self.log.close()
+        results = self.evaluate()
+        for name, values in results.items():
+            print(f"eval {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        paths = {name: self.save_adapter(name, self.output / name) for name in self.runs}
+        self.log.finish(results)
+        return paths
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        results = {}
+        for name, run in self.runs.items():
+            values = {}
+            if run.spec.eval_data:
+                rows = load_records(run.spec.eval_data)
+                examples, _ = tokenize(rows, self.tokenizer, cutoff=self.options.cutoff_len,
+                                       train_on_inputs=self.options.train_on_inputs,
+                                       add_eos=self.options.add_eos, source=run.spec.eval_data)
+                values.update(heldout_loss(self.model, name, examples,
+                                           self.tokenizer.pad_token_id))
+            if run.spec.choice_data:
+                values["accuracy"] = choice_accuracy(self.model, name, self.tokenizer,
+                                                     load_records(run.spec.choice_data))
+            if values:
+                results[name] = values
+        return results
+
+    def save_adapter(self, name: str, path: pathlib.Path) -> pathlib.Path:
+        adapter = self.model.adapters[name].to_adapter(self.model.base.num_layers)
+        return save_adapter(adapter, path, bin=self.options.write_bin)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> pathlib.Path:
+        path = self.output / f"checkpoint-{self.micro_step}"
+        for name in self.runs:
+            self.save_adapter(name, path / name)
+        state = {"micro_step": self.micro_step, "runs": {
+            name: {"optimizer": run.optimizer.state_dict(),
+                   "scheduler": run.scheduler.state_dict(), "micro_steps": run.micro_steps,
+                   "steps": run.steps, "batches_taken": run.batches_taken,
+                   "history": run.history,
+                   "dropout_rng": _rng_state(self.model.adapters[name].generator)}
+            for name, run in self.runs.items()}}
+        torch.save(state, path / STATE_NAME)
+        return path
+
+    def _resume(self) -> None:
+        checkpoints = sorted(self.output.glob("checkpoint-*"),
+                             key=lambda p: int(p.name.split("-")[1]))
+        if not checkpoints:
+            print(f"resume: no checkpoint in {self.output}, starting fresh")
+            return
+        path = checkpoints[-1]
+        state = torch.load(path / STATE_NAME, weights_only=True)
+        self.micro_step = state["micro_step"]
+        for name, run in self.runs.items():
+            saved = state["runs"][name]
+            params = self.model.adapters[name]
+            params.copy_from(load_adapter(path / name, name))
+            run.optimizer.load_state_dict(saved["optimizer"])
+            run.scheduler.load_state_dict(saved["scheduler"])
+            run.micro_steps, run.steps = saved["micro_steps"], saved["steps"]
+            run.history = list(saved["history"])
+            for _ in range(saved["batches_taken"]):
+                next(run.stream)
+            run.batches_taken = saved["batches_taken"]
+            if saved["dropout_rng"] is not None:
+                params.generator = torch.Generator().manual_seed(0)
+                params.generator.set_state(saved["dropout_rng"])
+        print(f"resumed from {path} (micro-step {self.micro_step})")
+
+
+def _rng_state(generator: torch.Generator | None) -> torch.Tensor | None:
+    return None if generator is None else generator.get_state()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over labelled (non -100) positions."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def expert_load(router_logits: torch.Tensor | None, config) -> list[float]:
+    """Share of routed (token, expert) selections per expert, for the progress display."""
+    if router_logits is None:
+        return []
+    with torch.no_grad():
+        weights, ids = route_config(router_logits.detach(), config)
+        keep = (weights > 0).float()
+        counts = torch.zeros(router_logits.shape[-1]).index_add(
+            0, ids.reshape(-1).cpu(), keep.reshape(-1).cpu())
+        return (counts / counts.sum().clamp_min(1)).tolist()
