@@ -32,6 +32,10 @@ $(PEERS_VENV)/.done: Makefile tests/peers/requirements.txt
 test: setup
 	$(VENV)/bin/pytest tests
 
+# CPU-sized benchmark; the GPU ones (bench_kernels.py, bench_train.py) run on the GPU host.
+bench: setup
+	$(PY) benchmarks/bench_quality.py
+
 demo: setup
 	@echo "make demo is coming with the demo issue; run 'make test' for now."
 

@@ -1,0 +1,26 @@
+"""Triton kernels for MoLE serving (import as `mole_serve.kernels`, never `kernels`).
+
+Layering (ScatterMoE style): `@triton.jit` kernels and their launchers (route.py,
+experts.py, expand.py; small dataclass arguments) -> `torch.library` custom ops with fake
+impls (ops.py) -> the functions a layer calls (functional.py). Without CUDA the kernels run
+under Triton's interpreter (tests only: it is slow), which must be chosen before triton is
+imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .configs import BLOCK_M  # noqa: E402
+from .functional import (  # noqa: E402
+    as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_, mixlora_route,
+    mole_ffn_kernels, mole_projection_kernels, num_slots)
+from .plan import TokenPlan, plan_tokens  # noqa: E402
+from .route import Routing  # noqa: E402
+
+__all__ = ["BLOCK_M", "TokenPlan", "Routing", "plan_tokens", "num_slots", "mixlora_route",
+           "mixlora_experts_", "mixlora_down_delta_", "gated_lora_", "as_gated",
+           "mole_projection_kernels", "mole_ffn_kernels"]

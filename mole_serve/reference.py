@@ -143,8 +143,8 @@ def ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
 
 # -- rewritten forms (slot-stacked, many adapters) --------------------------------------------
 def _gather(table: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """table[slot[t], ids[t, j]] -> [T, k, ...]."""
-    return table[slot[:, None], ids]
+    """table[slot[t], ids[t, j]] -> [T, k, ...] in fp32 (stacks may be stored in bf16)."""
+    return table[slot[:, None], ids].float()
 
 
 def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack
@@ -153,9 +153,10 @@ def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack
     Returns (weights [T, k_max] zero for non-MixLoRA tokens, expert ids, uses-MixLoRA mask)."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    logits = torch.einsum("th,teh->te", x.float(), stack.router[slot])
+    logits = torch.einsum("th,teh->te", x.float(), stack.router[slot].float())
     weights, ids = route(logits, stack.routing[slot], stack.k_max)
-    return weights * uses[:, None], ids, uses
+    # where, not a product: tokens of empty slots (or base tokens) may have NaN weights
+    return torch.where(uses[:, None], weights, 0.0), ids, uses
 
 
 def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
@@ -190,9 +191,9 @@ def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
     """Per-linear routed LoRA delta [T, out] fp32 and the mask of tokens it applies to."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    logits = torch.einsum("ti,tei->te", x.float(), stack.router[slot])
+    logits = torch.einsum("ti,tei->te", x.float(), stack.router[slot].float())
     weights, ids = route(logits, stack.routing[slot], stack.k_max)
-    coef = weights * stack.scaling[slot][:, None] * uses[:, None]
+    coef = torch.where(uses[:, None], weights * stack.scaling[slot][:, None], 0.0)
     shrink = torch.einsum("ti,tkri->tkr", x.float(), _gather(stack.a, slot, ids))
     delta = torch.einsum("tkr,tkor->to", shrink * coef[..., None], _gather(stack.b, slot, ids))
     return delta, uses
@@ -203,8 +204,9 @@ def lora_stack_delta(x: torch.Tensor, slots: torch.Tensor, stack: LoRAStack
     """Plain per-slot LoRA delta [T, out] fp32 and the mask of tokens it applies to."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    shrink = torch.einsum("ti,tri->tr", x.float(), stack.a[slot])
-    delta = torch.einsum("tr,tor->to", shrink * stack.scaling[slot][:, None], stack.b[slot])
+    shrink = torch.einsum("ti,tri->tr", x.float(), stack.a[slot].float())
+    delta = torch.einsum("tr,tor->to", shrink * stack.scaling[slot][:, None],
+                         stack.b[slot].float())
     return delta, uses
 
 

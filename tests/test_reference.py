@@ -95,3 +95,27 @@ def test_rank_and_expert_padding_is_exact():
     alone = mole_ffn(x, base, slots, stack_layer([small], 0, ODD_BASE))
     padded = mole_ffn(x, base, slots, stack_layer([small, big], 0, ODD_BASE))
     assert rel_err(padded, alone) <= 1e-6
+
+
+def test_empty_slots_and_bf16_stacks(adapters):
+    """Base tokens next to an empty slot 0 get finite routing (zero weights), and a stack
+    stored in bf16 computes in fp32 like an fp32 stack holding the same rounded values."""
+    from mole_serve.reference import mixlora_route
+
+    stack = stack_layer([None, adapters["topk"], adapters["dynmole"]], 0, ODD_BASE)
+    x = torch.randn(30, H)
+    slots = torch.arange(30) % 3 - 1          # -1 (base), 0 (empty), 1 ...
+    slots[slots == 0] = -1
+    weights, _, uses = mixlora_route(x, slots, stack.ffn)
+    assert torch.isfinite(weights).all() and not weights[~uses].any()
+    base = frozen()
+    y32 = mole_ffn(x, base, slots, stack)
+    low = stack_layer([None, adapters["topk"], adapters["dynmole"]], 0, ODD_BASE).to(
+        dtype=torch.bfloat16)
+    rounded = stack_layer([None, adapters["topk"], adapters["dynmole"]], 0, ODD_BASE)
+    for part in [rounded.ffn, *rounded.gated.values(), *rounded.lora.values()]:
+        for name in ("gate_up_a", "gate_up_b", "down_a", "down_b", "a", "b"):
+            if hasattr(part, name):
+                setattr(part, name, getattr(part, name).bfloat16().float())
+    assert rel_err(mole_ffn(x, base, slots, low), mole_ffn(x, base, slots, rounded)) <= 1e-6
+    assert rel_err(mole_ffn(x, base, slots, low), y32) <= 2e-2

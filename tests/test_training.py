@@ -245,3 +245,21 @@ def test_choice_accuracy_scores_label_tokens_at_the_last_prompt_position(world):
     assert stub.seen == [["rev"]] * 4
     with pytest.raises(DataError, match="needs 'choices'"):
         choice_accuracy(stub, "rev", tokenizer, [{"instruction": "x", "answer": "A"}])
+
+
+def test_module_entry_point_with_flags(world, tmp_path):
+    """The README's one-adapter command, run as `python -m mole_serve.train`."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mole_serve.train", "--base-model", str(world / "base"),
+         "--data", str(world / "reverse.jsonl"), "--name", "math", "--strategy", "mixlora",
+         "--num-experts", "4", "--r", "4", "--lora-alpha", "8", "--top-k", "2", "--steps", "2",
+         "--batch-size", "4", "--output-dir", str(tmp_path / "out"), "--write-bin",
+         "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "adapter 'math' written to" in done.stdout
+    adapter = load_adapter(tmp_path / "out" / "math", "math")
+    assert adapter.config.top_k == 2 and adapter.config.num_experts == 4
+    assert (tmp_path / "out" / "math" / "adapter_model.bin").exists()

@@ -1,0 +1,131 @@
+"""What the vLLM layer calls: the MoLE FFN and projections on the Triton kernels.
+
+`mole_ffn_kernels` / `mole_projection_kernels` mirror `mole_serve.reference.mole_ffn` /
+`mole_projection` (same arguments, same results within fp32 rounding; base-model tokens
+bit-identical). The pieces below them let a layer that owns its own frozen GEMMs (vLLM's
+merged gate_up and down linears) run the same pipeline:
+
+    plan = plan_tokens(slots, num_slots, BLOCK_M)        # once per batch, shared by layers
+    gate_up = W_gu x                                      # frozen GEMM 1
+    h = act(g) * u                                        # the frozen model's own SiLU·mul
+    routing = mixlora_route(x, plan, stack)               # launch 1
+    partials = mixlora_experts_(h, g, u, routing, ...)    # launch 2: adapter rows of h
+    y = W_d h                                             # frozen GEMM 2
+    mixlora_down_delta_(y, partials, routing, ...)        # launch 3: adapter rows of y
+
+A routed (DynMoLE) or plain LoRA projection is two launches on the frozen output:
+
+    y = W x;  gated_lora_(y, x, plan, stack.gated[proj])      # or as_gated(stack.lora[proj])
+
+Base-model rows of `h` and `y` are computed by the frozen ops alone and never written by a
+kernel, so they are bit-identical to the frozen model whatever its activation kernel is.
+Build the plan once per step, outside the per-layer graphs (vLLM splits the compiled model
+at attention, so a plan built inside each layer would be recomputed 32 times per step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mole_serve.config import MIXLORA_SWITCH
+from mole_serve.reference import FrozenFFN
+from mole_serve.routing import NUM_COLUMNS, NUM_EXPERTS, STRATEGY, STRATEGY_CODE
+from mole_serve.stack import GatedLoRAStack, LayerStack, LoRAStack, MixLoRAStack
+
+from . import ops  # noqa: F401  (registers torch.ops.mole_serve.*)
+from .configs import BLOCK_M, split_i_for
+from .plan import TokenPlan, plan_tokens
+from .route import Routing
+
+_OPS = torch.ops.mole_serve
+
+
+def num_slots(stack: LayerStack) -> int | None:
+    """Slot count of a layer's stacks (None when no adapter touches the layer)."""
+    parts = [stack.ffn, *stack.gated.values(), *stack.lora.values()]
+    return next((p.enabled.shape[0] for p in parts if p is not None), None)
+
+
+def mixlora_route(x: torch.Tensor, plan: TokenPlan, stack: MixLoRAStack) -> Routing:
+    """Launch 1: expert ids/weights [T, k_max] and the gate/up shrink of selected experts."""
+    ids, weights, shrink = _OPS.route(x, stack.router, stack.gate_up_a, stack.routing,
+                                      stack.enabled, plan.sorted_tokens, plan.block_slot,
+                                      stack.k_max)
+    return Routing(ids, weights, shrink)
+
+
+def mixlora_experts_(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, routing: Routing,
+                     plan: TokenPlan, stack: MixLoRAStack, act_fn: str = "silu"
+                     ) -> torch.Tensor:
+    """Launch 2: overwrite MixLoRA tokens' rows of `h` with `sum_k w_k h_k`; returns the
+    down-shrink partial sums [split_i, T, k_max, r] for `mixlora_down_delta_`."""
+    return _OPS.mixlora_experts(h, g, u, routing.shrink, routing.ids, routing.weights,
+                                stack.gate_up_b, stack.down_a, stack.scaling, stack.enabled,
+                                plan.sorted_tokens, plan.block_slot, act_fn,
+                                split_i_for(g.shape[1]))
+
+
+def mixlora_down_delta_(y: torch.Tensor, partials: torch.Tensor, routing: Routing,
+                        plan: TokenPlan, stack: MixLoRAStack) -> None:
+    """Launch 3: y += sum_k w_k s B_d,k (A_d,k h_k) on MixLoRA tokens' rows."""
+    _OPS.routed_expand(y, partials, routing.ids, routing.weights, stack.down_b, stack.scaling,
+                       stack.enabled, plan.sorted_tokens, plan.block_slot)
+
+
+def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan,
+                stack: GatedLoRAStack) -> Routing:
+    """Per-linear routed LoRA (DynMoLE family), two launches: route + shrink, gated expand.
+    Adds into the adapter tokens' rows of `y = W x`; returns the routing (for metrics)."""
+    ids, weights, shrink = _OPS.route(x, stack.router, stack.a, stack.routing, stack.enabled,
+                                      plan.sorted_tokens, plan.block_slot, stack.k_max)
+    _OPS.routed_expand(y, shrink.unsqueeze(0), ids, weights, stack.b, stack.scaling,
+                       stack.enabled, plan.sorted_tokens, plan.block_slot)
+    return Routing(ids, weights, shrink)
+
+
+def as_gated(stack: LoRAStack) -> GatedLoRAStack:
+    """A plain LoRA stack as a one-expert gated stack (switch routing over one expert gives
+    weight exactly 1), so plain LoRA runs on the same two kernels. Build once per layer."""
+    S, _, fan_in = stack.a.shape
+    router = torch.zeros(S, 1, fan_in, dtype=torch.float32, device=stack.a.device)
+    table = torch.zeros(S, NUM_COLUMNS, dtype=torch.float32, device=stack.a.device)
+    table[:, STRATEGY] = STRATEGY_CODE[MIXLORA_SWITCH]
+    table[:, NUM_EXPERTS] = 1
+    return GatedLoRAStack(router, stack.a.unsqueeze(1), stack.b.unsqueeze(1), stack.scaling,
+                          table, stack.enabled, k_max=1)
+
+
+def mole_projection_kernels(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor,
+                            proj: str, stack: LayerStack, plan: TokenPlan | None = None
+                            ) -> torch.Tensor:
+    """`reference.mole_projection` on the kernels."""
+    y = F.linear(x, weight)
+    if proj not in stack.lora and proj not in stack.gated:
+        return y
+    plan = plan if plan is not None else plan_tokens(slots, num_slots(stack), BLOCK_M)
+    if proj in stack.lora:
+        gated_lora_(y, x, plan, as_gated(stack.lora[proj]))
+    if proj in stack.gated:
+        gated_lora_(y, x, plan, stack.gated[proj])
+    return y
+
+
+def mole_ffn_kernels(x: torch.Tensor, base: FrozenFFN, slots: torch.Tensor,
+                     stack: LayerStack, plan: TokenPlan | None = None) -> torch.Tensor:
+    """`reference.mole_ffn` on the kernels: [T, H] in, [T, H] out."""
+    count = num_slots(stack)
+    if count is None:
+        return base(x)
+    plan = plan if plan is not None else plan_tokens(slots, count, BLOCK_M)
+    g = mole_projection_kernels(x, base.gate, slots, "gate_proj", stack, plan)
+    u = mole_projection_kernels(x, base.up, slots, "up_proj", stack, plan)
+    h = base.act(g) * u
+    ffn = stack.ffn
+    if ffn is None:
+        return mole_projection_kernels(h, base.down, slots, "down_proj", stack, plan)
+    routing = mixlora_route(x, plan, ffn)
+    partials = mixlora_experts_(h, g, u, routing, plan, ffn, base.act_fn)
+    y = mole_projection_kernels(h, base.down, slots, "down_proj", stack, plan)
+    mixlora_down_delta_(y, partials, routing, plan, ffn)
+    return y

@@ -1,0 +1,82 @@
+"""The kernels as `torch.library` custom ops (namespace `mole_serve`), with fake impls so
+`torch.compile(fullgraph=True)` traces through them and vLLM can capture them in CUDA graphs.
+
+Ops take plain tensors (a custom-op schema cannot hold dataclasses); each impl rebuilds the
+launcher's small dataclasses. Tile sizes that do not change output shapes are picked inside
+the impl from the concrete token count. An empty batch launches nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .configs import pick_tiles
+from .expand import ExpandWeights, launch_expand
+from .experts import ExpertWeights, launch_experts
+from .plan import TokenPlan
+from .route import RouterWeights, Routing, launch_route
+
+
+def _plan(sorted_tokens: Tensor, block_slot: Tensor) -> TokenPlan:
+    return TokenPlan(sorted_tokens, block_slot, sorted_tokens.numel() // block_slot.numel())
+
+
+@torch.library.custom_op("mole_serve::route", mutates_args=())
+def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
+          enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor, k_max: int
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (ids [T, k_max] int32, weights [T, k_max] fp32, shrink [T, k_max, NR] fp32)."""
+    T, NR = x.shape[0], shrink_a.shape[2]
+    out = Routing(x.new_empty((T, k_max), dtype=torch.int32),
+                  x.new_empty((T, k_max), dtype=torch.float32),
+                  x.new_empty((T, k_max, NR), dtype=torch.float32))
+    if T > 0:
+        launch_route(x, RouterWeights(router, shrink_a, routing_table, enabled, k_max),
+                     _plan(sorted_tokens, block_slot), out, pick_tiles(T))
+    return out.ids, out.weights, out.shrink
+
+
+@route.register_fake
+def _route_fake(x, router, shrink_a, routing_table, enabled, sorted_tokens, block_slot, k_max):
+    T, NR = x.shape[0], shrink_a.shape[2]
+    return (x.new_empty((T, k_max), dtype=torch.int32),
+            x.new_empty((T, k_max), dtype=torch.float32),
+            x.new_empty((T, k_max, NR), dtype=torch.float32))
+
+
+@torch.library.custom_op("mole_serve::mixlora_experts", mutates_args=("h",))
+def mixlora_experts(h: Tensor, g: Tensor, u: Tensor, shrink: Tensor, ids: Tensor,
+                    weights: Tensor, gate_up_b: Tensor, down_a: Tensor, scaling: Tensor,
+                    enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor, act_fn: str,
+                    split_i: int) -> Tensor:
+    """Overwrites MixLoRA tokens' rows of h; -> down-shrink partials [split_i, T, K, R]."""
+    T, K = ids.shape
+    partials = h.new_empty((split_i, T, K, down_a.shape[2]), dtype=torch.float32)
+    if T > 0:
+        launch_experts(g, u, h, Routing(ids, weights, shrink),
+                       ExpertWeights(gate_up_b, down_a, scaling, enabled),
+                       _plan(sorted_tokens, block_slot), partials, pick_tiles(T), act_fn)
+    return partials
+
+
+@mixlora_experts.register_fake
+def _experts_fake(h, g, u, shrink, ids, weights, gate_up_b, down_a, scaling, enabled,
+                  sorted_tokens, block_slot, act_fn, split_i):
+    T, K = ids.shape
+    return h.new_empty((split_i, T, K, down_a.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mole_serve::routed_expand", mutates_args=("y",))
+def routed_expand(y: Tensor, partials: Tensor, ids: Tensor, weights: Tensor, b: Tensor,
+                  scaling: Tensor, enabled: Tensor, sorted_tokens: Tensor,
+                  block_slot: Tensor) -> None:
+    """y[t] += sum_k w_k s B[slot, e_k] (sum of partials)_k on adapter tokens' rows."""
+    if y.shape[0] > 0:
+        launch_expand(y, partials, ids, weights, ExpandWeights(b, scaling, enabled),
+                      _plan(sorted_tokens, block_slot), pick_tiles(y.shape[0]))
+
+
+@routed_expand.register_fake
+def _expand_fake(y, partials, ids, weights, b, scaling, enabled, sorted_tokens, block_slot):
+    return None

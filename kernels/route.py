@@ -1,0 +1,217 @@
+"""Route kernel: per-token routing through the token's own slot, plus the selected experts'
+LoRA shrink `A x` (the only reduction over the hidden dim, done once per token and expert).
+
+One program per plan block (tokens of one slot). It computes router logits with the slot's
+router (fp32, IEEE), the fp32 softmax over the adapter's real experts, the selection of every
+strategy of `mole_serve.routing` (0 top-k renormalised, 1 top-p incl. the crossing expert with
+temperature-divided probabilities, 2 switch top-1, 3 DynMoLE: cumsum <= top-p, keep_top_k
+floor, all experts above the Tsallis entropy threshold), and writes `ids`/`weights` [T, K]
+sorted by probability (weight 0 = unused). Then, for each expert some token of the block
+selected, `shrink[t, k] = A[slot, e] x_t` with tl.dot. Every output element is written:
+base-model and disabled-slot tokens get id 0, weight 0 and a zero shrink, as do unused pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mole_serve import routing as table
+from mole_serve.config import DYNMOLE, MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH
+
+from .configs import Tiles, padded
+from .plan import EMPTY_BLOCK, TokenPlan
+
+# The routing table's layout and strategy codes, as compile-time constants of the kernels.
+NUM_COLUMNS = tl.constexpr(table.NUM_COLUMNS)
+STRATEGY = tl.constexpr(table.STRATEGY)
+NUM_EXPERTS = tl.constexpr(table.NUM_EXPERTS)
+TOP_K = tl.constexpr(table.TOP_K)
+TOP_P = tl.constexpr(table.TOP_P)
+TEMPERATURE = tl.constexpr(table.TEMPERATURE)
+KEEP_TOP_K = tl.constexpr(table.KEEP_TOP_K)
+ENTROPY_THRESHOLD = tl.constexpr(table.ENTROPY_THRESHOLD)
+ENTROPY_INDEX = tl.constexpr(table.ENTROPY_INDEX)
+ENTROPY_EPS = tl.constexpr(table.ENTROPY_EPS)
+TOP_K_CODE = tl.constexpr(float(table.STRATEGY_CODE[MIXLORA]))
+TOP_P_CODE = tl.constexpr(float(table.STRATEGY_CODE[MIXLORA_DYNAMIC]))
+SWITCH_CODE = tl.constexpr(float(table.STRATEGY_CODE[MIXLORA_SWITCH]))
+DYNMOLE_CODE = tl.constexpr(float(table.STRATEGY_CODE[DYNMOLE]))
+EMPTY = tl.constexpr(EMPTY_BLOCK)
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """What routing needs from a slot-stacked layer (MixLoRAStack or GatedLoRAStack)."""
+
+    router: torch.Tensor     # [S, E, H] fp32
+    shrink_a: torch.Tensor   # [S, E, NR, H]: the LoRA A factors applied to x (gate+up fused)
+    routing: torch.Tensor    # [S, NUM_COLUMNS] fp32
+    enabled: torch.Tensor    # [S] bool
+    k_max: int
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One layer's routing of a batch, as the experts and expand kernels read it."""
+
+    ids: torch.Tensor        # [T, K] int32, by descending probability
+    weights: torch.Tensor    # [T, K] fp32, 0 = unused
+    shrink: torch.Tensor     # [T, K, NR] fp32, 0 where weights == 0
+
+
+@triton.jit
+def _normalised_tsallis(p, valid, n_exp, q, eps):
+    """S_q(p) / S_q(uniform) per row; Shannon when q == 1; 0 for a single expert."""
+    shannon = tl.abs(q - 1.0) < 1e-6
+    safe_q = tl.where(shannon, 2.0, q)
+    shifted = p + eps
+    log_shifted = tl.log(tl.maximum(shifted, 1e-30))
+    terms = tl.where(shannon, -p * log_shifted, tl.exp(safe_q * log_shifted))
+    total = tl.sum(tl.where(valid, terms, 0.0), axis=1)
+    entropy = tl.where(shannon, total, (1.0 - total) / (safe_q - 1.0))
+    max_entropy = tl.where(shannon, tl.log(n_exp),
+                           (1.0 - tl.exp((1.0 - safe_q) * tl.log(n_exp))) / (safe_q - 1.0))
+    return tl.where(n_exp > 1.0, entropy / tl.maximum(max_entropy, 1e-12), 0.0)
+
+
+@triton.jit
+def _select(logits, table_row, E_PAD: tl.constexpr):
+    """Selection for one slot's routing-table row: returns (rank, weight) per expert column."""
+    strategy = tl.load(table_row + STRATEGY)
+    n_exp = tl.floor(tl.load(table_row + NUM_EXPERTS) + 0.5)
+    top_k = tl.floor(tl.load(table_row + TOP_K) + 0.5)
+    top_p = tl.load(table_row + TOP_P)
+    temperature = tl.load(table_row + TEMPERATURE)
+    keep_top_k = tl.floor(tl.load(table_row + KEEP_TOP_K) + 0.5)
+    threshold = tl.load(table_row + ENTROPY_THRESHOLD)
+    q = tl.load(table_row + ENTROPY_INDEX)
+    eps = tl.load(table_row + ENTROPY_EPS)
+
+    cols = tl.arange(0, E_PAD)
+    valid = (cols.to(tl.float32) < n_exp)[None, :]
+    masked = tl.where(valid, logits, float("-inf"))
+    exps = tl.exp(masked - tl.max(masked, axis=1)[:, None])
+    probs = exps / tl.sum(exps, axis=1)[:, None]
+
+    use_temperature = (strategy == TOP_P_CODE) & (temperature > 0.0)
+    scaled = tl.where(use_temperature, probs / tl.maximum(temperature, 1e-30), probs)
+    # rank = position in a stable descending sort; cumulative = inclusive sum in that order.
+    mine, other = scaled[:, :, None], scaled[:, None, :]
+    ahead = (other > mine) | ((other == mine) & (cols[None, None, :] < cols[None, :, None]))
+    rank = tl.sum(ahead.to(tl.int32), axis=2)
+    rank_f = rank.to(tl.float32)
+    upto = rank[:, None, :] <= rank[:, :, None]
+    cumulative = tl.sum(tl.where(upto, other, 0.0), axis=2)
+    exclusive = cumulative - scaled
+
+    broadcast = _normalised_tsallis(probs, valid, n_exp, q, eps) > threshold
+    keep = rank_f < top_k
+    keep = tl.where(strategy == TOP_P_CODE, exclusive <= top_p, keep)  # crossing one kept
+    keep = tl.where(strategy == SWITCH_CODE, rank < 1, keep)
+    dynmole = (cumulative <= top_p) | (rank_f < keep_top_k) | broadcast[:, None]
+    keep = tl.where(strategy == DYNMOLE_CODE, dynmole, keep)           # crossing one dropped
+    weight = tl.where(keep, scaled, 0.0)
+    total = tl.sum(weight, axis=1)[:, None]
+    weight = tl.where(strategy == TOP_K_CODE, weight / total, weight)  # renormalised
+    return rank, weight
+
+
+@triton.jit
+def _route_kernel(
+    x_ptr, stride_x, router_ptr, shrink_a_ptr, table_ptr, enabled_ptr,
+    sorted_tokens_ptr, block_slot_ptr, ids_ptr, weights_ptr, shrink_ptr,
+    H, E, NR,
+    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NR_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + block)
+    if slot == EMPTY:
+        return
+    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = tok >= 0
+    tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    kk = tl.arange(0, K_PAD)
+    out_mask = row_ok[:, None] & (kk < K)[None, :]
+    out_off = tok64[:, None] * K + kk[None, :]
+    nn = tl.arange(0, NR_PAD)
+    shrink_off = out_off[:, :, None] * NR + nn[None, None, :]
+    shrink_mask = out_mask[:, :, None] & (nn < NR)[None, None, :]
+    s = tl.maximum(slot, 0).to(tl.int64)
+    active = (slot >= 0) & (tl.load(enabled_ptr + s) != 0)
+    if not active:
+        tl.store(ids_ptr + out_off, tl.zeros([BLOCK_M, K_PAD], tl.int32), mask=out_mask)
+        tl.store(weights_ptr + out_off, tl.zeros([BLOCK_M, K_PAD], tl.float32), mask=out_mask)
+        tl.store(shrink_ptr + shrink_off, tl.zeros([BLOCK_M, K_PAD, NR_PAD], tl.float32),
+                 mask=shrink_mask)
+        return
+
+    cols = tl.arange(0, E_PAD)
+    logits = tl.zeros([BLOCK_M, E_PAD], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        x = tl.load(x_ptr + tok64[:, None] * stride_x + hh[None, :],
+                    mask=row_ok[:, None] & (hh < H)[None, :], other=0.0).to(tl.float32)
+        w = tl.load(router_ptr + (s * E + cols[None, :]) * H + hh[:, None],
+                    mask=(cols < E)[None, :] & (hh < H)[:, None], other=0.0).to(tl.float32)
+        logits += tl.dot(x, w, input_precision="ieee")
+
+    rank, weight = _select(logits, table_ptr + s * NUM_COLUMNS, E_PAD)
+    picked = rank[:, None, :] == kk[None, :, None]                     # [M, K, E]
+    ids = tl.sum(tl.where(picked, cols[None, None, :], 0), axis=2)
+    weights = tl.sum(tl.where(picked, weight[:, None, :], 0.0), axis=2)
+    tl.store(ids_ptr + out_off, ids, mask=out_mask)
+    tl.store(weights_ptr + out_off, weights, mask=out_mask)
+
+    used = out_mask & (weights > 0.0)
+    tl.store(shrink_ptr + shrink_off, tl.zeros([BLOCK_M, K_PAD, NR_PAD], tl.float32),
+             mask=shrink_mask & ~used[:, :, None])
+    for e in range(E):
+        hit = used & (ids == e)
+        if tl.sum(hit.to(tl.int32)) > 0:
+            row_hit = tl.sum(hit.to(tl.int32), axis=1) > 0
+            pos = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
+            acc = tl.zeros([BLOCK_M, NR_PAD], tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                hh = h0 + tl.arange(0, BLOCK_H)
+                x = tl.load(x_ptr + tok64[:, None] * stride_x + hh[None, :],
+                            mask=row_hit[:, None] & (hh < H)[None, :], other=0.0
+                            ).to(tl.float32)
+                a = tl.load(shrink_a_ptr + ((s * E + e) * NR + nn[None, :]) * H + hh[:, None],
+                            mask=(nn < NR)[None, :] & (hh < H)[:, None], other=0.0
+                            ).to(tl.float32)
+                acc += tl.dot(x, a, input_precision=PRECISION)
+            dst = (tok64[:, None] * K + pos[:, None]) * NR + nn[None, :]
+            tl.store(shrink_ptr + dst, acc, mask=row_hit[:, None] & (nn < NR)[None, :])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 for fp32 inputs (exact tests); TF32 otherwise: bf16/fp16 values are exact in
+    TF32, and rounding the fp32 shrink to TF32 is below bf16's own resolution."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: Routing,
+                 tiles: Tiles) -> None:
+    """Fill `out`: ids and weights of every token, the shrink of every used pair (0 else)."""
+    S, E, NR, H = weights.shrink_a.shape
+    K = weights.k_max
+    assert x.shape[1] == H and x.stride(1) == 1
+    assert weights.router.shape == (S, E, H) and weights.routing.shape == (S, table.NUM_COLUMNS)
+    for t in (weights.router, weights.shrink_a, weights.routing, out.ids, out.weights,
+              out.shrink):
+        assert t.is_contiguous()
+    assert out.ids.shape == out.weights.shape == (x.shape[0], K) and out.shrink.shape[1:] == (
+        K, NR)
+    _route_kernel[(plan.num_blocks,)](
+        x, x.stride(0), weights.router, weights.shrink_a, weights.routing, weights.enabled,
+        plan.sorted_tokens, plan.block_slot, out.ids, out.weights, out.shrink,
+        H, E, NR,
+        K=K, K_PAD=triton.next_power_of_2(K), E_PAD=padded(E), NR_PAD=padded(NR),
+        BLOCK_M=plan.block_m, BLOCK_H=tiles.block_h,
+        PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps)

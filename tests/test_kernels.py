@@ -1,0 +1,342 @@
+"""Triton kernels vs the reference math (`mole_serve.reference`), under the interpreter on CPU.
+
+Why each test exists:
+- test_plan_*: every kernel trusts the token plan; each token must sit in exactly one block
+  of its own slot, and the static block count must bound the real one.
+- test_route_*: routing is the part most likely to differ silently (sort ties, cumulative
+  sums, entropy); ids and weights must match the reference for every strategy, top-k from 1
+  to E, dynamic k, temperature and the DynMoLE entropy broadcast, with adapters of different
+  expert counts padded into one stack.
+- test_ffn_*: the whole MixLoRA/DynMoLE FFN on the kernels vs `reference.mole_ffn` for 1..8
+  slots mixed with base tokens and empty slots, T from 0 to 200, ranks padded to one max
+  rank, every activation; base-model rows must be bit-identical to the frozen FFN, and so
+  must a batch without adapter tokens. One test runs the three launches one by one.
+- test_projection_*, test_plain_lora_*: per-linear gated LoRA (DynMoLE) and plain LoRA (MixLoRA's
+  attention adapters, PEFT LoRA adapters) through the same two kernels.
+- test_launch_budget: at most 3 launches per MixLoRA FFN beyond the frozen FFN (DESIGN §5).
+- test_small_tiles_*: the default interpreter tiles cover the test sizes in one tile, so one
+  run forces small tiles to exercise every tile loop, several intermediate splits (the
+  down-shrink partial sums) and several output splits.
+- test_bf16_*: the serving dtype; base rows still bit-identical, adapter rows within bf16
+  tolerance.
+Every kernel output and intermediate is poisoned: `torch.empty` is NaN-filled (deterministic
+mode), and adapter rows of the intermediate are set to NaN before the experts kernel, so an
+unwritten or wrongly-read element fails the comparison. fp32 bound: max|err| / max|ref| <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mole_serve.adapter import BaseShape, init_adapter
+from mole_serve.config import MoleConfig
+from mole_serve.kernels import (as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_,
+                                mixlora_route, mole_ffn_kernels, mole_projection_kernels,
+                                plan_tokens)
+from mole_serve.kernels import configs as kernel_configs
+from mole_serve.kernels.plan import BASE_BLOCK, EMPTY_BLOCK, max_blocks
+from mole_serve.reference import (FrozenFFN, mixlora_down_delta, mixlora_experts,
+                                  mole_ffn, mole_projection)
+from mole_serve.reference import mixlora_route as reference_mixlora_route
+from mole_serve.routing import route as reference_route
+from mole_serve.stack import LayerStack, stack_layer
+
+BASE = BaseShape(hidden=96, intermediate=200, num_layers=1, num_heads=3, num_kv_heads=1,
+                 head_dim=32)
+H, I = BASE.hidden, BASE.intermediate
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+TOLERANCE = 1e-4
+# Inputs are made on the CPU (seeded) and moved: on a GPU machine the kernels run for real.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialised_memory():
+    """With deterministic algorithms on, torch.empty fills floats with NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # cuBLAS would refuse otherwise
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def mixlora(strategy: str, experts: int, rank: int, **routing) -> MoleConfig:
+    return MoleConfig(strategy, experts, rank, 2 * rank, ("q_proj", "o_proj") + FFN,
+                      **routing)
+
+
+def dynmole(experts: int, rank: int, **routing) -> MoleConfig:
+    return MoleConfig("dynmole", experts, rank, 2 * rank, ("q_proj", "v_proj") + FFN,
+                      **routing)
+
+
+# Every strategy and the knobs that change k: top-k 1..E, top-p with and without
+# temperature, switch, DynMoLE with a low entropy threshold (broadcast to all experts), and
+# the plain LoRA a MoLE server also serves.
+ZOO = [
+    mixlora("mixlora", 8, 16, top_k=2),
+    mixlora("mixlora", 4, 8, top_k=1, use_rslora=True),
+    mixlora("mixlora-dynamic", 5, 6, top_p=0.8),
+    mixlora("mixlora-switch", 4, 8),
+    dynmole(6, 5, top_p=0.75, keep_top_k=2, entropy_threshold=0.9),
+    mixlora("mixlora", 8, 4, top_k=8),
+    mixlora("mixlora-dynamic", 6, 12, top_p=0.6, temperature=0.7),
+    dynmole(4, 8, top_p=0.5, keep_top_k=1, entropy_threshold=0.6),
+    MoleConfig("lora", 1, 8, 16, ATTN + FFN),  # plain PEFT LoRA: one expert, weight 1
+]
+
+
+def make_adapters(configs: list[MoleConfig | None], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [None if c is None else init_adapter(c, BASE, f"a{i}", generator=g, b_std=0.05,
+                                                router_std=0.15)
+            for i, c in enumerate(configs)]
+
+
+def make_stack(configs: list[MoleConfig | None], seed: int, dtype=None) -> LayerStack:
+    return stack_layer(make_adapters(configs, seed), 0, BASE).to(DEVICE, dtype)
+
+
+def frozen(seed: int, dtype=torch.float32) -> FrozenFFN:
+    g = torch.Generator().manual_seed(seed)
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g) / cols ** 0.5).to(DEVICE, dtype)
+
+    return FrozenFFN(weight(I, H), weight(I, H), weight(H, I))
+
+
+def tokens(num: int, num_slots: int, seed: int, dtype=torch.float32, width: int = H):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num, width, generator=g).to(DEVICE, dtype)
+    slots = torch.randint(-1, num_slots, (num,), generator=g).to(DEVICE)
+    return x, slots
+
+
+# -- plan ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_tokens,num_slots,block_m", [(1, 1, 16), (37, 5, 16),
+                                                          (200, 8, 64), (5, 32, 32)])
+def test_plan_puts_each_token_once_in_a_block_of_its_slot(num_tokens, num_slots, block_m):
+    slots = torch.randint(-1, num_slots, (num_tokens,), generator=torch.Generator()
+                          .manual_seed(num_tokens))
+    plan = plan_tokens(slots.to(DEVICE), num_slots, block_m)
+    assert plan.num_blocks == max_blocks(num_tokens, num_slots, block_m)
+    rows = plan.sorted_tokens.cpu().view(plan.num_blocks, block_m).long()
+    placed = rows[rows >= 0]
+    assert torch.equal(placed.sort().values, torch.arange(num_tokens))
+    for block, slot in enumerate(plan.block_slot.cpu().tolist()):
+        members = rows[block][rows[block] >= 0]
+        if slot == EMPTY_BLOCK:
+            assert members.numel() == 0
+        else:
+            expected = -1 if slot == BASE_BLOCK else slot
+            assert members.numel() > 0 and (slots[members] == expected).all()
+            assert torch.equal(members, members.sort().values), "stable within a slot"
+
+
+# -- routing ---------------------------------------------------------------------------------
+def assert_same_routing(got, ref_weights, ref_ids, uses):
+    """Same experts and weights on routed tokens; zero weights on the others."""
+    assert (got.weights[~uses] == 0).all()
+    used = ref_weights[uses] > 0
+    assert torch.equal(got.weights[uses] > 0, used)
+    assert torch.equal(got.ids.long()[uses][used], ref_ids[uses][used])
+    assert (got.weights[uses] - ref_weights[uses]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["top-k 1..E", "dynamic", "switch"])
+def test_route_matches_reference_mixlora_family(family):
+    configs = {
+        "top-k 1..E": [mixlora("mixlora", 8, 8, top_k=k) for k in range(1, 9)]
+        + [mixlora("mixlora", 3, 4, top_k=3)],
+        "dynamic": [mixlora("mixlora-dynamic", 8, 8, top_p=p, temperature=t)
+                    for p, t in [(0.8, 0.0), (0.5, 0.0), (0.95, 0.0), (0.7, 0.9), (1.0, 0.0)]]
+        + [mixlora("mixlora-dynamic", 3, 4, top_p=0.6)],
+        "switch": [mixlora("mixlora-switch", e, 8) for e in (2, 4, 8)],
+    }[family]
+    stack = make_stack(configs + [None], seed=1).ffn
+    x, slots = tokens(150, len(configs) + 1, seed=2)
+    plan = plan_tokens(slots, len(configs) + 1, kernel_configs.BLOCK_M)
+    got = mixlora_route(x, plan, stack)
+    ref_weights, ref_ids, uses = reference_mixlora_route(x, slots, stack)
+    assert_same_routing(got, ref_weights, ref_ids, uses)
+    if family == "dynamic":
+        experts_per_token = (got.weights > 0).sum(1)[uses]
+        assert experts_per_token.unique().numel() >= 3, "the case must cover dynamic k"
+    shrink_ref = torch.einsum("th,tkrh->tkr", x, stack.gate_up_a[slots.clamp(min=0)[:, None],
+                                                                got.ids.long()])
+    used = got.weights > 0
+    assert rel_err(got.shrink[used], shrink_ref[used]) <= TOLERANCE
+
+
+def test_route_matches_reference_dynmole_with_entropy_broadcast():
+    configs = [dynmole(6, 5, top_p=0.75, keep_top_k=2, entropy_threshold=0.9),
+               dynmole(8, 8, top_p=0.5, keep_top_k=1, entropy_threshold=0.6),
+               dynmole(4, 4, top_p=0.9, keep_top_k=3, entropy_threshold=0.95,
+                       entropy_index=1.0)]
+    stack = make_stack(configs, seed=3).gated["q_proj"]
+    x, slots = tokens(120, len(configs), seed=4)
+    plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
+    y = torch.zeros(x.shape[0], BASE.in_out("q_proj")[1], device=DEVICE)
+    got = gated_lora_(y, x, plan, stack)
+    slot = slots.clamp(min=0)
+    logits = torch.einsum("th,teh->te", x, stack.router[slot])
+    ref_weights, ref_ids = reference_route(logits, stack.routing[slot], stack.k_max)
+    uses = slots >= 0
+    assert_same_routing(got, ref_weights, ref_ids, uses)
+    per_token = (got.weights > 0).sum(1)
+    everything = per_token == stack.routing[slot, 1].long()
+    assert (everything & uses).any() and (~everything & uses).any(), "broadcast and not"
+
+
+# -- the FFN ---------------------------------------------------------------------------------
+def check_ffn(configs, num_tokens: int, seed: int, dtype=torch.float32, tolerance=TOLERANCE):
+    stack = make_stack(configs, seed, dtype)
+    base = frozen(seed, dtype)
+    x, slots = tokens(num_tokens, len(configs), seed, dtype)
+    got = mole_ffn_kernels(x, base, slots, stack)
+    # The reference runs in fp32 on the same (rounded) values.
+    ref_stack = make_stack(configs, seed, dtype).to(dtype=torch.float32)
+    ref_base = FrozenFFN(base.gate.float(), base.up.float(), base.down.float(), base.act_fn)
+    ref = mole_ffn(x.float(), ref_base, slots, ref_stack)
+    assert torch.isfinite(got).all()
+    is_base = slots < 0
+    assert torch.equal(got[is_base], base(x)[is_base]), "base rows must be bit-identical"
+    if (~is_base).any():
+        assert rel_err(got[~is_base], ref[~is_base]) <= tolerance
+    return stack, x, slots, base
+
+
+@pytest.mark.parametrize("num_tokens,configs", [
+    (1, [ZOO[1]]),
+    (5, [ZOO[0], None]),
+    (33, ZOO[:3]),
+    (64, ZOO[2:5] + [None]),
+    (200, ZOO),
+    (50, [ZOO[8], None, ZOO[0]]),
+], ids=["T1-one-adapter", "T5-empty-slot", "T33-3-slots", "T64-dynmole-mix", "T200-9-slots",
+        "T50-plain-lora"])
+def test_ffn_matches_reference(num_tokens, configs):
+    check_ffn(configs, num_tokens, seed=num_tokens)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 9])
+def test_ffn_without_adapter_tokens_is_the_frozen_ffn(num_tokens):
+    stack = make_stack(ZOO[:5], seed=5)
+    base = frozen(5)
+    x = torch.randn(num_tokens, H, device=DEVICE)
+    slots = torch.full((num_tokens,), -1, device=DEVICE)
+    assert torch.equal(mole_ffn_kernels(x, base, slots, stack), base(x))
+
+
+def test_ffn_pieces_match_reference_pieces():
+    """The three launches one by one, with the intermediate's adapter rows poisoned."""
+    stack = make_stack(ZOO[:4] + ZOO[5:7], seed=7)
+    ffn, base = stack.ffn, frozen(7)
+    x, slots = tokens(90, 6, seed=7)
+    plan = plan_tokens(slots, 6, kernel_configs.BLOCK_M)
+    g, u = x @ base.gate.T, x @ base.up.T
+    routing = mixlora_route(x, plan, ffn)
+    weights, ids, uses = reference_mixlora_route(x, slots, ffn)
+    h = base.act(g) * u
+    frozen_h = h.clone()
+    h[uses] = float("nan")
+    partials = mixlora_experts_(h, g, u, routing, plan, ffn)
+    mixed, down_shrink = mixlora_experts(g, u, x, slots, weights, ids, ffn)
+    assert rel_err(h[uses], mixed[uses]) <= TOLERANCE
+    assert torch.equal(h[~uses], frozen_h[~uses])
+    y = h @ base.down.T
+    y_before = y.clone()
+    mixlora_down_delta_(y, partials, routing, plan, ffn)
+    delta = mixlora_down_delta(down_shrink, slots, weights, ids, ffn)
+    assert rel_err(y[uses] - y_before[uses], delta[uses]) <= TOLERANCE
+    assert torch.equal(y[~uses], y_before[~uses])
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "gelu", "gelu_pytorch_tanh"])
+def test_ffn_other_activations(act_fn):
+    stack = make_stack([ZOO[0], ZOO[2]], seed=11)
+    base = frozen(11)
+    base.act_fn = act_fn
+    x, slots = tokens(20, 2, seed=11)
+    ref = mole_ffn(x, base, slots, stack)
+    assert rel_err(mole_ffn_kernels(x, base, slots, stack), ref) <= TOLERANCE
+
+
+def test_launch_budget(monkeypatch):
+    """A MixLoRA FFN costs 3 launches beyond the frozen FFN; a routed or plain LoRA
+    projection 2 (route + expand). The token plan is built once per batch, outside."""
+    from mole_serve.kernels import ops
+    launches = []
+
+    def counted(name, launch):
+        def wrapper(*args, **kwargs):
+            launches.append(name)
+            return launch(*args, **kwargs)
+        return wrapper
+
+    for name in ("launch_route", "launch_experts", "launch_expand"):
+        monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
+    x, slots = tokens(10, 2, seed=3)
+    plan = plan_tokens(slots, 2, kernel_configs.BLOCK_M)
+    mixlora_only = make_stack([ZOO[0], ZOO[2]], seed=3)
+    mole_ffn_kernels(x, frozen(3), slots, mixlora_only, plan)
+    assert launches == ["launch_route", "launch_experts", "launch_expand"]
+    launches.clear()
+    mole_projection_kernels(x, frozen(3).gate[:H], slots, "q_proj", mixlora_only, plan)
+    assert launches == ["launch_route", "launch_expand"]
+
+
+def test_small_tiles_exercise_every_loop(monkeypatch):
+    from mole_serve.kernels import expand, functional
+    small = kernel_configs.Tiles(block_h=32, block_i=32, split_n=2, num_warps=4)
+    monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", small)
+    # I=200 in 7 tiles of 32 over 5 splits of 2 tiles: the 4th split ends past I, the 5th has
+    # no tile inside I (its partials must still be zeros).
+    monkeypatch.setattr(kernel_configs, "I_PER_PROGRAM", 40)
+    monkeypatch.setattr(expand, "PARTIAL_ELEMENTS", 4096)  # 5 partials summed 2 at a time
+    monkeypatch.setattr(functional, "BLOCK_M", 16)
+    check_ffn([ZOO[0], ZOO[4], ZOO[6]], 40, seed=13)
+
+
+# -- projections -----------------------------------------------------------------------------
+@pytest.mark.parametrize("proj", ["q_proj", "o_proj", "v_proj", "down_proj"])
+def test_projection_matches_reference(proj):
+    stack = make_stack(ZOO, seed=17)
+    fan_in, fan_out = BASE.in_out(proj)
+    g = torch.Generator().manual_seed(17)
+    weight = (torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5).to(DEVICE)
+    x, slots = tokens(70, len(ZOO), seed=17, width=fan_in)
+    got = mole_projection_kernels(x, weight, slots, proj, stack)
+    ref = mole_projection(x, weight, slots, proj, stack)
+    is_base = slots < 0
+    assert torch.equal(got[is_base], (x @ weight.T)[is_base])
+    assert rel_err(got, ref) <= TOLERANCE
+    assert proj in stack.lora or proj in stack.gated
+
+
+def test_plain_lora_as_one_expert_gated_stack():
+    stack = make_stack([ZOO[0], None, ZOO[2]], seed=19).lora["q_proj"]
+    gated = as_gated(stack)
+    x, slots = tokens(30, 3, seed=19)
+    plan = plan_tokens(slots, 3, kernel_configs.BLOCK_M)
+    y = torch.zeros(30, H, device=DEVICE)
+    routing = gated_lora_(y, x, plan, gated)
+    uses = (slots >= 0) & stack.enabled[slots.clamp(min=0)]
+    assert (routing.weights[uses] == 1).all()
+    slot = slots.clamp(min=0)
+    ref = torch.einsum("tr,tor->to", torch.einsum("th,trh->tr", x, stack.a[slot])
+                       * stack.scaling[slot][:, None], stack.b[slot])
+    assert rel_err(y[uses], ref[uses]) <= TOLERANCE
+    assert (y[~uses] == 0).all()
+
+
+# -- serving dtype ---------------------------------------------------------------------------
+def test_bf16_ffn_close_to_reference_and_base_bit_identical():
+    check_ffn(ZOO[:5], 48, seed=23, dtype=torch.bfloat16, tolerance=2e-2)
