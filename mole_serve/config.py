@@ -44,7 +44,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 _KNOWN_KEYS = {
     "peft_type", "routing_strategy", "num_experts", "r", "lora_alpha", "lora_dropout",
     "target_modules", "top_k", "top_p", "temperature", "keep_top_k", "entropy_threshold",
-    "broadcast_threshhold", "entropy_index", "entropy_eps", "entropy_type", "expert_capacity",
+    "entropy_index", "entropy_eps", "entropy_type", "expert_capacity",
     "sparse_step", "use_rslora", "use_dora", "act_fn", "base_model_name_or_path", "task_type",
     "bias", "expert_lora", "fan_in_fan_out",
 }
@@ -189,8 +189,13 @@ class MoleConfig:
             raise AdapterError(adapter, f"{CONFIG_NAME}:target_modules",
                                f"names among {list(ALL_PROJS)}", repr(unknown))
 
+        if "broadcast_threshhold" in raw:
+            raise AdapterError(
+                adapter, f"{CONFIG_NAME}:broadcast_threshhold", "'entropy_threshold' (the "
+                "released DynMoLE rule)", "an early DynMoLE config whose broadcast compared an "
+                "unnormalised entropy; its threshold cannot be translated")
         defaults = {MIXLORA_DYNAMIC: {"top_p": 0.8}, DYNMOLE: {"top_p": 0.75}}.get(strategy, {})
-        threshold = raw.get("entropy_threshold", raw.get("broadcast_threshhold", 0.9))
+        threshold = raw.get("entropy_threshold", 0.9)
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_KEYS}
         config = cls(
             routing_strategy=strategy,

@@ -48,13 +48,14 @@ def test_legacy_names_are_read_as_modern():
     assert config.to_dict()["routing_strategy"] == "mixlora"
 
 
-def test_dynmole_config_and_old_threshold_spelling():
+def test_dynmole_config_and_early_threshold_refused():
     config = MoleConfig.from_dict(DYNMOLE)
     assert config.is_per_linear and config.keep_top_k == 2 and config.entropy_index == 1.1
     assert config.to_dict()["peft_type"] == "DYNMOLE"
     assert MoleConfig.from_dict(config.to_dict()) == config
-    old = {k: v for k, v in DYNMOLE.items() if k != "entropy_threshold"}
-    assert MoleConfig.from_dict(dict(old, broadcast_threshhold=0.8)).entropy_threshold == 0.8
+    early = {k: v for k, v in DYNMOLE.items() if k != "entropy_threshold"}
+    with pytest.raises(AdapterError, match="broadcast_threshhold: expected 'entropy_threshold'"):
+        MoleConfig.from_dict(dict(early, broadcast_threshhold=1.8))
 
 
 def test_rslora_scaling_and_unknown_fields_survive():
