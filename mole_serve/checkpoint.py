@@ -8,6 +8,7 @@ adapter fails here with a message naming the tensor, never later inside a kernel
 
 from __future__ import annotations
 
+import json
 import pathlib
 import pickle
 import re
@@ -18,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer, is_attention
-from .config import MOE_PEFT_ORDER, AdapterLimits, LEGACY_PROJS, MoleConfig
+from .config import (CONFIG_NAME, MOE_PEFT_ORDER, PEFT_TYPE_OF, PLAIN_LORA, AdapterLimits,
+                     LEGACY_PROJS, MoleConfig)
 from .errors import AdapterError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -94,6 +96,19 @@ def convert_legacy_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             key = f"mixlora.layers.{m[1]}.mlp.{proj}.experts.{m[3]}.{m[4]}"
         out[key] = value
     return out
+
+
+MOLE_PEFT_TYPES = frozenset(t for s, t in PEFT_TYPE_OF.items() if s != PLAIN_LORA)
+
+
+def is_mole_adapter_dir(path: str | pathlib.Path) -> bool:
+    """Whether a dir's adapter_config.json declares a MoLE adapter (MIXLORA, DYNMOLE).
+    Plain PEFT LoRA dirs answer False: a server leaves those to vLLM's own loader."""
+    try:
+        raw = json.loads((pathlib.Path(path).expanduser() / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and str(raw.get("peft_type", "")).upper() in MOLE_PEFT_TYPES
 
 
 def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Tensor]:

@@ -1,5 +1,20 @@
-"""vLLM general plugin entry point (filled in by the serving work)."""
+"""vLLM general plugin entry point (`vllm.general_plugins: mole_serve`).
+
+vLLM calls `register()` in every process it starts (API server while building the CLI parser,
+engine core, workers) and possibly more than once; each step below is idempotent. Nothing
+changes vLLM's behaviour until MoLE serving is switched on with `--enable-mole-adapters` (or
+`additional_config={"mole": {"enabled": True}}`), apart from the CPU LoRA bug fix.
+"""
+
+from . import vllm_compat
 
 
 def register() -> None:
-    """Called by vLLM in every process; must stay idempotent."""
+    """Register the MoLE model class, the CLI flags and the adapter hooks."""
+    vllm_compat.check_version()
+    vllm_compat.register_model()
+    vllm_compat.add_cli_flags()
+    vllm_compat.install_adapter_hooks()
+    vllm_compat.install_api_validation()
+    if vllm_compat.is_cpu_platform():
+        vllm_compat.fix_cpu_lora_no_adapter_rows()

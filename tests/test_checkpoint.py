@@ -9,8 +9,8 @@ import torch
 
 from conftest import ODD_BASE, random_adapters
 from mole_serve.adapter import BaseShape
-from mole_serve.checkpoint import (BIN_NAME, SAFETENSORS_NAME, load_adapter, save_adapter,
-                                   state_dict_items)
+from mole_serve.checkpoint import (BIN_NAME, SAFETENSORS_NAME, is_mole_adapter_dir,
+                                   load_adapter, save_adapter, state_dict_items)
 from mole_serve.config import AdapterLimits
 from mole_serve.errors import AdapterError
 from mole_serve.reference import FrozenFFN, ffn_literal
@@ -170,3 +170,11 @@ def test_other_seed_differs():
     """Guard for the round-trip tests: two seeds must give different adapters."""
     a, b = random_adapters(seed=7)["topk"], random_adapters(seed=8)["topk"]
     assert not torch.equal(a.layers[0].router, b.layers[0].router)
+
+
+def test_is_mole_adapter_dir(tmp_path, adapters):
+    for name in ("topk", "dynmole", "lora"):
+        save_adapter(adapters[name], tmp_path / name)
+    assert is_mole_adapter_dir(tmp_path / "topk") and is_mole_adapter_dir(tmp_path / "dynmole")
+    assert not is_mole_adapter_dir(tmp_path / "lora")      # vLLM loads plain LoRA itself
+    assert not is_mole_adapter_dir(tmp_path / "missing")

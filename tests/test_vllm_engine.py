@@ -1,0 +1,126 @@
+"""MoLE serving inside a real (CPU, in-process) vLLM engine.
+
+One engine serves two MoLE adapters (MixLoRA top-k with attention LoRA, as MoE-PEFT's `.bin`;
+DynMoLE, as safetensors) and a plain PEFT LoRA with two slots and a CPU cache of two, so
+adapters are evicted, reloaded and moved between slots while the tests run. Greedy tokens must
+equal a transformers + `mole_serve.reference` generation, alone and in batches mixed with
+base-model requests (which also catches vLLM's CPU "-1 slot" bug).
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from mole_serve.adapter import BaseShape
+from mole_serve.config import MoleConfig
+from tiny_model import make_tiny_llama
+from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter, make_peft_lora
+
+MAX_TOKENS = 12
+PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77], [1, 5, 5, 5, 400, 123, 250, 31, 999],
+           [1, 42]]
+ADAPTERS = ("mixlora", "dynmole", "peft")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_engine")
+    model_dir = make_tiny_llama(root / "tiny-llama")
+    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=32)
+    mixlora = make_mole_adapter(root / "mixlora", MoleConfig(
+        "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj")), base, seed=1, as_bin=True)
+    dynmole = make_mole_adapter(root / "dynmole", MoleConfig(
+        "dynmole", num_experts=3, r=4, lora_alpha=8, top_p=0.75,
+        target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        base, seed=2)
+    peft = make_peft_lora(root / "peft", base, seed=3)
+    return {"root": root, "model": model_dir, "base": base,
+            "adapters": {"mixlora": mixlora, "dynmole": dynmole, "peft": peft}}
+
+
+@pytest.fixture(scope="module")
+def expected(workspace):
+    """Reference greedy tokens per (adapter or None, prompt index)."""
+    adapters = workspace["adapters"]
+    reference = ReferenceGenerator(workspace["model"], list(adapters.values()))
+    return {(name, i): reference.greedy(prompt, MAX_TOKENS, name)
+            for i, prompt in enumerate(PROMPTS) for name in (None, *adapters)}
+
+
+@pytest.fixture(scope="module")
+def engine(workspace):
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in engine_env().items():
+            env.setenv(key, value)
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        llm = LLM(model=str(workspace["model"]), dtype="float32", enforce_eager=True,
+                  distributed_executor_backend="uni", max_model_len=128,
+                  max_num_batched_tokens=256, max_num_seqs=8, seed=0,
+                  max_lora_rank=8, max_loras=2, max_cpu_loras=2,
+                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
+        requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
+                    for i, name in enumerate(ADAPTERS)}
+        yield llm, requests
+        del llm
+
+
+def generate(engine, jobs: list[tuple[str | None, int]]) -> list[list[int]]:
+    """Greedy tokens for (adapter name or None, prompt index) jobs, all in one call."""
+    from vllm import SamplingParams
+    llm, requests = engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[i]} for _, i in jobs], params,
+                           lora_request=[requests[n] if n else None for n, _ in jobs],
+                           use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_served_model_is_mole_and_base_requests_match_transformers(engine, expected):
+    llm, _ = engine
+    assert llm.llm_engine.model_config.architectures == ["MoleLlamaForCausalLM"]
+    jobs = [(None, i) for i in range(len(PROMPTS))]
+    assert generate(engine, jobs) == [expected[job] for job in jobs]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_adapter_alone_matches_reference(engine, expected, adapter):
+    jobs = [(adapter, i) for i in range(len(PROMPTS))]
+    got = generate(engine, jobs)
+    assert got == [expected[job] for job in jobs]
+    assert got != [expected[(None, i)] for i in range(len(PROMPTS))], \
+        f"{adapter} does not change the output: this test could not fail"
+
+
+def test_mixed_batch_matches_reference(engine, expected):
+    """Base and all three adapters in one call: more adapters than slots, so the scheduler
+    rotates them through the two slots while base requests share every batch."""
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *ADAPTERS)]
+    assert generate(engine, jobs) == [expected[job] for job in jobs]
+
+
+def test_malformed_mole_adapter_is_refused_and_engine_keeps_serving(engine, expected,
+                                                                    workspace):
+    from safetensors.torch import load_file, save_file
+    from vllm.lora.request import LoRARequest
+
+    bad = workspace["root"] / "bad-dynmole"
+    bad.mkdir()
+    source = workspace["root"] / "dynmole"
+    (bad / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    key = "dynmole.layers.1.mlp.down_proj.experts.2.lora_B.weight"
+    tensors[key] = torch.zeros(7, 4)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+
+    llm, _ = engine
+    with pytest.raises(Exception, match=r"bad-dynmole.*experts\.2\.lora_B.*shape \[128, 4\]"):
+        llm.llm_engine.add_lora(LoRARequest("bad-dynmole", 99, str(bad)))
+    jobs = [(None, 0), ("dynmole", 1)]
+    assert generate(engine, jobs) == [expected[job] for job in jobs]

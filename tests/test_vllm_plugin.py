@@ -1,0 +1,111 @@
+"""The plugin's wiring into vLLM, without starting an engine: CLI flags, what they imply,
+stock behaviour without them, and the CPU LoRA -1 slot fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mole_serve import plugin, vllm_compat
+from mole_serve.adapter import BaseShape
+from mole_serve.config import MoleConfig
+from mole_serve.errors import AdapterError
+from tiny_model import make_tiny_llama
+from vllm_helpers import engine_env, make_mole_adapter
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_env():
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in engine_env().items():
+            env.setenv(key, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("plugin") / "tiny-llama")
+
+
+def parse_serve_args(argv: list[str]):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    plugin.register()
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def test_register_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    plugin.register()
+    patched = EngineArgs.add_cli_args, EngineArgs.create_engine_config, lora_ops.bgmv_shrink
+    plugin.register()
+    assert (EngineArgs.add_cli_args, EngineArgs.create_engine_config,
+            lora_ops.bgmv_shrink) == patched
+
+
+def test_cli_flags_land_in_additional_config(tiny_llama):
+    model = ["--model", str(tiny_llama)]
+    engine_args = parse_serve_args([*model, "--enable-mole-adapters", "--max-mole-experts", "4",
+                                    "--additional-config", '{"other": 1}'])
+    assert engine_args.additional_config == {"other": 1,
+                                             "mole": {"enabled": True, "max_experts": 4}}
+    assert parse_serve_args(model).additional_config == {}
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_enabled_implies_lora_and_mole_architecture(tiny_llama, architecture):
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=128,
+                        hf_overrides={"architectures": [architecture]},
+                        additional_config={"mole": {"enabled": True}}).create_engine_config()
+    assert config.model_config.architectures == ["MoleLlamaForCausalLM"]
+    assert config.lora_config is not None
+
+
+def test_without_flag_vllm_is_stock_and_refuses_mole_adapters(tiny_llama, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(tiny_llama), dtype="float32",
+                        max_model_len=128).create_engine_config()
+    assert config.model_config.architectures == ["LlamaForCausalLM"]
+    assert config.lora_config is None
+
+    adapter_dir = tmp_path / "mixlora"
+    make_mole_adapter(adapter_dir, MoleConfig("mixlora", 2, 4, 8, ("gate_proj",)),
+                      BaseShape.from_hf_config(config.model_config.hf_config), seed=0)
+    assert vllm_compat.is_mole_adapter_dir(str(adapter_dir))
+    with pytest.raises(AdapterError, match=r"'mixlora': base model: expected a checkpoint of"):
+        vllm_compat.load_served_adapter(str(adapter_dir), "mixlora", config)
+
+
+def test_unknown_mole_setting_is_a_clear_error(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="unknown keys.*max_expert"):
+        EngineArgs(model=str(tiny_llama), additional_config={
+            "mole": {"enabled": True, "max_expert": 4}}).create_engine_config()
+
+
+def test_cpu_lora_ops_leave_no_adapter_rows_alone():
+    """vLLM's torch LoRA ops read slot -1 as the last slot; fixed, those rows keep their
+    output as the GPU kernels' early exit does."""
+    from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
+
+    plugin.register()
+    x = torch.randn(3, 16)
+    a = torch.randn(2, 1, 4, 16)          # [slots, 1, rank, in]
+    b = torch.randn(2, 1, 8, 4)           # [slots, 1, out, rank]
+    slots = torch.tensor([0, -1, 1])
+    shrunk = torch.full((3, 4), 7.0)
+    bgmv_shrink(x, a, shrunk, slots, 1.0)
+    assert torch.equal(shrunk[1], torch.full((4,), 7.0))
+    torch.testing.assert_close(shrunk[2], a[1, 0] @ x[2])
+    y = torch.ones(3, 8)
+    bgmv_expand(shrunk, b, y, slots, add_inputs=True)
+    assert torch.equal(y[1], torch.ones(8))
+    torch.testing.assert_close(y[0], 1 + b[0, 0] @ shrunk[0])

@@ -1,0 +1,62 @@
+"""Qwen2 checkpoints are served by the MoLE Llama class (q/k/v biases, tied embeddings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mole_serve.adapter import BaseShape
+from mole_serve.config import MoleConfig
+from tiny_model import build_tokenizer
+from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter
+
+PROMPT = [1, 17, 305, 44, 912, 8]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("vllm_qwen2")
+    config = Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():          # visible biases, so a model that drops them fails
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(root / "model")
+    build_tokenizer().save_pretrained(root / "model")
+    adapter = make_mole_adapter(root / "mixlora", MoleConfig(
+        "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
+        target_modules=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")),
+        BaseShape.from_hf_config(config), seed=1)
+    return root, adapter
+
+
+def test_qwen2_base_and_mole_adapter_match_reference(workspace):
+    root, adapter = workspace
+    reference = ReferenceGenerator(root / "model", [adapter])
+    expected = [reference.greedy(PROMPT, MAX_TOKENS), reference.greedy(PROMPT, MAX_TOKENS,
+                                                                       "mixlora")]
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in engine_env().items():
+            env.setenv(key, value)
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        llm = LLM(model=str(root / "model"), dtype="float32", enforce_eager=True,
+                  distributed_executor_backend="uni", max_model_len=128,
+                  max_num_batched_tokens=256, max_num_seqs=8, max_lora_rank=8,
+                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
+        assert llm.llm_engine.model_config.architectures == ["MoleLlamaForCausalLM"]
+        outputs = llm.generate(
+            [{"prompt_token_ids": PROMPT}] * 2,
+            SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+            lora_request=[None, LoRARequest("mixlora", 1, str(root / "mixlora"))],
+            use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected

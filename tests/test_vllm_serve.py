@@ -1,0 +1,220 @@
+"""`vllm serve --enable-mole-adapters` as users run it: a real multi-process server (API
+server, engine core, worker) answered through the `openai` client."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from mole_serve.adapter import BaseShape
+from mole_serve.config import MoleConfig
+from tiny_model import make_tiny_llama
+from vllm_helpers import (ReferenceGenerator, make_mole_adapter, make_peft_lora,
+                          vllm_cache_root)
+
+BASE_NAME = "tiny"
+PROMPT = [1, 17, 305, 44, 912, 8]
+MAX_TOKENS = 8
+STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_serve")
+    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=32)
+    adapters = {
+        "mixlora": make_mole_adapter(root / "mixlora", MoleConfig(
+            "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
+            target_modules=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")),
+            base, seed=11, as_bin=True),
+        "dynmole": make_mole_adapter(root / "dynmole", MoleConfig(
+            "dynmole", num_experts=4, r=8, lora_alpha=16,
+            target_modules=("q_proj", "gate_proj", "down_proj")), base, seed=12),
+        "late": make_mole_adapter(root / "late", MoleConfig(
+            "mixlora-dynamic", num_experts=3, r=4, lora_alpha=8, top_p=0.8,
+            target_modules=("gate_proj", "up_proj", "down_proj", "o_proj")), base, seed=13),
+        "peft": make_peft_lora(root / "peft", base, seed=14),
+    }
+    return {"root": root, "model": make_tiny_llama(root / "tiny-llama"), "adapters": adapters}
+
+
+@pytest.fixture(scope="module")
+def server(workspace, tmp_path_factory):
+    """One server for the module; its log is shown if it fails to start."""
+    root, port = workspace["root"], _free_port()
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_CPU_KVCACHE_SPACE="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+               VLLM_CPU_OMP_THREADS_BIND="nobind",
+               PROMETHEUS_MULTIPROC_DIR=str(tmp_path_factory.mktemp("prometheus")),
+               VLLM_CACHE_ROOT=vllm_cache_root())
+    command = [str(pathlib.Path(sys.executable).parent / "vllm"), "serve",
+               str(workspace["model"]), "--served-model-name", BASE_NAME,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", "128", "--max-num-seqs", "8",
+               "--max-num-batched-tokens", "256", "--enforce-eager",
+               "--enable-mole-adapters", "--max-mole-experts", "4",
+               "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "3",
+               "--lora-modules", *(f"{n}={root / n}" for n in ("mixlora", "dynmole", "peft"))]
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log_path)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log_path: pathlib.Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vllm serve exited ({process.returncode}):\n"
+                        f"{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n"
+                f"{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def expected(workspace):
+    adapters = workspace["adapters"]
+    reference = ReferenceGenerator(workspace["model"], list(adapters.values()))
+    expected = {name: reference.greedy(PROMPT, MAX_TOKENS, name) for name in adapters}
+    expected[BASE_NAME] = reference.greedy(PROMPT, MAX_TOKENS)
+    return expected
+
+
+def complete_ids(client, model: str) -> list[int]:
+    response = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                         temperature=0.0,
+                                         extra_body={"ignore_eos": True,
+                                                     "return_token_ids": True})
+    return list(response.choices[0].token_ids)
+
+
+def test_models_lists_base_and_adapters(client):
+    names = {m.id for m in client.models.list().data}
+    assert names == {BASE_NAME, "mixlora", "dynmole", "peft"}
+
+
+def test_completions_match_reference_per_model(client, expected):
+    got = {name: complete_ids(client, name) for name in (BASE_NAME, "mixlora", "dynmole", "peft")}
+    assert got == {name: expected[name] for name in got}
+    assert len({tuple(ids) for ids in got.values()}) == len(got), "adapters must differ"
+
+
+def test_concurrent_mixed_requests_match_reference(client, expected):
+    from concurrent.futures import ThreadPoolExecutor
+    names = [BASE_NAME, "mixlora", "dynmole", "peft"] * 2
+    with ThreadPoolExecutor(len(names)) as pool:
+        got = list(pool.map(lambda n: complete_ids(client, n), names))
+    assert got == [expected[n] for n in names]
+
+
+def test_chat_and_streaming(client):
+    chat = client.chat.completions.create(
+        model="mixlora", messages=[{"role": "user", "content": "abc def"}], max_tokens=6,
+        temperature=0.0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content
+    kwargs = dict(model="dynmole", prompt="hello there", max_tokens=6, temperature=0.0,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True,
+                                                                               **kwargs))
+    assert streamed == whole
+
+
+def test_unknown_adapter_is_404(client):
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+
+
+def test_runtime_load_bad_adapter_is_400_and_good_one_serves_until_unloaded(
+        server, client, workspace, expected):
+    import openai
+    root = workspace["root"]
+    response = load_lora(server, "bad", too_many_experts(root, "bad"))
+    assert response.status_code == 400, response.text
+    assert "num_experts" in response.text and "max experts 4" in response.text
+    assert complete_ids(client, "dynmole") == expected["dynmole"]
+
+    response = load_lora(server, "late", root / "late")
+    assert response.status_code == 200, response.text
+    assert complete_ids(client, "late") == expected["late"]
+
+    response = httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "late"},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    with pytest.raises(openai.NotFoundError):
+        complete_ids(client, "late")
+    assert complete_ids(client, "mixlora") == expected["mixlora"]
+
+
+def test_metrics_count_loads_and_rejections(server, workspace):
+    """Worker-side counters reach /metrics through PROMETHEUS_MULTIPROC_DIR."""
+    assert load_lora(server, "bad2", too_many_experts(workspace["root"], "bad2")).status_code \
+        == 400
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    assert metric(text, 'mole_serve_adapter_rejections_total{stage="api_server"}') >= 1
+    assert metric(text, 'mole_serve_adapter_loads_total{strategy="mixlora"}') >= 1
+    assert metric(text, 'mole_serve_adapter_loads_total{strategy="dynmole"}') >= 1
+    assert metric(text, "mole_serve_slot_fills_total") >= 2
+
+
+def metric(text: str, series: str) -> float:
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(series + " ")]
+    assert values, f"{series} not in /metrics"
+    return sum(values)
+
+
+def load_lora(server: str, name: str, path: pathlib.Path) -> httpx.Response:
+    return httpx.post(f"{server}/v1/load_lora_adapter", timeout=60,
+                      json={"lora_name": name, "lora_path": str(path)})
+
+
+def too_many_experts(root: pathlib.Path, name: str) -> pathlib.Path:
+    """A copy of adapter `late` claiming 9 experts: over the server's --max-mole-experts 4."""
+    bad = root / name
+    bad.mkdir()
+    config = (root / "late" / "adapter_config.json").read_text()
+    (bad / "adapter_config.json").write_text(config.replace('"num_experts": 3',
+                                                            '"num_experts": 9'))
+    (bad / "adapter_model.safetensors").write_bytes(
+        (root / "late" / "adapter_model.safetensors").read_bytes())
+    return bad

@@ -1,0 +1,77 @@
+"""Offline fixtures for the vLLM tests: MoLE and plain PEFT adapters for the tiny random Llama
+of `tiny_model`, and a transformers + `mole_serve.hf` greedy generator that serves as the
+expected output. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import pathlib
+import shutil
+import tempfile
+
+import torch
+
+from mole_serve.adapter import BaseShape, MoleAdapter, init_adapter
+from mole_serve.checkpoint import save_adapter
+from mole_serve.config import MoleConfig
+from mole_serve.hf import attach_adapters
+
+# In-process engines: one process, no compile, small KV cache, nothing downloaded.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
+              "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+              "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+@functools.cache
+def vllm_cache_root() -> str:
+    """One VLLM_CACHE_ROOT for the whole test run: vLLM inspects each model class in a
+    subprocess (~13 s) and caches the result there, so engines after the first start fast."""
+    root = tempfile.mkdtemp(prefix="mole_serve_vllm_cache_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def engine_env() -> dict[str, str]:
+    return dict(ENGINE_ENV, VLLM_CACHE_ROOT=vllm_cache_root())
+
+
+def make_mole_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape, seed: int,
+                      *, as_bin: bool = False) -> MoleAdapter:
+    """A random adapter strong enough to change greedy tokens; `.bin` as MoE-PEFT writes."""
+    adapter = init_adapter(config, base, path.name, generator=torch.Generator().manual_seed(seed),
+                           b_std=0.2, router_std=0.5)
+    save_adapter(adapter, path, safetensors=not as_bin, bin=as_bin)
+    return adapter
+
+
+def make_peft_lora(path: pathlib.Path, base: BaseShape, seed: int, rank: int = 8,
+                   alpha: int = 16, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")
+                   ) -> MoleAdapter:
+    """A plain PEFT LoRA dir (PEFT's key names and config, which vLLM loads itself)."""
+    config = MoleConfig("lora", num_experts=1, r=rank, lora_alpha=alpha, target_modules=targets)
+    return make_mole_adapter(path, config, base, seed)
+
+
+class ReferenceGenerator:
+    """A transformers Llama-family model with adapters (MoLE or plain LoRA) attached by
+    `mole_serve.hf` (the reference math); greedy decoding by full recomputation."""
+
+    def __init__(self, model_dir: pathlib.Path, adapters: list[MoleAdapter]):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        self.attachment = attach_adapters(model, adapters)
+
+    def greedy(self, prompt: list[int], max_tokens: int, adapter: str | None = None) -> list[int]:
+        """Greedy tokens of the base model (None) or an attached adapter."""
+        with self.attachment.use(adapter):
+            return _greedy(self.attachment.model, prompt, max_tokens)
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
