@@ -81,19 +81,31 @@ _FACTORS = {"gate_up_a", "gate_up_b", "down_a", "down_b", "a", "b"}
 
 
 def stack_layer(slots: list[MoleAdapter | None], layer: int, base: BaseShape) -> LayerStack:
-    """Stack layer `layer` of the adapters in `slots` (None = empty slot)."""
+    """Stack layer `layer` of the adapters in `slots` (None = empty slot), sized to fit them."""
     present = [a for a in slots if a is not None]
-    ffn = _stack_mixlora(slots, layer, base) if any(
-        a.config.has_ffn_experts for a in present) else None
-    gated = {}
+    ffn = None
+    mixlora = [a for a in present if a.config.has_ffn_experts]
+    if mixlora:
+        E, r = _sizes(mixlora)
+        ffn = empty_mixlora(len(slots), E, r, base.hidden, base.intermediate,
+                            k_max=max(a.config.max_experts_per_token for a in mixlora))
+        for s, adapter in enumerate(slots):
+            fill_mixlora(ffn, s, adapter, layer)
+    gated, lora = {}, {}
     for proj in ATTENTION_PROJS + FFN_PROJS:
-        users = [a for a in present if a.config.is_per_linear and proj in a.config.target_modules]
-        if users:
-            gated[proj] = _stack_gated(slots, layer, proj, base)
-    lora = {}
-    for proj in ATTENTION_PROJS + FFN_PROJS:
-        if any(proj in a.config.lora_targets for a in present):
-            lora[proj] = _stack_lora(slots, layer, proj, base)
+        routed = [a for a in present if proj in a.layers[layer].routers]
+        if routed:
+            E, r = _sizes(routed)
+            gated[proj] = empty_gated(len(slots), E, r, *base.in_out(proj),
+                                      k_max=max(a.config.max_experts_per_token for a in routed))
+        plain = [a for a in present if proj in a.config.lora_targets]
+        if plain:
+            lora[proj] = empty_lora(len(slots), _sizes(plain)[1], *base.in_out(proj))
+        for s, adapter in enumerate(slots):
+            if proj in gated:
+                fill_gated(gated[proj], s, adapter, layer, proj)
+            if proj in lora:
+                fill_lora(lora[proj], s, adapter, layer, proj)
     return LayerStack(ffn, gated, lora)
 
 
@@ -101,80 +113,90 @@ def _sizes(adapters: list[MoleAdapter]) -> tuple[int, int]:
     return max(a.config.num_experts for a in adapters), max(a.config.r for a in adapters)
 
 
-def _common(slots: list[MoleAdapter | None], uses) -> tuple[torch.Tensor, ...]:
-    """Per-slot scaling, routing table and enabled flag for the slots `uses` selects."""
-    scaling = torch.zeros(len(slots))
-    table = torch.zeros(len(slots), NUM_COLUMNS)
-    enabled = torch.zeros(len(slots), dtype=torch.bool)
-    for s, a in enumerate(slots):
-        if a is not None and uses(a):
-            scaling[s], enabled[s] = a.config.scaling, True
-            if not a.config.is_plain_lora:
-                table[s] = routing_row(a.config)
-    return scaling, table, enabled
+# -- empty stacks and per-slot fills: what a server does when vLLM (de)activates a slot -----
+def empty_mixlora(slots: int, experts: int, rank: int, hidden: int, intermediate: int,
+                  k_max: int) -> MixLoRAStack:
+    S, E, r, H, I = slots, experts, rank, hidden, intermediate
+    return MixLoRAStack(torch.zeros(S, E, H), torch.zeros(S, E, 2 * r, H),
+                        torch.zeros(S, E, 2, I, r), torch.zeros(S, E, r, I),
+                        torch.zeros(S, E, H, r), *_empty_tables(S), k_max)
 
 
-def _stack_mixlora(slots: list[MoleAdapter | None], layer: int, base: BaseShape) -> MixLoRAStack:
-    users = [a for a in slots if a is not None and a.config.has_ffn_experts]
-    E, r = _sizes(users)
-    S, H, I = len(slots), base.hidden, base.intermediate
-    router = torch.zeros(S, E, H)
-    gate_up_a, gate_up_b = torch.zeros(S, E, 2 * r, H), torch.zeros(S, E, 2, I, r)
-    down_a, down_b = torch.zeros(S, E, r, I), torch.zeros(S, E, H, r)
-    for s, a in enumerate(slots):
-        if a is None or not a.config.has_ffn_experts:
-            continue
-        w, e, ra = a.layers[layer], a.config.num_experts, a.config.r
-        router[s, :e] = w.router
-        if "gate_proj" in w.experts:
-            gate_up_a[s, :e, :ra] = w.experts["gate_proj"].a
-            gate_up_b[s, :e, 0, :, :ra] = w.experts["gate_proj"].b
-        if "up_proj" in w.experts:
-            gate_up_a[s, :e, r:r + ra] = w.experts["up_proj"].a
-            gate_up_b[s, :e, 1, :, :ra] = w.experts["up_proj"].b
-        if "down_proj" in w.experts:
-            down_a[s, :e, :ra] = w.experts["down_proj"].a
-            down_b[s, :e, :, :ra] = w.experts["down_proj"].b
-    scaling, table, enabled = _common(slots, lambda a: a.config.has_ffn_experts)
-    k_max = max(a.config.max_experts_per_token for a in users)
-    return MixLoRAStack(router, gate_up_a, gate_up_b, down_a, down_b, scaling, table, enabled,
-                        k_max)
+def empty_gated(slots: int, experts: int, rank: int, fan_in: int, fan_out: int,
+                k_max: int) -> GatedLoRAStack:
+    S, E, r = slots, experts, rank
+    return GatedLoRAStack(torch.zeros(S, E, fan_in), torch.zeros(S, E, r, fan_in),
+                          torch.zeros(S, E, fan_out, r), *_empty_tables(S), k_max)
 
 
-def _stack_gated(slots: list[MoleAdapter | None], layer: int, proj: str,
-                 base: BaseShape) -> GatedLoRAStack:
-    def uses(a: MoleAdapter) -> bool:
-        return a.config.is_per_linear and proj in a.config.target_modules
-
-    users = [a for a in slots if a is not None and uses(a)]
-    E, r = _sizes(users)
-    fan_in, fan_out = base.in_out(proj)
-    S = len(slots)
-    router, A, B = torch.zeros(S, E, fan_in), torch.zeros(S, E, r, fan_in), torch.zeros(
-        S, E, fan_out, r)
-    for s, a in enumerate(slots):
-        if a is None or not uses(a):
-            continue
-        e, ra = a.config.num_experts, a.config.r
-        router[s, :e] = a.layers[layer].routers[proj]
-        A[s, :e, :ra] = a.layers[layer].experts[proj].a
-        B[s, :e, :, :ra] = a.layers[layer].experts[proj].b
-    scaling, table, enabled = _common(slots, uses)
-    k_max = max(a.config.max_experts_per_token for a in users)
-    return GatedLoRAStack(router, A, B, scaling, table, enabled, k_max)
+def empty_lora(slots: int, rank: int, fan_in: int, fan_out: int) -> LoRAStack:
+    scaling, _, enabled = _empty_tables(slots)
+    return LoRAStack(torch.zeros(slots, rank, fan_in), torch.zeros(slots, fan_out, rank),
+                     scaling, enabled)
 
 
-def _stack_lora(slots: list[MoleAdapter | None], layer: int, proj: str,
-                base: BaseShape) -> LoRAStack:
-    def uses(a: MoleAdapter) -> bool:
-        return proj in a.config.lora_targets
+def _empty_tables(slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.zeros(slots), torch.zeros(slots, NUM_COLUMNS),
+            torch.zeros(slots, dtype=torch.bool))
 
-    r = max(a.config.r for a in slots if a is not None and uses(a))
-    fan_in, fan_out = base.in_out(proj)
-    A, B = torch.zeros(len(slots), r, fan_in), torch.zeros(len(slots), fan_out, r)
-    for s, a in enumerate(slots):
-        if a is not None and uses(a):
-            A[s, :a.config.r] = a.layers[layer].lora[proj].a
-            B[s, :, :a.config.r] = a.layers[layer].lora[proj].b
-    scaling, _, enabled = _common(slots, uses)
-    return LoRAStack(A, B, scaling, enabled)
+
+def _set_tables(stack, slot: int, adapter: MoleAdapter | None) -> None:
+    stack.enabled[slot] = adapter is not None
+    stack.scaling[slot] = 0.0 if adapter is None else adapter.config.scaling
+    if hasattr(stack, "routing"):
+        stack.routing[slot] = 0.0 if adapter is None else routing_row(adapter.config)
+
+
+@torch.no_grad()
+def fill_mixlora(stack: MixLoRAStack, slot: int, adapter: MoleAdapter | None,
+                 layer: int) -> None:
+    """Put `adapter`'s FFN experts of layer `layer` in row `slot` (zeros if it has none)."""
+    for table in (stack.router, stack.gate_up_a, stack.gate_up_b, stack.down_a, stack.down_b):
+        table[slot].zero_()
+    if adapter is None or not adapter.config.has_ffn_experts:
+        _set_tables(stack, slot, None)
+        return
+    _set_tables(stack, slot, adapter)
+    w, e, ra, r = adapter.layers[layer], adapter.config.num_experts, adapter.config.r, \
+        stack.down_a.shape[2]
+    stack.router[slot, :e] = w.router
+    if "gate_proj" in w.experts:
+        stack.gate_up_a[slot, :e, :ra] = w.experts["gate_proj"].a
+        stack.gate_up_b[slot, :e, 0, :, :ra] = w.experts["gate_proj"].b
+    if "up_proj" in w.experts:
+        stack.gate_up_a[slot, :e, r:r + ra] = w.experts["up_proj"].a
+        stack.gate_up_b[slot, :e, 1, :, :ra] = w.experts["up_proj"].b
+    if "down_proj" in w.experts:
+        stack.down_a[slot, :e, :ra] = w.experts["down_proj"].a
+        stack.down_b[slot, :e, :, :ra] = w.experts["down_proj"].b
+
+
+@torch.no_grad()
+def fill_gated(stack: GatedLoRAStack, slot: int, adapter: MoleAdapter | None, layer: int,
+               proj: str) -> None:
+    """Put `adapter`'s routed experts of `proj` in row `slot` (zeros if it has none)."""
+    for table in (stack.router, stack.a, stack.b):
+        table[slot].zero_()
+    if adapter is None or proj not in adapter.layers[layer].routers:
+        _set_tables(stack, slot, None)
+        return
+    _set_tables(stack, slot, adapter)
+    w, e, ra = adapter.layers[layer], adapter.config.num_experts, adapter.config.r
+    stack.router[slot, :e] = w.routers[proj]
+    stack.a[slot, :e, :ra] = w.experts[proj].a
+    stack.b[slot, :e, :, :ra] = w.experts[proj].b
+
+
+@torch.no_grad()
+def fill_lora(stack: LoRAStack, slot: int, adapter: MoleAdapter | None, layer: int,
+              proj: str) -> None:
+    """Put `adapter`'s plain LoRA of `proj` in row `slot` (zeros if it has none)."""
+    stack.a[slot].zero_()
+    stack.b[slot].zero_()
+    if adapter is None or proj not in adapter.layers[layer].lora:
+        _set_tables(stack, slot, None)
+        return
+    _set_tables(stack, slot, adapter)
+    ra = adapter.config.r
+    stack.a[slot, :ra] = adapter.layers[layer].lora[proj].a
+    stack.b[slot, :, :ra] = adapter.layers[layer].lora[proj].b
