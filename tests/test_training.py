@@ -101,6 +101,18 @@ def test_joint_training_equals_training_alone(world, tmp_path):
                                        rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_gradient_checkpointing_gives_the_same_training(world, tmp_path):
+    """Recomputed forwards must see the same adapter rows and dropout masks (p = 0.05)."""
+    a, b = spec(world, "rev", "mixlora", steps=3), spec(world, "up", "dynmole", steps=3)
+    plain = run(world, tmp_path / "plain", a, b)
+    checkpointed = run(world, tmp_path / "ckpt", a, b, gradient_checkpointing=True)
+    assert checkpointed.model.model.is_gradient_checkpointing
+    for name in ("rev", "up"):
+        for key, value in plain.model.adapters[name].params.items():
+            torch.testing.assert_close(checkpointed.model.adapters[name].params[key], value,
+                                       rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_saved_adapter_reloads_to_identical_logits(world, tmp_path):
     trainer = run(world, tmp_path, spec(world, "rev", "mixlora", steps=4),
                   spec(world, "up", "dynmole", steps=4))

@@ -11,7 +11,9 @@ The math is the reference's; tests hold the two equal.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import itertools
+import zlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +26,12 @@ from mole_serve.routing import route_config
 
 
 class AdapterParameters(nn.Module):
-    """One adapter's trainable tensors, laid out like `MoleAdapter` (fp32 Parameters), and
-    its own dropout RNG so its masks do not depend on which adapters share the batch."""
+    """One adapter's trainable tensors, laid out like `MoleAdapter` (fp32 Parameters).
+
+    LoRA dropout masks are a pure function of (adapter seed, step, site, call): they do not
+    depend on which adapters share the batch, and gradient checkpointing's recomputation
+    draws exactly the masks the first forward drew.
+    """
 
     def __init__(self, adapter: MoleAdapter, dropout_seed: int = 0):
         super().__init__()
@@ -35,17 +41,22 @@ class AdapterParameters(nn.Module):
             for key, tensor in _layer_tensors(index, layer):
                 self.params[key] = nn.Parameter(tensor.detach().clone().float())
         self.dropout_seed = dropout_seed
-        self.generator: torch.Generator | None = None
+        self.step = 0  # set by the trainer before each training forward
 
-    def dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """LoRA input dropout (training only), drawn from this adapter's generator."""
+    def dropout(self, *site) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The LoRA input dropout for one call site (None at inference or p = 0); each
+        call of the returned function draws a fresh, reproducible mask."""
         p = self.config.lora_dropout
         if not self.training or p <= 0:
-            return x
-        if self.generator is None or self.generator.device != x.device:
-            self.generator = torch.Generator(device=x.device).manual_seed(self.dropout_seed)
-        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=self.generator)
-        return x * keep / (1.0 - p)
+            return None
+        calls = itertools.count()
+
+        def drop(x: torch.Tensor) -> torch.Tensor:
+            seed = zlib.crc32(repr((self.dropout_seed, self.step, *site, next(calls))).encode())
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+            return x * keep / (1.0 - p)
+        return drop
 
     @torch.no_grad()
     def copy_from(self, adapter: MoleAdapter) -> None:
@@ -201,11 +212,11 @@ def linear_delta(x: torch.Tensor, proj: str, params: AdapterParameters, index: i
     layer, config = params.layer(index), params.config
     if proj in layer.routers:
         delta, logits = gated_delta_literal(x, layer.routers[proj], layer.experts[proj], config,
-                                            params.dropout)
+                                            params.dropout(index, proj))
         owner.record(params.name, logits)
         return delta
     if proj in layer.lora:
-        return lora_delta(x, layer.lora[proj], config.scaling, params.dropout)
+        return lora_delta(x, layer.lora[proj], config.scaling, params.dropout(index, proj))
     return None
 
 
@@ -252,7 +263,7 @@ def grouped_mixlora(x: torch.Tensor, g0: torch.Tensor, u0: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """MixLoRA experts for one adapter's tokens, grouped by expert. Returns the mixed
     intermediate (for the one shared W_d) and the summed weighted down-LoRA delta."""
-    layer, config, drop = params.layer(index), params.config, params.dropout
+    layer, config, drop = params.layer(index), params.config, params.dropout(index, "experts")
     s = config.scaling
     logits = F.linear(x.float(), layer.router)
     owner.record(params.name, logits)

@@ -131,10 +131,20 @@ class Trainer:
         batch = {k: v.to(device) for k, v in batch.items()}
         names = [run.spec.name for run, group in zip(active, groups) for _ in group]
         self.model.train()
+        for run in active:  # an adapter's dropout masks follow its own progress only
+            self.model.adapters[run.spec.name].step = run.micro_steps
         started = time.perf_counter()
+        # backward inside too: gradient checkpointing re-runs adapter forwards during it
         with self.model.rows(names, batch["attention_mask"]) as router_log:
             logits = self.model(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"]).logits
+            metrics = self._backward(logits, batch, active, groups, router_log)
+        return self._finish_step(active, metrics, int(batch["attention_mask"].sum()), started)
+
+    def _backward(self, logits: torch.Tensor, batch: dict, active: list[AdapterRun],
+                  groups: list, router_log) -> dict[str, dict]:
+        """Sum every adapter's loss (CE + router losses, over its accumulation) and
+        backpropagate once; returns per-adapter metrics."""
         total, metrics, start = 0.0, {}, 0
         for run, group in zip(active, groups):
             rows = slice(start, start + len(group))
@@ -150,7 +160,10 @@ class Trainer:
             metrics[run.spec.name] = {"loss": ce.item(), "aux": aux.item(),
                                       "load": expert_load(router_logits, config)}
         total.backward()
-        tokens = int(batch["attention_mask"].sum())
+        return metrics
+
+    def _finish_step(self, active: list[AdapterRun], metrics: dict, tokens: int,
+                     started: float) -> dict[str, float]:
         elapsed = time.perf_counter() - started
         for run in active:
             run.micro_steps += 1
@@ -217,8 +230,7 @@ class Trainer:
             name: {"optimizer": run.optimizer.state_dict(),
                    "scheduler": run.scheduler.state_dict(), "micro_steps": run.micro_steps,
                    "steps": run.steps, "batches_taken": run.batches_taken,
-                   "history": run.history,
-                   "dropout_rng": _rng_state(self.model.adapters[name].generator)}
+                   "history": run.history}
             for name, run in self.runs.items()}}
         torch.save(state, path / STATE_NAME)
         return path
@@ -243,14 +255,7 @@ class Trainer:
             for _ in range(saved["batches_taken"]):
                 next(run.stream)
             run.batches_taken = saved["batches_taken"]
-            if saved["dropout_rng"] is not None:
-                params.generator = torch.Generator().manual_seed(0)
-                params.generator.set_state(saved["dropout_rng"])
         print(f"resumed from {path} (micro-step {self.micro_step})")
-
-
-def _rng_state(generator: torch.Generator | None) -> torch.Tensor | None:
-    return None if generator is None else generator.get_state()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
