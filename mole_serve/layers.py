@@ -26,9 +26,10 @@ from torch import nn
 
 from .adapter import BaseShape, MoleAdapter, MoleLayer
 from .config import ATTENTION_PROJS, FFN_PROJS
+from .metrics import ENTROPY_BUCKETS
 from .reference import (gated_lora_delta, lora_stack_delta, mixlora_down_delta,
                         mixlora_experts, mixlora_route)
-from .routing import NUM_COLUMNS, routing_row
+from .routing import NUM_COLUMNS, NUM_EXPERTS, masked_softmax, route, routing_row
 from .stack import GatedLoRAStack, LoRAStack, MixLoRAStack
 
 if TYPE_CHECKING:
@@ -43,6 +44,27 @@ class SlotLimits:
     slots: int
     rank: int
     experts: int
+
+
+@dataclass(frozen=True)
+class TensorShard:
+    """This tensor-parallel rank's part of the adapters, split as vLLM splits the frozen
+    layers: q/k/v and gate/up are column-parallel (the rank holds rows `part(out)` of their
+    outputs), o and down row-parallel (columns `part(in)` of their inputs). So a rank keeps
+    the slice of the B factors of column-parallel projections (MixLoRA: the I-slice of the
+    gate/up B factors) and of the A factors of row-parallel ones (the I-slice of the down A
+    factors); routers, and factors that see full-size inputs or outputs, are replicated.
+    Each rank's o/down delta is a partial sum over its slice; the base projection's
+    all-reduce, deferred until the deltas are added (`model.py`), sums them up."""
+
+    rank: int = 0
+    world: int = 1
+
+    def part(self, full: int) -> slice:
+        if full % self.world:
+            raise ValueError(f"{full} does not split evenly over {self.world} ranks")
+        size = full // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
 
 
 class TokenSlots:
@@ -75,6 +97,78 @@ def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.zeros(*shape, dtype=dtype)
 
 
+class RoutingStats(nn.Module):
+    """Routing counters of one router, per slot, kept on the device.
+
+    `record` runs inside the forward and ends in a single scatter-add into one fixed-size
+    buffer: no host sync, no data-dependent shapes (CUDA-graph and compile safe), few
+    launches. `take` runs outside the forward (step boundary, slot change) and returns what
+    was added since its last call; the device counters only grow (until `reset_slot`), so
+    nothing in the forward waits for the host. float64 holds the integer counts exactly
+    (to 2**53) and the entropy sum in the same buffer.
+
+    Columns of a slot's row: expert selections [E], tokens by experts kept [E + 1],
+    tokens by entropy bucket [len(ENTROPY_BUCKETS) + 1, the last above 1 by rounding],
+    entropy sum [1].
+    """
+
+    def __init__(self, slots: int, experts: int, layer_index: int, router: str):
+        super().__init__()
+        self.layer_index = layer_index
+        self.router = router
+        self.experts = experts
+        columns = 2 * experts + 1 + len(ENTROPY_BUCKETS) + 1 + 1
+        self.register_buffer("counts", _zeros(slots, columns, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("entropy_bounds", torch.tensor(ENTROPY_BUCKETS), persistent=False)
+        self._exported: torch.Tensor | None = None
+
+    def record(self, x: torch.Tensor, slots: torch.Tensor, tables: "_SlotTables",
+               routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Count this batch's routing through `tables` (the router's slot buffers).
+        `routed`: (weights, ids) [T, k] when the caller has them; else routed again here."""
+        num_tokens, (num_slots, num_experts, hidden) = slots.shape[0], tables.router.shape
+        slot = slots.clamp(min=0)
+        used = ((slots >= 0) & tables.enabled[slot]).double()
+        # Every slot's router in one GEMM, then each token's row: cheaper than gathering
+        # a [T, E, H] router per token.
+        logits = (x.float() @ tables.router.reshape(-1, hidden).T).view(
+            num_tokens, num_slots, num_experts)
+        logits = logits.gather(1, slot.view(-1, 1, 1).expand(-1, 1, num_experts))[:, 0]
+        params = tables.routing[slot]
+        weights, ids = routed if routed is not None else route(logits, params, tables.k_max)
+        n = params[:, NUM_EXPERTS]
+        entropy = torch.special.entr(masked_softmax(logits, n.round().long())).sum(-1) \
+            / n.clamp_min(2).log()
+        entropy = torch.where(used > 0, entropy, 0.0)  # empty slots' rows are NaN
+        chosen = (weights > 0).double() * used[:, None]
+        row = (slot * self.counts.shape[1])[:, None]
+        E = self.experts
+        index = torch.cat([row + ids.long(),
+                           row + E + chosen.sum(1, keepdim=True).long(),
+                           row + 2 * E + 1 + torch.bucketize(entropy, self.entropy_bounds)[:, None],
+                           row + self.counts.shape[1] - 1], dim=1)
+        values = torch.cat([chosen, used[:, None], used[:, None], entropy.double()[:, None]],
+                           dim=1)
+        self.counts.view(-1).index_add_(0, index.view(-1), values.view(-1))
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """Per-slot counts added since the last call, on the host (outside the forward):
+        `selections` [S, E], `experts_per_token` [S, E + 1], `entropy_buckets` [S, B + 1]
+        (integers) and `entropy_sum` [S]."""
+        current = self.counts.to("cpu", copy=True)
+        added = current - (self._exported if self._exported is not None else 0)
+        self._exported = current
+        E, counts = self.experts, added[:, :-1].round().long()
+        return {"selections": counts[:, :E], "experts_per_token": counts[:, E:2 * E + 1],
+                "entropy_buckets": counts[:, 2 * E + 1:], "entropy_sum": added[:, -1]}
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget a slot's counts (its adapter left); `take` its counts first."""
+        self.counts[slot].zero_()
+        if self._exported is not None:
+            self._exported[slot].zero_()
+
 class _SlotTables(nn.Module):
     """Per-slot scaling, routing-table row and enabled flag shared by all stack kinds."""
 
@@ -93,9 +187,12 @@ class _SlotTables(nn.Module):
 class MixLoRABuffers(_SlotTables):
     """FFN-level experts of one layer (MixLoRA family), `MixLoRAStack` layout."""
 
-    def __init__(self, limits: SlotLimits, hidden: int, intermediate: int):
+    def __init__(self, limits: SlotLimits, hidden: int, intermediate: int,
+                 shard: TensorShard = TensorShard()):
         super().__init__(limits.slots)
-        S, E, r, H, I = limits.slots, limits.experts, limits.rank, hidden, intermediate
+        self.part = shard.part(intermediate)
+        S, E, r, H = limits.slots, limits.experts, limits.rank, hidden
+        I = intermediate // shard.world
         self.k_max = E
         for name, shape in (("router", (S, E, H)), ("gate_up_a", (S, E, 2 * r, H)),
                             ("gate_up_b", (S, E, 2, I, r)), ("down_a", (S, E, r, I)),
@@ -112,12 +209,12 @@ class MixLoRABuffers(_SlotTables):
         self.router[slot, :e] = layer.router
         if "gate_proj" in layer.experts:
             self.gate_up_a[slot, :e, :ra] = layer.experts["gate_proj"].a
-            self.gate_up_b[slot, :e, 0, :, :ra] = layer.experts["gate_proj"].b
+            self.gate_up_b[slot, :e, 0, :, :ra] = layer.experts["gate_proj"].b[:, self.part]
         if "up_proj" in layer.experts:
             self.gate_up_a[slot, :e, r:r + ra] = layer.experts["up_proj"].a
-            self.gate_up_b[slot, :e, 1, :, :ra] = layer.experts["up_proj"].b
+            self.gate_up_b[slot, :e, 1, :, :ra] = layer.experts["up_proj"].b[:, self.part]
         if "down_proj" in layer.experts:
-            self.down_a[slot, :e, :ra] = layer.experts["down_proj"].a
+            self.down_a[slot, :e, :ra] = layer.experts["down_proj"].a[:, :, self.part]
             self.down_b[slot, :e, :, :ra] = layer.experts["down_proj"].b
 
     def stack(self) -> MixLoRAStack:
@@ -128,26 +225,31 @@ class MixLoRABuffers(_SlotTables):
 class GatedLoRABuffers(_SlotTables):
     """Per-linear routed experts (DynMoLE) of one projection, `GatedLoRAStack` layout."""
 
-    def __init__(self, limits: SlotLimits, fan_in: int, fan_out: int):
+    def __init__(self, limits: SlotLimits, dims: "ShardDims"):
         super().__init__(limits.slots)
         S, E, r = limits.slots, limits.experts, limits.rank
         self.k_max = E
-        self.register_buffer("router", _zeros(S, E, fan_in), persistent=False)
-        self.register_buffer("a", _zeros(S, E, r, fan_in), persistent=False)
-        self.register_buffer("b", _zeros(S, E, fan_out, r), persistent=False)
+        self.dims = dims
+        self.register_buffer("router", _zeros(S, E, dims.local_in), persistent=False)
+        self.register_buffer("a", _zeros(S, E, r, dims.local_in), persistent=False)
+        self.register_buffer("b", _zeros(S, E, dims.local_out, r), persistent=False)
 
     def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None,
              proj: str) -> None:
         for buffer in (self.router, self.a, self.b):
             buffer[slot].zero_()
         uses = adapter is not None and adapter.config.is_per_linear and proj in layer.routers
+        if uses and self.dims.splits_input:
+            raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the whole "
+                             f"input, which tensor parallelism splits over ranks: not "
+                             f"supported")
         self.set_row(slot, adapter if uses else None)
         if not uses:
             return
         e, ra = adapter.config.num_experts, adapter.config.r
         self.router[slot, :e] = layer.routers[proj]
         self.a[slot, :e, :ra] = layer.experts[proj].a
-        self.b[slot, :e, :, :ra] = layer.experts[proj].b
+        self.b[slot, :e, :, :ra] = layer.experts[proj].b[:, self.dims.out_part]
 
     def stack(self) -> GatedLoRAStack:
         return GatedLoRAStack(self.router, self.a, self.b, self.scaling, self.routing,
@@ -157,11 +259,12 @@ class GatedLoRABuffers(_SlotTables):
 class LoRABuffers(_SlotTables):
     """Plain per-slot LoRA (MixLoRA's attention adapters) of one projection."""
 
-    def __init__(self, limits: SlotLimits, fan_in: int, fan_out: int):
+    def __init__(self, limits: SlotLimits, dims: "ShardDims"):
         super().__init__(limits.slots)
         S, r = limits.slots, limits.rank
-        self.register_buffer("a", _zeros(S, r, fan_in), persistent=False)
-        self.register_buffer("b", _zeros(S, fan_out, r), persistent=False)
+        self.dims = dims
+        self.register_buffer("a", _zeros(S, r, dims.local_in), persistent=False)
+        self.register_buffer("b", _zeros(S, dims.local_out, r), persistent=False)
 
     def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None,
              proj: str) -> None:
@@ -171,8 +274,8 @@ class LoRABuffers(_SlotTables):
         self.set_row(slot, adapter if uses else None)
         if uses:
             ra = adapter.config.r
-            self.a[slot, :ra] = layer.lora[proj].a
-            self.b[slot, :, :ra] = layer.lora[proj].b
+            self.a[slot, :ra] = layer.lora[proj].a[:, self.dims.in_part]
+            self.b[slot, :, :ra] = layer.lora[proj].b[self.dims.out_part]
 
     def stack(self) -> LoRAStack:
         return LoRAStack(self.a, self.b, self.scaling, self.enabled)
@@ -183,12 +286,37 @@ def add_where(base: torch.Tensor, delta: torch.Tensor, uses: torch.Tensor) -> to
     return torch.where(uses[:, None], (base.float() + delta).to(base.dtype), base)
 
 
+ROW_PARALLEL = ("o_proj", "down_proj")  # vLLM splits their inputs; the rest their outputs
+
+
+@dataclass(frozen=True)
+class ShardDims:
+    """A projection's slices on this rank (`TensorShard`): one of them is the full range."""
+
+    in_part: slice
+    out_part: slice
+    local_in: int
+    local_out: int
+    splits_input: bool  # row-parallel over several ranks: a router cannot see the input
+
+    @classmethod
+    def of(cls, base: BaseShape, proj: str, shard: TensorShard) -> "ShardDims":
+        fan_in, fan_out = base.in_out(proj)
+        if proj in ROW_PARALLEL:
+            in_part, out_part = shard.part(fan_in), slice(None)
+        else:
+            in_part, out_part = slice(None), shard.part(fan_out)
+        return cls(in_part, out_part, len(range(fan_in)[in_part]),
+                   len(range(fan_out)[out_part]), proj in ROW_PARALLEL and shard.world > 1)
+
+
 class ProjectionAdapters(nn.Module):
     """Slot buffers of one decoder layer's projections `projs`, and the deltas they add:
     DynMoLE's routed experts on every projection, MixLoRA's plain LoRA on attention ones."""
 
     def __init__(self, limits: SlotLimits, base: BaseShape, layer_index: int,
-                 token_slots: TokenSlots, projs: tuple[str, ...], use_kernels: bool):
+                 token_slots: TokenSlots, projs: tuple[str, ...], use_kernels: bool,
+                 routing_stats: bool = True, shard: TensorShard = TensorShard()):
         super().__init__()
         self.layer_index = layer_index
         self.token_slots = token_slots
@@ -196,16 +324,21 @@ class ProjectionAdapters(nn.Module):
         self.use_kernels = use_kernels
         # Keyed "q", "o", "down"...: a submodule named like a projection ("o_proj") would
         # match vLLM's --lora-target-modules filter and be offered for LoRA wrapping.
-        self.gated = nn.ModuleDict({_key(p): GatedLoRABuffers(limits, *base.in_out(p))
+        self.gated = nn.ModuleDict({_key(p): GatedLoRABuffers(limits, ShardDims.of(base, p, shard))
                                     for p in projs})
-        self.lora = nn.ModuleDict({_key(p): LoRABuffers(limits, *base.in_out(p))
+        self.lora = nn.ModuleDict({_key(p): LoRABuffers(limits, ShardDims.of(base, p, shard))
                                    for p in projs if p in ATTENTION_PROJS})
+        self.gated_stats = nn.ModuleDict(
+            {_key(p): RoutingStats(limits.slots, limits.experts, layer_index, p)
+             for p in projs} if routing_stats else {})
 
     def fill(self, slot: int, adapter: MoleAdapter | None) -> None:
         """Load `adapter`'s weights for this layer into `slot` (None empties the slot)."""
         layer = None if adapter is None else adapter.layers[self.layer_index]
         for key, buffers in self.gated.items():
             buffers.fill(slot, adapter, layer, f"{key}_proj")
+        for stats in self.gated_stats.values():
+            stats.reset_slot(slot)
         mixlora = None if adapter is None or adapter.config.is_per_linear else adapter
         for key, buffers in self.lora.items():
             buffers.fill(slot, mixlora, layer, f"{key}_proj")
@@ -231,26 +364,41 @@ class ProjectionAdapters(nn.Module):
                 # As a one-expert routed stack: the form the kernels run (a pure function,
                 # so nothing is cached in the module and the forward stays trace-friendly).
                 kernels.gated_lora_(y, x, batch.plan, kernels.as_gated(self.lora[key].stack()))
-            kernels.gated_lora_(y, x, batch.plan, self.gated[key].stack())
+            routing = kernels.gated_lora_(y, x, batch.plan, self.gated[key].stack())
+            if key in self.gated_stats:
+                self.gated_stats[key].record(x, batch.slots, self.gated[key],
+                                             (routing.weights, routing.ids))
             return y
         if key in self.lora:
             y = add_where(y, *lora_stack_delta(x, batch.slots, self.lora[key].stack()))
+        if key in self.gated_stats:
+            # The reference delta does not return its routing: routed again for the counts.
+            self.gated_stats[key].record(x, batch.slots, self.gated[key])
         return add_where(y, *gated_lora_delta(x, batch.slots, self.gated[key].stack()))
+
+    def routing_stats(self) -> list[RoutingStats]:
+        return list(self.gated_stats.values())
 
 
 class FFNAdapters(ProjectionAdapters):
     """The FFN's slot buffers: DynMoLE on gate/up/down plus MixLoRA's FFN-level experts."""
 
     def __init__(self, limits: SlotLimits, base: BaseShape, layer_index: int,
-                 token_slots: TokenSlots, use_kernels: bool):
-        super().__init__(limits, base, layer_index, token_slots, FFN_PROJS, use_kernels)
-        self.mixlora = MixLoRABuffers(limits, base.hidden, base.intermediate)
+                 token_slots: TokenSlots, use_kernels: bool, routing_stats: bool = True,
+                 shard: TensorShard = TensorShard()):
+        super().__init__(limits, base, layer_index, token_slots, FFN_PROJS, use_kernels,
+                         routing_stats, shard)
+        self.mixlora = MixLoRABuffers(limits, base.hidden, base.intermediate, shard)
+        self.mixlora_stats = (RoutingStats(limits.slots, limits.experts, layer_index, "ffn")
+                              if routing_stats else None)
 
     def fill(self, slot: int, adapter: MoleAdapter | None) -> None:
         super().fill(slot, adapter)
         uses = adapter is not None and not adapter.config.is_per_linear
         self.mixlora.fill(slot, adapter if uses else None,
                           adapter.layers[self.layer_index] if uses else None)
+        if self.mixlora_stats is not None:
+            self.mixlora_stats.reset_slot(slot)
 
     def mix_experts(self, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
                     batch: SlotBatch) -> tuple[torch.Tensor, tuple]:
@@ -260,11 +408,20 @@ class FFNAdapters(ProjectionAdapters):
         if self.use_kernels:
             kernels = _kernels()
             routing = kernels.mixlora_route(x, batch.plan, stack)
+            if self.mixlora_stats is not None:
+                self.mixlora_stats.record(x, batch.slots, self.mixlora,
+                                          (routing.weights, routing.ids))
             partials = kernels.mixlora_experts_(h, g, u, routing, batch.plan, stack)
             return h, (routing, partials)
         weights, ids, uses = mixlora_route(x, batch.slots, stack)
+        if self.mixlora_stats is not None:
+            self.mixlora_stats.record(x, batch.slots, self.mixlora, (weights, ids))
         mixed, down_shrink = mixlora_experts(g, u, x, batch.slots, weights, ids, stack)
         return torch.where(uses[:, None], mixed.to(h.dtype), h), (down_shrink, weights, ids, uses)
+
+    def routing_stats(self) -> list[RoutingStats]:
+        own = [] if self.mixlora_stats is None else [self.mixlora_stats]
+        return super().routing_stats() + own
 
     def add_down_delta(self, y: torch.Tensor, batch: SlotBatch, routed: tuple) -> torch.Tensor:
         """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens."""

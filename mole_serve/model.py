@@ -25,7 +25,8 @@ from . import metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
 from .config import ATTENTION_PROJS
 from .errors import AdapterError
-from .layers import FFNAdapters, ProjectionAdapters, SlotLimits, TokenSlots
+from .layers import (ROW_PARALLEL, FFNAdapters, ProjectionAdapters, SlotLimits, TensorShard,
+                     TokenSlots)
 
 
 class MoleLlamaAttention(LlamaAttention):
@@ -42,10 +43,10 @@ class MoleLlamaAttention(LlamaAttention):
                        for y, proj in zip((q, k, v), ("q_proj", "k_proj", "v_proj")))
         q, k = self.rotary_emb(positions, q, k)
         attn_output = self.attn(q, k, v)
-        output, _ = self.o_proj(attn_output)
+        output, _ = self.o_proj(attn_output)  # all-reduce deferred: see MoleLlamaDecoderLayer
         if batch is not None:
             output = self.mole.project(output, attn_output, batch, "o_proj")
-        return output
+        return vllm_compat.tensor_parallel_all_reduce(output)
 
 
 class MoleLlamaMLP(nn.Module):
@@ -60,6 +61,10 @@ class MoleLlamaMLP(nn.Module):
             prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(input_size=intermediate_size, output_size=hidden_size,
                                            bias=bias, prefix=f"{prefix}.down_proj")
+        # Reduced in forward, after the adapters' deltas: with tensor parallelism each rank's
+        # down delta is a partial sum over its I-slice (layers.TensorShard), and the base
+        # all-reduce adds those up with the frozen projection's partial sums.
+        vllm_compat.defer_all_reduce(self.down_proj)
         self.act_fn = SiluAndMul()
         self.mole = adapters
 
@@ -68,7 +73,7 @@ class MoleLlamaMLP(nn.Module):
         batch = self.mole.slot_batch(x.shape[0])
         if batch is None:
             y, _ = self.down_proj(self.act_fn(gate_up))
-            return y
+            return vllm_compat.tensor_parallel_all_reduce(y)
         g, u = gate_up.chunk(2, dim=-1)
         g = self.mole.project(g, x, batch, "gate_proj")
         u = self.mole.project(u, x, batch, "up_proj")
@@ -76,23 +81,27 @@ class MoleLlamaMLP(nn.Module):
         h, routed = self.mole.mix_experts(h, g, u, x, batch)
         y, _ = self.down_proj(h)
         y = self.mole.project(y, h, batch, "down_proj")
-        return self.mole.add_down_delta(y, batch, routed)
+        return vllm_compat.tensor_parallel_all_reduce(self.mole.add_down_delta(y, batch, routed))
 
 
 class MoleLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, *,
                  limits: SlotLimits, base: BaseShape, token_slots: TokenSlots,
-                 use_kernels: bool):
+                 use_kernels: bool, routing_stats: bool, shard: TensorShard):
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config,
                          attn_layer_type=MoleLlamaAttention)
         config = config or vllm_config.model_config.hf_config
         layer_index = extract_layer_index(prefix)
+        # With tensor parallelism each rank's o_proj delta is a partial sum (TensorShard):
+        # add it before the base all-reduce, as the MLP does with down_proj.
+        vllm_compat.defer_all_reduce(self.self_attn.o_proj)
         self.self_attn.mole = ProjectionAdapters(limits, base, layer_index, token_slots,
-                                                 ATTENTION_PROJS, use_kernels)
+                                                 ATTENTION_PROJS, use_kernels, routing_stats,
+                                                 shard)
         self.mlp = MoleLlamaMLP(config.hidden_size, config.intermediate_size,
                                 bias=getattr(config, "mlp_bias", False), prefix=f"{prefix}.mlp",
                                 adapters=FFNAdapters(limits, base, layer_index, token_slots,
-                                                     use_kernels))
+                                                     use_kernels, routing_stats, shard))
 
 
 class MoleLlamaForCausalLM(LlamaForCausalLM):
@@ -103,20 +112,33 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         config = vllm_config.model_config.hf_config
         if vllm_config.quant_config is not None:
             raise ValueError("MoLE serving supports unquantized base models only")
-        if vllm_compat.tensor_parallel_size() != 1:
-            raise ValueError("MoLE serving does not support tensor parallelism yet")
+        shard = vllm_compat.tensor_parallel_shard()
+        if config.num_key_value_heads % shard.world:
+            # vLLM then replicates k/v heads over ranks; our slices assume an even split.
+            raise ValueError(f"MoLE serving with tensor parallelism needs the KV heads "
+                             f"({config.num_key_value_heads}) to split evenly over "
+                             f"{shard.world} ranks")
         if config.hidden_act != "silu":
             raise ValueError(f"MoLE serving needs a SiLU MLP; found {config.hidden_act!r}")
         slots, rank, experts = vllm_compat.slot_capacity(vllm_config)
+        settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)
         token_slots = TokenSlots(slots)
         # Triton kernels with CUDA; on CPU Triton only runs interpreted: the reference math.
         layer_type = functools.partial(MoleLlamaDecoderLayer, base=base, token_slots=token_slots,
                                        limits=SlotLimits(slots, rank, experts),
-                                       use_kernels=torch.cuda.is_available())
+                                       use_kernels=torch.cuda.is_available(),
+                                       # every rank routes alike: the first one counts
+                                       routing_stats=settings.routing_metrics
+                                       and shard.rank == 0, shard=shard)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.mole_vllm_config = vllm_config
         self.mole_token_slots = token_slots
+        self.mole_metrics_interval_s = settings.metrics_interval_s
+        self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
+        self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
+        self.mole_tensor_parallel = shard.world
+        self._mole_last_export = time.monotonic()
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
@@ -127,18 +149,61 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
 
     def load_mole_adapter(self, path: str, name: str) -> MoleAdapter:
         """Read a MoLE adapter dir for this model and the server's limits (worker side)."""
-        start = time.perf_counter()
         try:
             adapter = vllm_compat.load_served_adapter(path, name, self.mole_vllm_config)
+            self._check_shardable(adapter)
+            return adapter
         except AdapterError:
-            metrics.adapter_rejected("engine")
+            if self.mole_reports_metrics:
+                metrics.adapter_rejected("engine")
             raise
-        metrics.adapter_loaded(adapter.config.routing_strategy, time.perf_counter() - start)
-        return adapter
 
-    def set_mole_slot(self, slot: int, adapter: MoleAdapter | None) -> None:
-        """Copy `adapter` into slot `slot` of every layer (None empties it)."""
+    def _check_shardable(self, adapter: MoleAdapter) -> None:
+        """A per-linear router on a row-parallel projection (o_proj, down_proj) would need
+        the whole input, which tensor parallelism splits over ranks (layers.TensorShard)."""
+        split = [p for p in ROW_PARALLEL if p in adapter.config.target_modules]
+        if self.mole_tensor_parallel > 1 and adapter.config.is_per_linear and split:
+            raise AdapterError(adapter.name, "adapter_config.json:target_modules",
+                               f"no per-linear router on {list(ROW_PARALLEL)} with tensor "
+                               f"parallelism ({self.mole_tensor_parallel} ranks)",
+                               f"routers on {split}")
+
+    def set_mole_slot(self, slot: int, adapter: MoleAdapter | None, name: str | None) -> None:
+        """Copy `adapter` into slot `slot` of every layer (None empties it; a plain LoRA
+        adapter `name` gets an empty MoLE slot). The slot's routing counts are exported
+        first: they belong to the adapter that leaves."""
+        self.export_routing_metrics()
+        leaving = self.mole_slot_names[slot]
+        if self.mole_reports_metrics and leaving is not None and leaving != name:
+            metrics.adapter_evicted(leaving, "slot")
+        self.mole_slot_names[slot] = name
         for module in self.modules():
             if isinstance(module, ProjectionAdapters):
                 module.fill(slot, adapter)
-        metrics.slot_filled()
+        if self.mole_reports_metrics:
+            metrics.slot_filled()
+
+    def maybe_export_routing_metrics(self) -> None:
+        """At a step boundary: export when `metrics_interval_s` has passed. The copy to the
+        host waits for the device, so it is rate-limited rather than done every step."""
+        if time.monotonic() - self._mole_last_export >= self.mole_metrics_interval_s:
+            self.export_routing_metrics()
+
+    def export_routing_metrics(self) -> None:
+        """Add every router's per-slot counts since the last export to the Prometheus
+        series of the adapter in that slot (outside the forward)."""
+        self._mole_last_export = time.monotonic()
+        for module in self.modules():
+            if not isinstance(module, ProjectionAdapters):
+                continue
+            for stats in module.routing_stats():
+                counts = stats.take()
+                for slot, name in enumerate(self.mole_slot_names):
+                    if name is None or not counts["experts_per_token"][slot].any():
+                        continue
+                    metrics.routing_observed(
+                        name, stats.layer_index, stats.router,
+                        counts["selections"][slot].tolist(),
+                        counts["experts_per_token"][slot].tolist(),
+                        counts["entropy_buckets"][slot].tolist(),
+                        float(counts["entropy_sum"][slot]))

@@ -25,6 +25,14 @@ E*r) would need converting first; the per-token routing still has to run between
 and expand in our own code; and the extra wrapped modules cost a LoRA pass each.
 Route (B) reads the peers' checkpoints as they are, with a few small, version-pinned wraps.
 
+Metrics (`mole_serve.metrics`): `OutputProcessor.process_outputs` (API-server process) is
+wrapped to count requests and generated tokens per adapter; adapter loads, evictions
+(`AdapterLRUCache._on_remove`, slot deactivation) are counted by the hooks above; and
+`WorkerLoRAManager.set_active_adapters`, which runs at every step boundary before the
+forward, exports the routing counts the layers keep on the device. `vllm serve
+--enable-mole-adapters` without `PROMETHEUS_MULTIPROC_DIR` gets a fresh one, so worker-side
+series reach `/metrics` (`use_multiprocess_metrics`).
+
 Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags), the CPU
 LoRA -1 slot bug fix, and the per-token slot buffer of the punica wrapper.
 """
@@ -32,9 +40,12 @@ LoRA -1 slot bug fix, and the per-token slot buffer of the punica wrapper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
@@ -46,6 +57,7 @@ from .adapter import BaseShape, MoleAdapter
 from .checkpoint import is_mole_adapter_dir, load_adapter
 from .config import AdapterLimits
 from .errors import AdapterError
+from .layers import TensorShard
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +71,8 @@ MOLE_MODEL_CLASS = "mole_serve.model:MoleLlamaForCausalLM"
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _PATCHED = "_mole_serve_patched"
 _MOLE_ATTRIBUTE = "mole_adapter"  # set on the LoRAModel that carries a MoleAdapter
-# peft_type values we serve ourselves; everything else (plain "LORA") stays vLLM's.
+_NAME_ATTRIBUTE = "mole_serve_name"  # set on every LoRAModel we see loaded: metric labels
+_SETTING_KEYS = {"enabled", "max_experts", "routing_metrics", "metrics_interval_s"}
 
 
 # -- settings carried to every process ---------------------------------------------------------
@@ -69,25 +82,35 @@ class ServeSettings:
 
     enabled: bool = False
     max_experts: int = DEFAULT_MAX_EXPERTS
+    routing_metrics: bool = True       # per-adapter routing counts (layers.RoutingStats)
+    metrics_interval_s: float = 1.0    # at most one routing-count export per interval
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "ServeSettings":
         section = additional_config.get(MOLE_KEY) if isinstance(additional_config, dict) else None
         if not isinstance(section, dict):
             return cls()
-        unknown = set(section) - {"enabled", "max_experts"}
+        unknown = set(section) - _SETTING_KEYS
         if unknown:
             raise ValueError(f"--additional-config {MOLE_KEY}: unknown keys {sorted(unknown)}; "
-                             "expected 'enabled' and 'max_experts'")
+                             f"expected some of {sorted(_SETTING_KEYS)}")
         max_experts = section.get("max_experts", DEFAULT_MAX_EXPERTS)
         if not isinstance(max_experts, int) or max_experts < 1:
             raise ValueError(f"--additional-config {MOLE_KEY}.max_experts: expected an integer "
                              f">= 1, found {max_experts!r}")
-        return cls(enabled=bool(section.get("enabled", False)), max_experts=max_experts)
+        interval = section.get("metrics_interval_s", cls.metrics_interval_s)
+        if not isinstance(interval, (int, float)) or interval < 0:
+            raise ValueError(f"--additional-config {MOLE_KEY}.metrics_interval_s: expected "
+                             f"seconds >= 0, found {interval!r}")
+        return cls(enabled=bool(section.get("enabled", False)), max_experts=max_experts,
+                   routing_metrics=bool(section.get("routing_metrics", True)),
+                   metrics_interval_s=float(interval))
 
     def merged_into(self, additional_config: Any) -> dict:
         merged = dict(additional_config) if isinstance(additional_config, dict) else {}
-        merged[MOLE_KEY] = {"enabled": self.enabled, "max_experts": self.max_experts}
+        merged[MOLE_KEY] = {"enabled": self.enabled, "max_experts": self.max_experts,
+                            "routing_metrics": self.routing_metrics,
+                            "metrics_interval_s": self.metrics_interval_s}
         return merged
 
 
@@ -155,6 +178,7 @@ def _apply_settings(engine_args: Any) -> None:
     """What --enable-mole-adapters implies, applied before vLLM builds its config."""
     if not ServeSettings.from_additional_config(engine_args.additional_config).enabled:
         return
+    install_request_metrics()  # this process runs the output processor
     engine_args.enable_lora = True
     if not isinstance(engine_args.hf_overrides, UseMoleArchitecture):
         engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides)
@@ -197,8 +221,10 @@ def add_cli_flags() -> None:
     def from_cli_args_with_mole(cls, args):
         engine_args = from_cli_args(cls, args)
         if getattr(args, "enable_mole_adapters", False):
+            use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
             current = ServeSettings.from_additional_config(engine_args.additional_config)
-            settings = ServeSettings(True, args.max_mole_experts or current.max_experts)
+            settings = dataclasses.replace(
+                current, enabled=True, max_experts=args.max_mole_experts or current.max_experts)
             engine_args.additional_config = settings.merged_into(engine_args.additional_config)
         return engine_args
 
@@ -216,34 +242,53 @@ def add_cli_flags() -> None:
 # -- adapter loading and slots (route B) -------------------------------------------------------
 def install_adapter_hooks() -> None:
     from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.model_manager import AdapterLRUCache, LoRAModelManager
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     if getattr(WorkerLoRAManager._load_adapter, _PATCHED, False):
         return
     load = WorkerLoRAManager._load_adapter
+    set_active = WorkerLoRAManager.set_active_adapters
     activate = LoRAModelManager.activate_adapter
     deactivate = LoRAModelManager._deactivate_adapter
     merge = LoRAModelManager._create_merged_loras_inplace
+    on_remove = AdapterLRUCache._on_remove
 
     @functools.wraps(load)
     def load_with_mole(self, lora_request):
         model = self._adapter_manager.model
         path = get_adapter_absolute_path(lora_request.lora_path)
+        start = time.perf_counter()
         if not (hasattr(model, "set_mole_slot") and is_mole_adapter_dir(path)):
-            return load(self, lora_request)
-        adapter = model.load_mole_adapter(path, lora_request.lora_name)
-        carrier = LoRAModel(lora_request.lora_int_id, adapter.config.r, loras={})
-        setattr(carrier, _MOLE_ATTRIBUTE, adapter)
-        return carrier
+            loaded, strategy = load(self, lora_request), "lora"
+        else:
+            adapter = model.load_mole_adapter(path, lora_request.lora_name)
+            loaded = LoRAModel(lora_request.lora_int_id, adapter.config.r, loras={})
+            setattr(loaded, _MOLE_ATTRIBUTE, adapter)
+            strategy = adapter.config.routing_strategy
+        if getattr(model, "mole_reports_metrics", True):
+            metrics.adapter_loaded(lora_request.lora_name, strategy,
+                                   time.perf_counter() - start)
+        setattr(loaded, _NAME_ATTRIBUTE, lora_request.lora_name)
+        return loaded
+
+    @functools.wraps(set_active)
+    def set_active_and_export(self, requests, mapping):
+        set_active(self, requests, mapping)
+        model = self._adapter_manager.model
+        if hasattr(model, "maybe_export_routing_metrics"):  # a step boundary: not in a forward
+            with _sync_allowed():  # the rate-limited copy of the counters to the host
+                model.maybe_export_routing_metrics()
 
     @functools.wraps(activate)
     def activate_with_mole(self, lora_id):
         activated = activate(self, lora_id)
         if activated and hasattr(self.model, "set_mole_slot"):
-            adapter = getattr(self._registered_adapters[lora_id], _MOLE_ATTRIBUTE, None)
-            self.model.set_mole_slot(self.lora_index_to_id.index(lora_id), adapter)
+            loaded = self._registered_adapters[lora_id]
+            self.model.set_mole_slot(self.lora_index_to_id.index(lora_id),
+                                     getattr(loaded, _MOLE_ATTRIBUTE, None),
+                                     getattr(loaded, _NAME_ATTRIBUTE, None))
         return activated
 
     @functools.wraps(deactivate)
@@ -251,18 +296,80 @@ def install_adapter_hooks() -> None:
         slot = self.lora_index_to_id.index(lora_id) if lora_id in self.lora_index_to_id else None
         deactivate(self, lora_id)
         if slot is not None and hasattr(self.model, "set_mole_slot"):
-            self.model.set_mole_slot(slot, None)
+            self.model.set_mole_slot(slot, None, None)
 
     @functools.wraps(merge)
     def merge_unless_mole(self, lora_model):
         if not hasattr(lora_model, _MOLE_ATTRIBUTE):  # a MoLE carrier has no LoRA weights
             merge(self, lora_model)
 
+    @functools.wraps(on_remove)
+    def on_remove_counted(self, key, value):
+        # The CPU cache of LoRAModels (not the slots' cache), counted on the first rank.
+        if hasattr(value, _NAME_ATTRIBUTE) and tensor_parallel_shard().rank == 0:
+            metrics.adapter_evicted(getattr(value, _NAME_ATTRIBUTE), "cpu_cache")
+        return on_remove(self, key, value)
+
     setattr(load_with_mole, _PATCHED, True)
     WorkerLoRAManager._load_adapter = load_with_mole
+    WorkerLoRAManager.set_active_adapters = set_active_and_export
     LoRAModelManager._create_merged_loras_inplace = merge_unless_mole
     LoRAModelManager.activate_adapter = activate_with_mole
     LoRAModelManager._deactivate_adapter = deactivate_with_mole
+    AdapterLRUCache._on_remove = on_remove_counted
+
+
+def _sync_allowed():
+    """vLLM's GPU-sync debug checker (0.32) must not report our deliberate step-boundary
+    sync; 0.26 has no checker."""
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def install_request_metrics() -> None:
+    """Count finished requests and generated tokens per adapter where vLLM turns engine
+    outputs into request outputs (the API-server process, or the `vllm.LLM` process)."""
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    process = OutputProcessor.process_outputs
+    if getattr(process, _PATCHED, False):
+        return
+
+    @functools.wraps(process)
+    def process_and_count(self, engine_core_outputs, *args, **kwargs):
+        for output in engine_core_outputs:
+            state = self.request_states.get(output.request_id)
+            if state is None:  # aborted
+                continue
+            if output.new_token_ids:
+                metrics.tokens_generated(state.lora_name, len(output.new_token_ids))
+            if output.finish_reason is not None:
+                metrics.request_finished(state.lora_name)
+        return process(self, engine_core_outputs, *args, **kwargs)
+
+    setattr(process_and_count, _PATCHED, True)
+    OutputProcessor.process_outputs = process_and_count
+
+
+def use_multiprocess_metrics() -> None:
+    """Give `vllm serve` a fresh `PROMETHEUS_MULTIPROC_DIR` when the user set none, so the
+    worker's series (loads, routing) reach `/metrics`. vLLM's own helper makes the temporary
+    directory (removed at exit; vLLM's shutdown marks the process dead) and exports the
+    variable, which the engine and worker processes spawned later inherit. This process
+    imported prometheus_client before any plugin ran, and prometheus_client picks its value
+    storage at import, so it is switched here too: no metric exists yet at this point
+    (vLLM makes its own when it builds the engine client; ours are made on first use)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    from prometheus_client import values
+    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+
+    setup_multiprocess_prometheus()
+    values.ValueClass = values.get_value_class()
 
 
 def install_api_validation() -> None:
@@ -307,9 +414,22 @@ def token_slot_buffer(model: torch.nn.Module) -> torch.Tensor | None:
     return manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY]._token_lora_indices
 
 
-def tensor_parallel_size() -> int:
-    from vllm.distributed import get_tensor_model_parallel_world_size
-    return get_tensor_model_parallel_world_size()
+def tensor_parallel_shard() -> TensorShard:
+    from vllm.distributed import (get_tensor_model_parallel_rank,
+                                  get_tensor_model_parallel_world_size)
+    return TensorShard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+
+
+def defer_all_reduce(row_parallel: torch.nn.Module) -> None:
+    """Make a `RowParallelLinear` return its partial sums (the caller all-reduces after
+    adding the adapters' partial deltas). vLLM's LoRA wrapper reads the same flag."""
+    row_parallel.reduce_results = False
+
+
+def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over tensor-parallel ranks (returns `x` itself with one rank)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    return tensor_model_parallel_all_reduce(x)
 
 
 # -- the CPU LoRA -1 slot bug ------------------------------------------------------------------

@@ -64,7 +64,8 @@ def engine(workspace):
                   distributed_executor_backend="uni", max_model_len=128,
                   max_num_batched_tokens=256, max_num_seqs=8, seed=0,
                   max_lora_rank=8, max_loras=2, max_cpu_loras=2,
-                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
+                  additional_config={"mole": {"enabled": True, "max_experts": 4,
+                                              "metrics_interval_s": 0}})
         requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
                     for i, name in enumerate(ADAPTERS)}
         yield llm, requests
@@ -124,3 +125,57 @@ def test_malformed_mole_adapter_is_refused_and_engine_keeps_serving(engine, expe
         llm.llm_engine.add_lora(LoRARequest("bad-dynmole", 99, str(bad)))
     jobs = [(None, 0), ("dynmole", 1)]
     assert generate(engine, jobs) == [expected[job] for job in jobs]
+
+
+def metric_total(name: str, **labels: str) -> float:
+    """Sum of the in-process registry's samples `name` whose labels include `labels`."""
+    from prometheus_client import REGISTRY
+    return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
+def test_metrics_count_requests_tokens_routing_and_evictions(engine, expected):
+    """Requests, tokens and routing per adapter, counted in the engine (routing on the
+    device, exported at the next step boundary: the trailing base request)."""
+    names = ("mixlora", "dynmole", "peft", "(base)")
+    series = {
+        "requests": lambda a: metric_total("mole_serve_requests_total", adapter=a),
+        "tokens": lambda a: metric_total("mole_serve_generated_tokens_total", adapter=a),
+        "routed": lambda a: metric_total("mole_serve_experts_per_token_count", adapter=a),
+        "experts": lambda a: metric_total("mole_serve_experts_per_token_sum", adapter=a),
+        "entropy": lambda a: metric_total("mole_serve_routing_entropy_count", adapter=a),
+        "ffn_selections": lambda a: metric_total("mole_serve_expert_selections_total",
+                                                 adapter=a, router="ffn"),
+        "slot_evictions": lambda a: metric_total("mole_serve_adapter_evictions_total",
+                                                 place="slot"),
+    }
+    generate(engine, [(None, 0)])  # exports what earlier tests' last step left
+    before = {(key, a): f(a) for key, f in series.items() for a in names}
+    for name in ADAPTERS:  # one at a time: 3 adapters through 2 slots evicts one
+        jobs = [(name, i) for i in range(len(PROMPTS))]
+        assert generate(engine, jobs) == [expected[job] for job in jobs]
+    assert generate(engine, [(None, 0)]) == [expected[(None, 0)]]
+    delta = {(key, a): f(a) - before[(key, a)] for key, f in series.items() for a in names}
+
+    for name in ADAPTERS:
+        assert delta[("requests", name)] == len(PROMPTS)
+        assert delta[("tokens", name)] == len(PROMPTS) * MAX_TOKENS
+    assert delta[("requests", "(base)")] == 1 and delta[("tokens", "(base)")] == MAX_TOKENS
+    # Every token through every layer is routed once per router: MixLoRA's FFN router
+    # (top-2 of 4: mean exactly 2 experts); DynMoLE's six per-linear routers.
+    tokens = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (MAX_TOKENS - 1)
+    assert delta[("routed", "mixlora")] == 2 * tokens
+    assert delta[("experts", "mixlora")] == 2 * delta[("routed", "mixlora")]
+    assert delta[("ffn_selections", "mixlora")] == delta[("experts", "mixlora")]
+    assert delta[("routed", "dynmole")] == 2 * 6 * tokens
+    assert 1 <= delta[("experts", "dynmole")] / delta[("routed", "dynmole")] <= 3
+    assert delta[("ffn_selections", "dynmole")] == 0, "DynMoLE has no FFN router"
+    for name in ("mixlora", "dynmole"):
+        assert delta[("entropy", name)] == delta[("routed", name)]
+    for name in ("peft", "(base)"):
+        assert delta[("routed", name)] == 0
+    assert delta[("slot_evictions", "mixlora")] >= 1
+    assert metric_total("mole_serve_adapter_loads_total", adapter="dynmole",
+                        strategy="dynmole") >= 1
+    assert metric_total("mole_serve_adapter_loads_total", adapter="peft", strategy="lora") >= 1
+    assert metric_total("mole_serve_adapter_evictions_total", place="cpu_cache") >= 1

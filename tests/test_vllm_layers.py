@@ -83,3 +83,126 @@ def test_base_and_other_adapters_tokens_are_untouched(backend):
     dynmole_rows = slots.eq(1)          # MixLoRA's FFN experts are not a per-linear delta
     assert torch.equal(out[~dynmole_rows], u0[~dynmole_rows])
     assert not torch.isclose(out[dynmole_rows], u0[dynmole_rows]).all()
+
+
+def routing_counts(x, slots, adapter, slot, layer=1):
+    """Per-token loop: (expert selection counts, experts-per-token counts, entropies) of the
+    MixLoRA FFN router of `adapter` for the tokens in `slot`."""
+    from mole_serve.routing import route_config
+    config, router = adapter.config, adapter.layers[layer].router
+    selections = torch.zeros(5, dtype=torch.long)
+    per_token = torch.zeros(6, dtype=torch.long)
+    entropies = []
+    for t in torch.nonzero(slots == slot).flatten().tolist():
+        logits = x[t:t + 1].float() @ router.T
+        weights, ids = route_config(logits, config)
+        kept = ids[0][weights[0] > 0]
+        selections[kept] += 1
+        per_token[kept.numel()] += 1
+        p = torch.softmax(logits[0], -1)
+        entropies.append(float(-(p * p.log()).sum() / torch.log(torch.tensor(len(p)))))
+    return selections, per_token, torch.tensor(entropies)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_stats_count_what_a_per_token_loop_counts(backend):
+    """Device-side counts, taken outside the forward, per slot: what a loop over tokens
+    routing one at a time counts; taking again returns only what was added since."""
+    from mole_serve.metrics import ENTROPY_BUCKETS
+    mix, dyn, _ = adapters()
+    g = torch.Generator().manual_seed(2)
+    slots = torch.randint(-1, 3, (40,), generator=g)
+    ffn, _ = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, BACKENDS[backend])
+    ffn.fill(0, mix)
+    ffn.fill(2, dyn)
+    x = torch.randn(40, 64, generator=g)
+    h, gu = torch.randn(40, 96, generator=g), torch.randn(40, 96, generator=g)
+    batch = ffn.slot_batch(40)
+    ffn.mix_experts(h.clone(), gu, gu, x, batch)
+    counts = ffn.mixlora_stats.take()
+
+    selections, per_token, entropies = routing_counts(x, slots, mix, 0)
+    assert torch.equal(counts["selections"][0], selections)
+    assert torch.equal(counts["experts_per_token"][0], per_token)
+    assert per_token[2] == (slots == 0).sum(), "top-2 keeps two experts per token"
+    buckets = torch.bucketize(entropies, torch.tensor(ENTROPY_BUCKETS))
+    assert torch.equal(counts["entropy_buckets"][0], torch.bincount(buckets, minlength=11))
+    assert counts["entropy_sum"][0].item() == pytest.approx(entropies.sum().item(), rel=1e-5)
+    # Slot 2 holds DynMoLE (no FFN router), slot 1 is empty: nothing counted for them.
+    assert not counts["experts_per_token"][1:].any()
+
+    # DynMoLE's per-linear routers count in their own stats.
+    ffn.project(torch.randn(40, 96, generator=g), x, batch, "up_proj")
+    up = ffn.gated_stats["up"].take()
+    assert up["experts_per_token"][2].sum() == (slots == 2).sum()
+    assert not up["experts_per_token"][:2].any()
+
+    ffn.mix_experts(h[:10].clone(), gu[:10], gu[:10], x[:10], ffn.slot_batch(10))
+    again = ffn.mixlora_stats.take()
+    assert again["experts_per_token"][0].sum() == (slots[:10] == 0).sum()
+    ffn.fill(0, None)
+    assert not any(v.any() for v in ffn.mixlora_stats.take().values()), "reset with the slot"
+
+
+def test_routing_stats_change_no_output():
+    mix, dyn, _ = adapters()
+    g = torch.Generator().manual_seed(3)
+    slots = torch.randint(-1, 2, (16,), generator=g)
+    x, h, gu = (torch.randn(16, n, generator=g) for n in (64, 96, 96))
+    outputs = []
+    for routing_stats in (True, False):
+        token_slots = TokenSlots(2)
+        token_slots.buffer = slots
+        ffn = FFNAdapters(SlotLimits(2, 8, 4), BASE, 1, token_slots, False, routing_stats)
+        ffn.fill(0, mix)
+        ffn.fill(1, dyn)
+        batch = ffn.slot_batch(16)
+        up = ffn.project(gu.clone(), x, batch, "up_proj")
+        outputs.append((up, ffn.mix_experts(h.clone(), gu, up, x, batch)[0]))
+        assert bool(ffn.routing_stats()) == routing_stats
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
+    """Two simulated ranks, split as vLLM splits the frozen MLP (gate/up by output rows, down
+    by input columns): each rank's FFN output, deltas included, is a partial sum, and the
+    partials add up (the base down projection's all-reduce) to the unsharded result."""
+    from mole_serve.layers import TensorShard
+    mix, _, dynamic = adapters()
+    column_dynmole = init_adapter(MoleConfig("dynmole", 4, 2, 4, ("gate_proj", "up_proj")),
+                                  BASE, "col", generator=torch.Generator().manual_seed(5),
+                                  b_std=0.1, router_std=0.5)
+    g = torch.Generator().manual_seed(4)
+    slots = torch.randint(-1, 3, (23,), generator=g)
+    x = torch.randn(23, 64, generator=g)
+    gate, up, down = (torch.randn(s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96)))
+
+    def ffn_output(shard):
+        token_slots = TokenSlots(3)
+        token_slots.buffer = slots
+        ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, token_slots, BACKENDS[backend],
+                          shard=shard)
+        for slot, adapter in enumerate((mix, column_dynmole, dynamic)):
+            ffn.fill(slot, adapter)
+        part = shard.part(96)
+        batch = ffn.slot_batch(23)
+        g1 = ffn.project(x @ gate[part].T, x, batch, "gate_proj")
+        u1 = ffn.project(x @ up[part].T, x, batch, "up_proj")
+        h, routed = ffn.mix_experts(torch.nn.functional.silu(g1) * u1, g1, u1, x, batch)
+        y = ffn.project(h @ down[:, part].T, h, batch, "down_proj")
+        return ffn.add_down_delta(y, batch, routed)
+
+    whole = ffn_output(TensorShard())
+    ranks = [ffn_output(TensorShard(rank, 2)) for rank in range(2)]
+    torch.testing.assert_close(ranks[0] + ranks[1], whole)
+    assert not torch.allclose(ranks[0], whole, atol=1e-3), "each rank holds only a part"
+
+
+def test_tensor_parallel_refuses_routers_on_split_inputs():
+    from mole_serve.layers import TensorShard
+    _, dyn, _ = adapters()  # DynMoLE with a router on down_proj, whose input TP splits
+    ffn = FFNAdapters(SlotLimits(2, 4, 4), BASE, 1, TokenSlots(2), False,
+                      shard=TensorShard(1, 2))
+    with pytest.raises(ValueError, match="'a1'.*down_proj needs the whole input"):
+        ffn.fill(0, dyn)

@@ -47,12 +47,16 @@ def test_register_is_idempotent():
             lora_ops.bgmv_shrink) == patched
 
 
-def test_cli_flags_land_in_additional_config(tiny_llama):
+def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
+    # A directory of "the user's", so the flag leaves this process's metrics alone.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     model = ["--model", str(tiny_llama)]
     engine_args = parse_serve_args([*model, "--enable-mole-adapters", "--max-mole-experts", "4",
-                                    "--additional-config", '{"other": 1}'])
-    assert engine_args.additional_config == {"other": 1,
-                                             "mole": {"enabled": True, "max_experts": 4}}
+                                    "--additional-config",
+                                    '{"other": 1, "mole": {"metrics_interval_s": 0}}'])
+    assert engine_args.additional_config == {
+        "other": 1, "mole": {"enabled": True, "max_experts": 4, "routing_metrics": True,
+                             "metrics_interval_s": 0.0}}
     assert parse_serve_args(model).additional_config == {}
 
 

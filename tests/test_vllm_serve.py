@@ -59,9 +59,8 @@ def server(workspace, tmp_path_factory):
     root, port = workspace["root"], _free_port()
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_CPU_KVCACHE_SPACE="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp_path_factory.mktemp("prometheus")),
-               VLLM_CACHE_ROOT=vllm_cache_root())
+               VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CACHE_ROOT=vllm_cache_root())
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the plugin must make one itself
     command = [str(pathlib.Path(sys.executable).parent / "vllm"), "serve",
                str(workspace["model"]), "--served-model-name", BASE_NAME,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
@@ -69,6 +68,7 @@ def server(workspace, tmp_path_factory):
                "--max-num-batched-tokens", "256", "--enforce-eager",
                "--enable-mole-adapters", "--max-mole-experts", "4",
                "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "3",
+               "--additional-config", '{"mole": {"metrics_interval_s": 0}}',
                "--lora-modules", *(f"{n}={root / n}" for n in ("mixlora", "dynmole", "peft"))]
     log_path = root / "server.log"
     with open(log_path, "w") as log:
@@ -77,6 +77,7 @@ def server(workspace, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log_path)
+        workspace["server_pid"] = process.pid
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -85,6 +86,9 @@ def server(workspace, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    if "metrics_dir" in workspace:
+        assert not pathlib.Path(workspace["metrics_dir"]).exists(), \
+            "the PROMETHEUS_MULTIPROC_DIR the plugin made must be removed at exit"
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log_path: pathlib.Path) -> None:
@@ -185,21 +189,47 @@ def test_runtime_load_bad_adapter_is_400_and_good_one_serves_until_unloaded(
     assert complete_ids(client, "mixlora") == expected["mixlora"]
 
 
-def test_metrics_count_loads_and_rejections(server, workspace):
-    """Worker-side counters reach /metrics through PROMETHEUS_MULTIPROC_DIR."""
+def test_metrics_reach_metrics_endpoint_without_user_multiproc_dir(server, client, workspace,
+                                                                    expected):
+    """The plugin made a PROMETHEUS_MULTIPROC_DIR (the user set none): API-server series
+    (requests, rejections), worker series (loads, routing counted on the device) and vLLM's
+    own all show at /metrics."""
+    import psutil
+    # The API server set it after it started; the engine and worker it spawned inherited it.
+    children = psutil.Process(workspace["server_pid"]).children(recursive=True)
+    dirs = {child.environ().get("PROMETHEUS_MULTIPROC_DIR") for child in children} - {None}
+    assert len(dirs) == 1, dirs
+    workspace["metrics_dir"] = dirs.pop()
+    assert any(pathlib.Path(workspace["metrics_dir"]).glob("*.db"))
+
     assert load_lora(server, "bad2", too_many_experts(workspace["root"], "bad2")).status_code \
         == 400
+    assert complete_ids(client, "mixlora") == expected["mixlora"]
+    assert complete_ids(client, BASE_NAME) == expected[BASE_NAME]  # a step boundary: export
     text = httpx.get(f"{server}/metrics", timeout=10).text
-    assert metric(text, 'mole_serve_adapter_rejections_total{stage="api_server"}') >= 1
-    assert metric(text, 'mole_serve_adapter_loads_total{strategy="mixlora"}') >= 1
-    assert metric(text, 'mole_serve_adapter_loads_total{strategy="dynmole"}') >= 1
+    assert metric(text, "mole_serve_adapter_rejections_total", stage="api_server") >= 1
+    assert metric(text, "mole_serve_adapter_loads_total", adapter="mixlora",
+                  strategy="mixlora") >= 1
+    assert metric(text, "mole_serve_adapter_loads_total", strategy="dynmole") >= 1
+    assert metric(text, "mole_serve_adapter_loads_total", adapter="peft", strategy="lora") >= 1
     assert metric(text, "mole_serve_slot_fills_total") >= 2
+    assert metric(text, "mole_serve_requests_total", adapter="mixlora") >= 1
+    assert metric(text, "mole_serve_generated_tokens_total", adapter="(base)") >= MAX_TOKENS
+    routed = metric(text, "mole_serve_experts_per_token_count", adapter="mixlora")
+    assert metric(text, "mole_serve_experts_per_token_sum", adapter="mixlora") == 2 * routed > 0
+    assert metric(text, "mole_serve_expert_selections_total", adapter="mixlora", layer="1",
+                  router="ffn") > 0
+    assert metric(text, "mole_serve_routing_entropy_count", adapter="dynmole") > 0
+    assert metric(text, "vllm:request_success_total") >= 1, "vLLM's own metrics stay"
 
 
-def metric(text: str, series: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(series + " ")]
-    assert values, f"{series} not in /metrics"
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples `name` in a /metrics text whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples
+              if sample.name == name and labels.items() <= sample.labels.items()]
+    assert values, f"{name} {labels} not in /metrics"
     return sum(values)
 
 

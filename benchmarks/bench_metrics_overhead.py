@@ -1,0 +1,149 @@
+"""Cost of the routing metrics: one served decoder layer's MoLE work (attention projections,
+FFN projections, MixLoRA experts) with `RoutingStats` on vs off, in the same run, on the same
+adapters and inputs; plus the export (`take` + Prometheus update) that runs at step
+boundaries, outside the forward.
+
+The two variants are timed interleaved (on, off, on, off, ...) so machine noise hits both
+alike; `overhead_pct` compares medians. Layers use the Triton kernels with CUDA and the
+reference math otherwise, as the server does.
+
+Usage: python benchmarks/bench_metrics_overhead.py [--out DIR]   (default sizes: a 7B layer
+                                                                 on GPU, a small one on CPU;
+                                                                 writes metrics_overhead.csv)
+       python benchmarks/bench_metrics_overhead.py --smoke       (tiny, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import statistics
+import time
+
+import torch
+
+from mole_serve.adapter import BaseShape, init_adapter
+from mole_serve.config import ATTENTION_PROJS, MoleConfig
+from mole_serve.layers import FFNAdapters, ProjectionAdapters, SlotLimits, TokenSlots
+from mole_serve.metrics import routing_observed
+
+COLUMNS = ["device", "tokens", "strategy", "metrics", "median_us", "overhead_pct",
+           "export_us"]
+ALL_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STRATEGIES = {
+    "top-2": MoleConfig("mixlora", num_experts=8, r=16, lora_alpha=32, top_k=2,
+                        target_modules=ALL_PROJS),
+    "dynmole": MoleConfig("dynmole", num_experts=8, r=16, lora_alpha=32, top_p=0.75,
+                          target_modules=ALL_PROJS),
+}
+
+
+class ServedLayer:
+    """The MoLE work of one decoder layer as `model.py` runs it, on fresh frozen weights."""
+
+    def __init__(self, base: BaseShape, slots: torch.Tensor, num_slots: int, config: MoleConfig,
+                 routing_stats: bool, device: torch.device, use_kernels: bool):
+        limits = SlotLimits(num_slots, config.r, config.num_experts)
+        token_slots = TokenSlots(num_slots)
+        token_slots.buffer = slots
+        self.attention = ProjectionAdapters(limits, base, 0, token_slots, ATTENTION_PROJS,
+                                            use_kernels, routing_stats).to(device)
+        self.ffn = FFNAdapters(limits, base, 0, token_slots, use_kernels,
+                               routing_stats).to(device)
+        g = torch.Generator().manual_seed(0)
+        for slot in range(num_slots):
+            adapter = init_adapter(config, base, f"a{slot}", generator=g, router_std=0.5)
+            self.attention.fill(slot, adapter)
+            self.ffn.fill(slot, adapter)
+        self.attention_outputs = {p: base.in_out(p)[1] for p in ATTENTION_PROJS}
+        self.gate_up = torch.randn(2 * base.intermediate, base.hidden, generator=g).to(device)
+        self.down = torch.randn(base.hidden, base.intermediate, generator=g).to(device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.ffn.slot_batch(x.shape[0])
+        for proj, fan_out in self.attention_outputs.items():  # deltas onto a zero output
+            self.attention.project(x.new_zeros(x.shape[0], fan_out), x, batch, proj)
+        g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
+        g, u = self.ffn.project(g, x, batch, "gate_proj"), self.ffn.project(u, x, batch,
+                                                                          "up_proj")
+        h, routed = self.ffn.mix_experts(torch.nn.functional.silu(g) * u, g, u, x, batch)
+        y = self.ffn.project(h @ self.down.T, h, batch, "down_proj")
+        return self.ffn.add_down_delta(y, batch, routed)
+
+    def export(self) -> None:
+        """What the model does at a step boundary: take the counts, update Prometheus."""
+        for module in (self.attention, self.ffn):
+            for stats in module.routing_stats():
+                counts = stats.take()
+                for slot in range(counts["selections"].shape[0]):
+                    routing_observed(f"a{slot}", stats.layer_index, stats.router,
+                                     counts["selections"][slot].tolist(),
+                                     counts["experts_per_token"][slot].tolist(),
+                                     counts["entropy_buckets"][slot].tolist(),
+                                     float(counts["entropy_sum"][slot]))
+
+
+def timed_us(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, few repeats")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.smoke:
+        base, tokens, num_slots, repeats = BaseShape(64, 96, 1, 2, 1, 32), (8,), 2, 3
+    elif cuda:
+        base, tokens, num_slots, repeats = BaseShape(4096, 11008, 1, 32, 32, 128), \
+            (16, 256, 4096), 8, 50
+    else:
+        # The CPU reference path is slow (~2 s per layer at 256 tokens): decode-sized only.
+        base, tokens, num_slots, repeats = BaseShape(512, 1376, 1, 8, 8, 64), (16, 64), 4, 10
+
+    rows = []
+    for num_tokens in tokens:
+        g = torch.Generator().manual_seed(num_tokens)
+        x = torch.randn(num_tokens, base.hidden, generator=g).to(device)
+        slots = torch.randint(-1, num_slots, (num_tokens,), generator=g).to(device)
+        for strategy, config in STRATEGIES.items():
+            layers = {on: ServedLayer(base, slots, num_slots, config, on, device, cuda)
+                      for on in (True, False)}
+            torch.testing.assert_close(layers[True](x), layers[False](x), rtol=0, atol=0)
+            times = {True: [], False: []}
+            for _ in range(repeats):
+                for on, layer in layers.items():
+                    times[on].append(timed_us(lambda: layer(x), device))
+            export = statistics.median(timed_us(layers[True].export, device)
+                                       for _ in range(repeats))
+            off = statistics.median(times[False])
+            for on in (True, False):
+                median = statistics.median(times[on])
+                rows.append({"device": device.type, "tokens": num_tokens, "strategy": strategy,
+                             "metrics": "on" if on else "off", "median_us": round(median, 1),
+                             "overhead_pct": round(100 * (median / off - 1), 2),
+                             "export_us": round(export, 1) if on else ""})
+                print(rows[-1])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "metrics_overhead.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Tensor parallelism 2 in a real (CPU) vLLM engine: adapters sharded like the frozen layers
+(`layers.TensorShard`) must give the greedy tokens of the unsharded reference; a DynMoLE
+router on a row-parallel projection, which would need the whole split input, is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from mole_serve.adapter import BaseShape
+from mole_serve.config import MoleConfig
+from tiny_model import make_tiny_llama
+from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter, make_peft_lora
+
+MAX_TOKENS = 8
+PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
+BASE = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=32)
+ADAPTERS = ("mixlora", "dynmole", "peft")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_tp")
+    adapters = {
+        "mixlora": make_mole_adapter(root / "mixlora", MoleConfig(
+            "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
+            target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj")), BASE, seed=41, as_bin=True),
+        "dynmole": make_mole_adapter(root / "dynmole", MoleConfig(
+            "dynmole", num_experts=3, r=4, lora_alpha=8, top_p=0.75,
+            target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
+            BASE, seed=42),
+        "peft": make_peft_lora(root / "peft", BASE, seed=43),
+    }
+    make_mole_adapter(root / "dynmole-down", MoleConfig(
+        "dynmole", num_experts=3, r=4, lora_alpha=8, target_modules=("gate_proj", "down_proj")),
+        BASE, seed=44)
+    return {"root": root, "model": make_tiny_llama(root / "tiny-llama"), "adapters": adapters}
+
+
+@pytest.fixture(scope="module")
+def engine(workspace):
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in engine_env().items():
+            env.setenv(key, value)
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        llm = LLM(model=str(workspace["model"]), dtype="float32", enforce_eager=True,
+                  tensor_parallel_size=2, distributed_executor_backend="mp",
+                  max_model_len=64, max_num_batched_tokens=128, max_num_seqs=8, seed=0,
+                  max_lora_rank=8, max_loras=2, max_cpu_loras=3,
+                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
+        requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
+                    for i, name in enumerate((*ADAPTERS, "dynmole-down"))}
+        yield llm, requests
+        del llm
+
+
+@pytest.mark.slow
+def test_tp2_matches_unsharded_reference_in_mixed_batches(engine, workspace):
+    from vllm import SamplingParams
+    llm, requests = engine
+    reference = ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *ADAPTERS)]
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[i]} for _, i in jobs],
+                           SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                          ignore_eos=True),
+                           lora_request=[requests[n] if n else None for n, _ in jobs],
+                           use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    assert got == [reference.greedy(PROMPTS[i], MAX_TOKENS, n) for n, i in jobs]
+    assert len({tuple(ids) for ids in got[:4]}) == 4, "adapters must change the output"
+
+
+def test_tp2_refuses_router_on_row_parallel_projection(engine):
+    llm, requests = engine
+    with pytest.raises(Exception, match=r"dynmole-down.*routers on \['down_proj'\]"):
+        llm.llm_engine.add_lora(requests["dynmole-down"])
