@@ -36,8 +36,9 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_quality.py
 
+# Tiny model + two MoLE adapters built once into .demo/, then served; ARGS="--help" for options.
 demo: setup
-	@echo "make demo is coming with the demo issue; run 'make test' for now."
+	$(PY) scripts/demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info

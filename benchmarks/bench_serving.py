@@ -1,0 +1,321 @@
+"""Online serving: MoLE adapters vs plain vLLM LoRA vs the base model, as `vllm bench serve`
+measures it (Poisson arrivals at swept request rates, streamed completions).
+
+For each config the script starts its own `vllm serve` on localhost with random weights
+(`--load-format dummy`: only shapes matter), sends a bounded number of requests per
+(adapter count, request rate) point, and stops the server:
+  base  stock vLLM, no adapters;
+  lora  stock vLLM `--enable-lora` with N plain LoRA adapters of rank r;
+  mole  `--enable-mole-adapters` with N MixLoRA adapters (E experts of rank r, top-k).
+Each request's adapter is drawn from a Zipf law over the N adapters; prompt and output lengths
+are uniform in [L/2, 3L/2]; `ignore_eos` makes every request produce its output length. All
+N names of a config point at one adapter dir (disk stays small at 7B shape) but are distinct
+adapters to vLLM: each gets its own id and slot.
+Reports output tokens/s and TTFT / TPOT p50 and p99. Rows are appended to
+`OUT/serving.csv`; `OUT/serving_throughput.png` and `OUT/serving_latency.png` plot this run.
+
+CPU box:  python benchmarks/bench_serving.py                    (tiny shape, N = 1, 4)
+GPU host: python benchmarks/bench_serving.py --shape llama2-7b  (N = 1, 8, 32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime
+import json
+import os
+import pathlib
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mole_serve.adapter import BaseShape, init_adapter
+from mole_serve.checkpoint import save_adapter
+from mole_serve.config import MoleConfig
+from mole_serve.demo.server import VllmServer, default_env
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COLUMNS = ["device", "date", "commit", "model_shape", "config", "adapters", "request_rate",
+           "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"]
+ON_GPU = torch.cuda.is_available()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=list(SHAPES), default="llama2-7b" if ON_GPU else "tiny")
+    p.add_argument("--configs", default="base,lora,mole")
+    p.add_argument("--adapters", type=ints, default=[1, 8, 32] if ON_GPU else [1, 4],
+                   help="adapter counts N to sweep")
+    p.add_argument("--rates", type=floats, default=[1, 4, 16] if ON_GPU else [1, 4],
+                   help="request rates (requests/s, Poisson)")
+    p.add_argument("--num-requests", type=int, default=200 if ON_GPU else 16,
+                   help="requests per (N, rate) point")
+    p.add_argument("--prompt-len", type=int, default=256 if ON_GPU else 32)
+    p.add_argument("--output-len", type=int, default=128 if ON_GPU else 16)
+    p.add_argument("--rank", type=int, default=16 if ON_GPU else 8)
+    p.add_argument("--experts", type=int, default=8 if ON_GPU else 4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent over adapters")
+    p.add_argument("--max-loras", type=int, default=32,
+                   help="adapter slots (vLLM --max-loras), capped at max N")
+    p.add_argument("--dtype", default="bfloat16" if ON_GPU else "float32")
+    p.add_argument("--serve-args", default="", help="extra `vllm serve` arguments")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
+    return p.parse_args(argv)
+
+
+# -- model and adapters ----------------------------------------------------------------------
+
+def make_model_dir(path: pathlib.Path, shape: str) -> BaseShape:
+    """config.json + tokenizer only: the server runs with `--load-format dummy`."""
+    from transformers import LlamaConfig
+
+    from mole_serve.demo.corpus import build_tokenizer
+
+    dims = SHAPES[shape]
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(dims["vocab_size"] - len(tokenizer))])
+    config = LlamaConfig(**dims, head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+                         architectures=["LlamaForCausalLM"],
+                         max_position_embeddings=4096, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return BaseShape.from_hf_config(config)
+
+
+def make_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape) -> pathlib.Path:
+    generator = torch.Generator().manual_seed(0)
+    return save_adapter(init_adapter(config, base, path.name, generator=generator, b_std=0.01),
+                        path)
+
+
+def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]:
+    n = max(args.adapters)
+    common = ["--served-model-name", "base", "--load-format", "dummy", "--dtype", args.dtype,
+              "--max-model-len", str(2 * (args.prompt_len + args.output_len) + 16),
+              "--max-num-seqs", "256" if ON_GPU else "16"]
+    if not ON_GPU:
+        common.append("--enforce-eager")
+    slots = ["--max-lora-rank", str(args.rank), "--max-loras", str(min(n, args.max_loras)),
+             "--max-cpu-loras", str(n), "--lora-modules",
+             *(f"{config}{i}={adapter_dir}" for i in range(n))]
+    extra = shlex.split(args.serve_args)
+    if config == "base":
+        return common + extra
+    if config == "lora":
+        return common + ["--enable-lora"] + slots + extra
+    return common + ["--enable-mole-adapters", "--max-mole-experts", str(args.experts)] \
+        + slots + extra
+
+
+# -- load generation ------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    send_at: float
+    model: str
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Outcome:
+    ttft: float
+    latency: float
+    output_tokens: int
+    started: float
+    finished: float
+
+
+def plan(config: str, n: int, rate: float, args, vocab: int, seed: int) -> list[Request]:
+    """Poisson arrival times, Zipf adapter choice, uniform lengths; seeded."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** args.zipf for i in range(n)]
+    length = lambda mean: rng.randint(max(1, mean // 2), max(1, mean * 3 // 2))  # noqa: E731
+    requests, at = [], 0.0
+    for _ in range(args.num_requests):
+        at += rng.expovariate(rate)
+        model = "base" if config == "base" else \
+            f"{config}{rng.choices(range(n), weights)[0]}"
+        prompt = [rng.randrange(10, vocab) for _ in range(length(args.prompt_len))]
+        requests.append(Request(at, model, prompt, length(args.output_len)))
+    return requests
+
+
+async def send(client, url: str, request: Request, t0: float) -> Outcome:
+    await asyncio.sleep(max(0.0, t0 + request.send_at - time.perf_counter()))
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    body = {"model": request.model, "prompt": request.prompt, "max_tokens": request.max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{request.model}: HTTP {response.status_code}: "
+                               f"{(await response.aread()).decode()[:500]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and ttft is None:
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    finished = time.perf_counter()
+    return Outcome(ttft, finished - started, tokens, started, finished)
+
+
+async def run_point(url: str, requests: list[Request]) -> list[Outcome]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(requests))
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        return await asyncio.gather(*(send(client, url, r, t0) for r in requests))
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, float]:
+    ttft = np.array([o.ttft for o in outcomes]) * 1e3
+    tpot = np.array([(o.latency - o.ttft) / (o.output_tokens - 1) for o in outcomes
+                     if o.output_tokens > 1]) * 1e3
+    span = max(o.finished for o in outcomes) - min(o.started for o in outcomes)
+    return {"output_tok_s": sum(o.output_tokens for o in outcomes) / span,
+            "ttft_p50_ms": np.percentile(ttft, 50), "ttft_p99_ms": np.percentile(ttft, 99),
+            "tpot_p50_ms": np.percentile(tpot, 50) if tpot.size else float("nan"),
+            "tpot_p99_ms": np.percentile(tpot, 99) if tpot.size else float("nan")}
+
+
+def warm_up(url: str, models: list[str]) -> None:
+    """One short request per adapter: loading adapters into slots is not what we measure."""
+    requests = [Request(0.0, m, [10, 11, 12], 2) for m in models]
+    asyncio.run(run_point(url, requests))
+
+
+# -- results --------------------------------------------------------------------------------
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if ON_GPU else f"cpu-{os.cpu_count()}core"
+
+
+def commit() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip()
+                   else "")
+
+
+def write_rows(out: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "serving.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot(out: pathlib.Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        label = row["config"] if row["config"] == "base" else \
+            f"{row['config']} N={row['adapters']}"
+        series.setdefault(label, []).append(row)
+    title = f"{rows[0]['model_shape']} on {rows[0]['device']}"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        ax.plot([p["request_rate"] for p in points], [p["output_tok_s"] for p in points],
+                marker="o", label=label)
+    ax.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "serving_throughput.png", dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("ttft", "tpot")):
+        for label, points in series.items():
+            rates = [p["request_rate"] for p in points]
+            line, = ax.plot(rates, [p[f"{metric}_p50_ms"] for p in points], marker="o",
+                            label=f"{label} p50")
+            ax.plot(rates, [p[f"{metric}_p99_ms"] for p in points], marker="x", ls="--",
+                    color=line.get_color(), label=f"{label} p99")
+        ax.set(xlabel="request rate (req/s)", ylabel=f"{metric.upper()} (ms)", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "serving_latency.png", dpi=120)
+    plt.close("all")
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configs = args.configs.split(",")
+    unknown = set(configs) - {"base", "lora", "mole"}
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: base, lora, mole")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    base = make_model_dir(work / "model", args.shape)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    adapters = {
+        "lora": MoleConfig("lora", num_experts=1, r=args.rank, lora_alpha=2 * args.rank,
+                           target_modules=TARGETS),
+        "mole": MoleConfig("mixlora", num_experts=args.experts, r=args.rank,
+                           lora_alpha=2 * args.rank, top_k=args.top_k, target_modules=TARGETS),
+    }
+    env = default_env(work / "vllm-cache")
+    stamp = dict(device=device_name(), date=datetime.date.today().isoformat(), commit=commit(),
+                 model_shape=args.shape)
+    rows = []
+    for config in configs:
+        adapter_dir = make_adapter(work / config, adapters[config], base) \
+            if config in adapters else None
+        counts = [0] if config == "base" else args.adapters
+        print(f"[{config}] starting vllm serve ...", flush=True)
+        with VllmServer(work / "model", serve_args(config, args, adapter_dir),
+                        log_path=work / f"{config}.log", env=env, metrics=False) as server:
+            warm_up(server.url, ["base"] if config == "base"
+                    else [f"{config}{i}" for i in range(max(counts))])
+            for n in counts:
+                for rate in args.rates:
+                    requests = plan(config, n, rate, args, vocab, seed=args.seed)
+                    result = summarize(asyncio.run(run_point(server.url, requests)))
+                    rows.append({**stamp, "config": config, "adapters": n,
+                                 "request_rate": rate,
+                                 **{k: round(float(v), 2) for k, v in result.items()}})
+                    print(json.dumps(rows[-1]), flush=True)
+    path = write_rows(args.out, rows)
+    plot(args.out, rows)
+    print(f"rows appended to {path}; plots in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`make demo`: a tiny model and two MoLE adapters built in minutes, served by vLLM."""

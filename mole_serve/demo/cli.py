@@ -1,0 +1,203 @@
+"""`python scripts/demo.py` / `make demo`: serve a base model and MoLE adapters with
+`vllm serve --enable-mole-adapters`, ask every adapter and the base model the same prompts
+at once through the `openai` client, print the answers and the MoLE series of /metrics.
+
+Without options it builds (once, cached in .demo/) a tiny Llama and two adapters trained on
+embedded tasks, `reverse` (MixLoRA) and `upper` (DynMoLE), and checks their answers on
+held-out prompts. `--base DIR` and `--adapter NAME=DIR` serve your own checkpoints instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shlex
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import corpus
+from .build import Recipe, build
+from .server import ServerError, VllmServer, default_env
+
+BASE_NAME = "base"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=pathlib.Path,
+                   help="local Llama-family checkpoint dir (default: the embedded tiny model)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve this adapter dir (MoLE or plain PEFT LoRA); repeatable; "
+                        "default: the embedded 'reverse' and 'upper'")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt to send (repeatable; default: held-out word lists)")
+    p.add_argument("--completions", action="store_true",
+                   help="send prompts as raw completions instead of chat messages (for "
+                        "tokenizers without a chat template)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--serve-args", default="",
+                   help="extra `vllm serve` arguments, e.g. \"--max-model-len 2048\"")
+    p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(".demo"),
+                   help="cache of the embedded build, vLLM's cache and the server log")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the embedded model/adapters")
+    p.add_argument("--pretrain-steps", type=int, default=Recipe.pretrain_steps)
+    p.add_argument("--train-steps", type=int, default=Recipe.train_steps)
+    p.add_argument("--report", type=pathlib.Path,
+                   help="also write answers, checks, timings and the server's pgid as JSON")
+    return p.parse_args(argv)
+
+
+def parse_adapter(text: str) -> tuple[str, pathlib.Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--adapter wants NAME=DIR, got {text!r}")
+    if not (pathlib.Path(path) / "adapter_config.json").is_file():
+        raise SystemExit(f"--adapter {name}: {path} has no adapter_config.json")
+    return name, pathlib.Path(path)
+
+
+def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str) -> list[str]:
+    """Flags sized to the adapters: rank bound (a value vLLM allows), expert bound, one slot
+    per adapter. `extra` comes last, so it overrides."""
+    configs = [json.loads((p / "adapter_config.json").read_text()) for p in adapters.values()]
+    rank = max((c.get("r", 8) for c in configs), default=8)
+    experts = max((c.get("num_experts", 1) for c in configs), default=1)
+    args = ["--served-model-name", BASE_NAME, "--max-num-seqs", "16", "--enforce-eager"]
+    if _is_cpu():
+        args += ["--dtype", "float32", "--max-model-len", "256"]
+    if adapters:
+        args += ["--enable-mole-adapters", "--max-mole-experts", str(experts),
+                 "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= rank)),
+                 "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)),
+                 "--lora-modules", *(f"{n}={p.resolve()}" for n, p in adapters.items())]
+    return args + shlex.split(extra)
+
+
+def _is_cpu() -> bool:
+    import torch
+    return not torch.cuda.is_available()
+
+
+def ask_all(url: str, models: list[str], prompts: list[str], *, chat: bool,
+            max_tokens: int) -> dict[tuple[str, str], str]:
+    """Every (model, prompt) pair at once, greedy; answers stripped of surrounding space."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           timeout=300)
+
+    def ask(job: tuple[str, str]) -> str:
+        model, prompt = job
+        if chat:
+            response = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens, temperature=0.0)
+            return response.choices[0].message.content.strip()
+        response = client.completions.create(model=model, prompt=prompt,
+                                             max_tokens=max_tokens, temperature=0.0)
+        return response.choices[0].text.strip()
+
+    jobs = [(m, p) for p in prompts for m in models]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return dict(zip(jobs, pool.map(ask, jobs)))
+
+
+def mole_series(url: str) -> list[str]:
+    """The MoLE lines of /metrics, without histogram buckets and creation stamps."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return [line for line in text.splitlines() if line.startswith("mole_serve_")
+            and "_bucket{" not in line and "_created" not in line]
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    adapters = dict(parse_adapter(a) for a in args.adapter)
+    embedded = args.base is None and not adapters
+    prompts = list(args.prompt)
+    base = args.base
+    if base is None:
+        recipe = dataclasses.replace(Recipe(), pretrain_steps=args.pretrain_steps,
+                                     train_steps=args.train_steps)
+        built = build(args.workdir, recipe, rebuild=args.rebuild)
+        base = built.base
+        if not adapters:
+            adapters = built.adapters
+        prompts = prompts or built.held_out
+        timings["build_s"] = time.monotonic() - started
+    if not prompts:
+        raise SystemExit("give at least one --prompt for your own base model")
+    server = VllmServer(base, serve_args(base, adapters, args.serve_args),
+                        log_path=args.workdir / "server.log",
+                        env=default_env(args.workdir.resolve() / "vllm-cache"))
+    print(f"starting: {shlex.join(server.command)}\n(log: {server.log_path})", flush=True)
+    report = {"server_pgid": None, "results": [], "metrics": [], "seconds": timings}
+    step = time.monotonic()
+    with server:
+        report["server_pgid"] = server.pgid
+        timings["server_start_s"] = time.monotonic() - step
+        print(f"server healthy at {server.url} after {timings['server_start_s']:.0f} s")
+        step = time.monotonic()
+        models = [BASE_NAME, *adapters]
+        answers = ask_all(server.url, models, prompts, chat=not args.completions,
+                          max_tokens=args.max_tokens)
+        timings["requests_s"] = time.monotonic() - step
+        report["metrics"] = mole_series(server.url)
+    timings["total_s"] = time.monotonic() - started
+    report["results"] = [_result(m, p, answers[m, p], embedded) for p in prompts for m in models]
+    _print_report(report, models, prompts, embedded)
+    return report
+
+
+def _result(model: str, prompt: str, answer: str, check: bool) -> dict:
+    expected = corpus.TASKS[model](prompt.split()) if check and model in corpus.TASKS else None
+    return {"model": model, "prompt": prompt, "answer": answer, "expected": expected,
+            "correct": None if expected is None else answer == expected}
+
+
+def _print_report(report: dict, models: list[str], prompts: list[str], embedded: bool) -> None:
+    width = max(map(len, models))
+    print(f"\n== {len(prompts)} prompts x {len(models)} models, sent concurrently, greedy ==")
+    for prompt in prompts:
+        print(f"prompt: {prompt!r}")
+        for r in (r for r in report["results"] if r["prompt"] == prompt):
+            mark = {True: "  ok", False: f"  WRONG (want {r['expected']!r})", None: ""}[
+                r["correct"]]
+            print(f"  {r['model']:<{width}} -> {r['answer']!r}{mark}")
+    if embedded:
+        scores = []
+        for task in corpus.TASKS:
+            checked = [r["correct"] for r in report["results"] if r["model"] == task]
+            scores.append(f"{task} {sum(checked)}/{len(checked)}")
+        print("held-out prompts done right: " + ", ".join(scores))
+    print("\n== MoLE series at /metrics ==")
+    print("\n".join(report["metrics"]) or "(none)")
+    t = report["seconds"]
+    print("\n" + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.0f} s" for k, v in t.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows through pipes and `make`
+    # SIGTERM / SIGHUP unwind like Ctrl-C, so the server's group is always stopped.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+    try:
+        report = run(args)
+    except ServerError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; server stopped", file=sys.stderr)
+        return 130
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1))
+    return 0

@@ -1,0 +1,174 @@
+"""Start `vllm serve` on localhost and stop it without leaving processes behind.
+
+The server runs in its own process group (API server, engine core and workers all inherit
+it), so one signal to the group stops them all, and a Ctrl-C in the terminal reaches only our
+process, which then stops the server in order. If our process is killed outright, the kernel
+sends the API server SIGTERM (Linux parent-death signal), which shuts down the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+STOP_GRACE_S = 30
+
+
+class ServerError(RuntimeError):
+    """`vllm serve` exited or never became healthy; the message ends with its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_executable() -> str:
+    """The `vllm` script next to this Python (the project venv), else the one on PATH."""
+    beside = pathlib.Path(sys.executable).parent / "vllm"
+    found = str(beside) if beside.exists() else shutil.which("vllm")
+    if found is None:
+        raise ServerError("no `vllm` executable next to this Python or on PATH: run `make setup`")
+    return found
+
+
+def default_env(cache_root: pathlib.Path | None) -> dict[str, str]:
+    """Offline, CPU-friendly defaults; values already in the environment win."""
+    defaults = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    if cache_root is not None:  # vLLM caches model inspection there: later starts are faster
+        defaults["VLLM_CACHE_ROOT"] = str(cache_root)
+    return {**defaults, **os.environ}
+
+
+class VllmServer:
+    """`with VllmServer(model, args, log_path=...) as server:` serves at `server.url`."""
+
+    def __init__(self, model: str | pathlib.Path, serve_args: list[str], *,
+                 log_path: pathlib.Path, env: dict[str, str] | None = None,
+                 port: int | None = None, startup_timeout_s: float = 600,
+                 metrics: bool = True):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [vllm_executable(), "serve", str(model), "--host", "127.0.0.1",
+                        "--port", str(self.port), *serve_args]
+        self.log_path = log_path
+        self.env = dict(env if env is not None else default_env(None))
+        self.startup_timeout_s = startup_timeout_s
+        self.metrics_dir = None
+        if metrics:  # worker-side MoLE series reach /metrics only through this dir
+            self.metrics_dir = tempfile.mkdtemp(prefix="mole_serve_prometheus_")
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pgid(self) -> int:
+        """The server's process group id (= the API server's pid)."""
+        return self.process.pid
+
+    def __enter__(self) -> "VllmServer":
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+
+    def wait_healthy(self, on_wait=None) -> None:
+        """Poll /health until 200; raise ServerError with the log tail if the server exits
+        or the timeout passes."""
+        started = time.monotonic()
+        while time.monotonic() - started < self.startup_timeout_s:
+            if self.process.poll() is not None:
+                raise ServerError(f"vllm serve exited with {self.process.returncode}:\n"
+                                  f"{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s:.0f} s:\n"
+                          f"{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the whole group, wait for every member, SIGKILL what is left."""
+        if self.process is None:
+            return
+        _signal_group(self.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            self.process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        while live_group_members(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if live_group_members(self.pgid):
+            _signal_group(self.pgid, signal.SIGKILL)
+            self.process.wait()
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the group that are still running (zombies excluded: a container's init may
+    never reap them). Reads /proc on Linux; elsewhere asks the kernel about the group."""
+    proc = pathlib.Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except ProcessLookupError:
+            return []
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when our process dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

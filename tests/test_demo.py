@@ -1,0 +1,83 @@
+"""`make demo` end to end at full size (about 2 minutes from scratch on the CPU box): the
+embedded base and adapters are built, served by a real `vllm serve`, each adapter does its
+task on held-out prompts, and no process of the server's group is left afterwards, also when
+the demo is interrupted."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mole_serve.demo.server import live_group_members
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def demo_command(workdir: pathlib.Path, *extra: str) -> list[str]:
+    return [sys.executable, "scripts/demo.py", "--workdir", str(workdir), *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """A demo run from nothing: build, serve, ask, report."""
+    root = tmp_path_factory.mktemp("demo")
+    report = root / "report.json"
+    done = subprocess.run(demo_command(root / "work", "--report", str(report)), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"workdir": root / "work", "stdout": done.stdout,
+            "report": json.loads(report.read_text())}
+
+
+def test_each_adapter_does_its_task_on_held_out_prompts(first_run):
+    results = first_run["report"]["results"]
+    for task in ("reverse", "upper"):
+        checks = [r["correct"] for r in results if r["model"] == task]
+        assert len(checks) == 8 and sum(checks) >= 6, (task, results)
+    assert len([r for r in results if r["model"] == "base"]) == 8
+    assert "held-out prompts done right" in first_run["stdout"]
+
+
+def test_metrics_are_printed_and_the_server_group_is_gone(first_run):
+    report = first_run["report"]
+    assert any(line.startswith("mole_serve_adapter_loads_total") for line in report["metrics"])
+    assert "== MoLE series at /metrics ==" in first_run["stdout"]
+    assert live_group_members(report["server_pgid"]) == []
+
+
+def test_second_run_reuses_the_build(first_run):
+    done = subprocess.run(demo_command(first_run["workdir"], "--prompt", "red cat moon"),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reusing the demo build" in done.stdout
+    assert re.search(r"reverse\s+-> 'moon cat red'", done.stdout), done.stdout[-2000:]
+
+
+def test_ctrl_c_while_the_server_starts_stops_its_process_group(first_run):
+    demo = subprocess.Popen(demo_command(first_run["workdir"], "--prompt", "x"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "starting:" not in demo.stdout.readline():
+        pass
+    time.sleep(3)  # vllm serve is importing; it takes 30 s or more to become healthy
+    server_pids = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if _parent(pid) == demo.pid]
+    assert server_pids, "the demo did not start vllm serve"
+    demo.send_signal(signal.SIGINT)
+    output = demo.communicate(timeout=120)[0]
+    assert demo.returncode == 130, output[-3000:]
+    assert all(live_group_members(pid) == [] for pid in server_pids)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
