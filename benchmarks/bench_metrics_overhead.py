@@ -43,10 +43,12 @@ class ServedLayer:
     """The MoLE work of one decoder layer as `model.py` runs it, on fresh frozen weights."""
 
     def __init__(self, base: BaseShape, slots: torch.Tensor, num_slots: int, config: MoleConfig,
-                 routing_stats: bool, device: torch.device, use_kernels: bool):
-        limits = SlotLimits(num_slots, config.r, config.num_experts)
-        token_slots = TokenSlots(num_slots)
-        token_slots.buffer = slots
+                 routing_stats: bool, device: torch.device, use_kernels: bool,
+                 dtype: torch.dtype):
+        limits = SlotLimits(num_slots, config.r, config.num_experts, dtype)
+        token_slots = TokenSlots(num_slots, use_kernels)
+        token_slots.attach(slots)
+        token_slots.prepare(slots.shape[0])  # once per step in the model, not per layer
         self.attention = ProjectionAdapters(limits, base, 0, token_slots, ATTENTION_PROJS,
                                             use_kernels, routing_stats).to(device)
         self.ffn = FFNAdapters(limits, base, 0, token_slots, use_kernels,
@@ -57,8 +59,9 @@ class ServedLayer:
             self.attention.fill(slot, adapter)
             self.ffn.fill(slot, adapter)
         self.attention_outputs = {p: base.in_out(p)[1] for p in ATTENTION_PROJS}
-        self.gate_up = torch.randn(2 * base.intermediate, base.hidden, generator=g).to(device)
-        self.down = torch.randn(base.hidden, base.intermediate, generator=g).to(device)
+        self.gate_up = torch.randn(2 * base.intermediate, base.hidden, generator=g).to(device,
+                                                                                      dtype)
+        self.down = torch.randn(base.hidden, base.intermediate, generator=g).to(device, dtype)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +106,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the serving dtype
     if args.smoke:
         base, tokens, num_slots, repeats = BaseShape(64, 96, 1, 2, 1, 32), (8,), 2, 3
     elif cuda:
@@ -115,10 +119,10 @@ def main() -> None:
     rows = []
     for num_tokens in tokens:
         g = torch.Generator().manual_seed(num_tokens)
-        x = torch.randn(num_tokens, base.hidden, generator=g).to(device)
+        x = torch.randn(num_tokens, base.hidden, generator=g).to(device, dtype)
         slots = torch.randint(-1, num_slots, (num_tokens,), generator=g).to(device)
         for strategy, config in STRATEGIES.items():
-            layers = {on: ServedLayer(base, slots, num_slots, config, on, device, cuda)
+            layers = {on: ServedLayer(base, slots, num_slots, config, on, device, cuda, dtype)
                       for on in (True, False)}
             torch.testing.assert_close(layers[True](x), layers[False](x), rtol=0, atol=0)
             times = {True: [], False: []}

@@ -18,9 +18,10 @@ from .configs import BLOCK_M  # noqa: E402
 from .functional import (  # noqa: E402
     as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_, mixlora_route,
     mole_ffn_kernels, mole_projection_kernels, num_slots)
-from .plan import TokenPlan, plan_tokens  # noqa: E402
-from .route import Routing  # noqa: E402
+from .plan import TokenPlan, max_blocks, plan_tokens  # noqa: E402
+from .route import Routing, RoutingCounts  # noqa: E402
 
-__all__ = ["BLOCK_M", "TokenPlan", "Routing", "plan_tokens", "num_slots", "mixlora_route",
+__all__ = ["BLOCK_M", "TokenPlan", "Routing", "RoutingCounts", "max_blocks", "plan_tokens",
+           "num_slots", "mixlora_route",
            "mixlora_experts_", "mixlora_down_delta_", "gated_lora_", "as_gated",
            "mole_projection_kernels", "mole_ffn_kernels"]

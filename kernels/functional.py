@@ -28,15 +28,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mole_serve.config import MIXLORA_SWITCH
 from mole_serve.reference import FrozenFFN
-from mole_serve.routing import NUM_COLUMNS, NUM_EXPERTS, STRATEGY, STRATEGY_CODE
+from mole_serve.routing import one_expert_routing_row
 from mole_serve.stack import GatedLoRAStack, LayerStack, LoRAStack, MixLoRAStack
 
 from . import ops  # noqa: F401  (registers torch.ops.mole_serve.*)
 from .configs import BLOCK_M, split_i_for
 from .plan import TokenPlan, plan_tokens
-from .route import Routing
+from .route import Routing, RoutingCounts
 
 _OPS = torch.ops.mole_serve
 
@@ -47,11 +46,20 @@ def num_slots(stack: LayerStack) -> int | None:
     return next((p.enabled.shape[0] for p in parts if p is not None), None)
 
 
-def mixlora_route(x: torch.Tensor, plan: TokenPlan, stack: MixLoRAStack) -> Routing:
-    """Launch 1: expert ids/weights [T, k_max] and the gate/up shrink of selected experts."""
-    ids, weights, shrink = _OPS.route(x, stack.router, stack.gate_up_a, stack.routing,
-                                      stack.enabled, plan.sorted_tokens, plan.block_slot,
-                                      stack.k_max)
+def mixlora_route(x: torch.Tensor, plan: TokenPlan, stack: MixLoRAStack,
+                  counts: RoutingCounts | None = None) -> Routing:
+    """Launch 1: expert ids/weights [T, k_max] and the gate/up shrink of selected experts
+    (and the routing metrics added to `counts`)."""
+    return _route(x, plan, stack.router, stack.gate_up_a, stack.routing, stack.enabled,
+                  stack.k_max, counts)
+
+
+def _route(x: torch.Tensor, plan: TokenPlan, router: torch.Tensor, shrink_a: torch.Tensor,
+           table: torch.Tensor, enabled: torch.Tensor, k_max: int,
+           counts: RoutingCounts | None) -> Routing:
+    ids, weights, shrink = _OPS.route(
+        x, router, shrink_a, table, enabled, plan.sorted_tokens, plan.block_slot, k_max,
+        None if counts is None else counts.counts, None if counts is None else counts.bounds)
     return Routing(ids, weights, shrink)
 
 
@@ -73,15 +81,15 @@ def mixlora_down_delta_(y: torch.Tensor, partials: torch.Tensor, routing: Routin
                        stack.enabled, plan.sorted_tokens, plan.block_slot)
 
 
-def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan,
-                stack: GatedLoRAStack) -> Routing:
+def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan, stack: GatedLoRAStack,
+                counts: RoutingCounts | None = None) -> Routing:
     """Per-linear routed LoRA (DynMoLE family), two launches: route + shrink, gated expand.
-    Adds into the adapter tokens' rows of `y = W x`; returns the routing (for metrics)."""
-    ids, weights, shrink = _OPS.route(x, stack.router, stack.a, stack.routing, stack.enabled,
-                                      plan.sorted_tokens, plan.block_slot, stack.k_max)
-    _OPS.routed_expand(y, shrink.unsqueeze(0), ids, weights, stack.b, stack.scaling,
-                       stack.enabled, plan.sorted_tokens, plan.block_slot)
-    return Routing(ids, weights, shrink)
+    Adds into the adapter tokens' rows of `y = W x`; returns the routing."""
+    routing = _route(x, plan, stack.router, stack.a, stack.routing, stack.enabled,
+                     stack.k_max, counts)
+    _OPS.routed_expand(y, routing.shrink.unsqueeze(0), routing.ids, routing.weights, stack.b,
+                       stack.scaling, stack.enabled, plan.sorted_tokens, plan.block_slot)
+    return routing
 
 
 def as_gated(stack: LoRAStack) -> GatedLoRAStack:
@@ -89,9 +97,7 @@ def as_gated(stack: LoRAStack) -> GatedLoRAStack:
     weight exactly 1), so plain LoRA runs on the same two kernels. Build once per layer."""
     S, _, fan_in = stack.a.shape
     router = torch.zeros(S, 1, fan_in, dtype=torch.float32, device=stack.a.device)
-    table = torch.zeros(S, NUM_COLUMNS, dtype=torch.float32, device=stack.a.device)
-    table[:, STRATEGY] = STRATEGY_CODE[MIXLORA_SWITCH]
-    table[:, NUM_EXPERTS] = 1
+    table = one_expert_routing_row().to(stack.a.device).expand(S, -1).contiguous()
     return GatedLoRAStack(router, stack.a.unsqueeze(1), stack.b.unsqueeze(1), stack.scaling,
                           table, stack.enabled, k_max=1)
 

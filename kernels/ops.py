@@ -15,30 +15,34 @@ from .configs import pick_tiles
 from .expand import ExpandWeights, launch_expand
 from .experts import ExpertWeights, launch_experts
 from .plan import TokenPlan
-from .route import RouterWeights, Routing, launch_route
+from .route import RouterWeights, Routing, RoutingCounts, launch_route
 
 
 def _plan(sorted_tokens: Tensor, block_slot: Tensor) -> TokenPlan:
     return TokenPlan(sorted_tokens, block_slot, sorted_tokens.numel() // block_slot.numel())
 
 
-@torch.library.custom_op("mole_serve::route", mutates_args=())
+@torch.library.custom_op("mole_serve::route", mutates_args=("counts",))
 def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
-          enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor, k_max: int
+          enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor, k_max: int,
+          counts: Tensor | None = None, entropy_bounds: Tensor | None = None
           ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (ids [T, k_max] int32, weights [T, k_max] fp32, shrink [T, k_max, NR] fp32)."""
+    """-> (ids [T, k_max] int32, weights [T, k_max] fp32, shrink [T, k_max, NR] fp32);
+    adds the routing to `counts` (metrics, `RoutingCounts`) when given."""
     T, NR = x.shape[0], shrink_a.shape[2]
     out = Routing(x.new_empty((T, k_max), dtype=torch.int32),
                   x.new_empty((T, k_max), dtype=torch.float32),
                   x.new_empty((T, k_max, NR), dtype=torch.float32))
     if T > 0:
         launch_route(x, RouterWeights(router, shrink_a, routing_table, enabled, k_max),
-                     _plan(sorted_tokens, block_slot), out, pick_tiles(T))
+                     _plan(sorted_tokens, block_slot), out, pick_tiles(T),
+                     None if counts is None else RoutingCounts(counts, entropy_bounds))
     return out.ids, out.weights, out.shrink
 
 
 @route.register_fake
-def _route_fake(x, router, shrink_a, routing_table, enabled, sorted_tokens, block_slot, k_max):
+def _route_fake(x, router, shrink_a, routing_table, enabled, sorted_tokens, block_slot, k_max,
+                counts=None, entropy_bounds=None):
     T, NR = x.shape[0], shrink_a.shape[2]
     return (x.new_empty((T, k_max), dtype=torch.int32),
             x.new_empty((T, k_max), dtype=torch.float32),

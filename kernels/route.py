@@ -9,6 +9,9 @@ floor, all experts above the Tsallis entropy threshold), and writes `ids`/`weigh
 sorted by probability (weight 0 = unused). Then, for each expert some token of the block
 selected, `shrink[t, k] = A[slot, e] x_t` with tl.dot. Every output element is written:
 base-model and disabled-slot tokens get id 0, weight 0 and a zero shrink, as do unused pairs.
+When the server keeps routing metrics, the same program adds the block's routing to the
+slot's counters (a few atomics per block): metrics cost no extra launch and no second pass
+over the router.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ class Routing:
     shrink: torch.Tensor     # [T, K, NR] fp32, 0 where weights == 0
 
 
+@dataclass(frozen=True)
+class RoutingCounts:
+    """Metrics counters a route launch adds to (`mole_serve.layers.RoutingStats` layout):
+    `counts` [S, 2E + NB + 3] float64, `bounds` [NB] fp32 entropy bucket bounds."""
+
+    counts: torch.Tensor
+    bounds: torch.Tensor
+
+
 @triton.jit
 def _normalised_tsallis(p, valid, n_exp, q, eps):
     """S_q(p) / S_q(uniform) per row; Shannon when q == 1; 0 for a single expert."""
@@ -80,7 +92,8 @@ def _normalised_tsallis(p, valid, n_exp, q, eps):
 
 @triton.jit
 def _select(logits, table_row, E_PAD: tl.constexpr):
-    """Selection for one slot's routing-table row: returns (rank, weight) per expert column."""
+    """Selection for one slot's routing-table row: returns (rank, weight, softmax
+    probability) per expert column."""
     strategy = tl.load(table_row + STRATEGY)
     n_exp = tl.floor(tl.load(table_row + NUM_EXPERTS) + 0.5)
     top_k = tl.floor(tl.load(table_row + TOP_K) + 0.5)
@@ -117,17 +130,41 @@ def _select(logits, table_row, E_PAD: tl.constexpr):
     weight = tl.where(keep, scaled, 0.0)
     total = tl.sum(weight, axis=1)[:, None]
     weight = tl.where(strategy == TOP_K_CODE, weight / total, weight)  # renormalised
-    return rank, weight
+    return rank, weight, probs
+
+
+@triton.jit
+def _count_routing(counts_row, bounds_ptr, probs, weight, row_ok, n_exp, E,
+                   E_PAD: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr):
+    """Add this block's routing to its slot's row of the metrics counters (the layout of
+    `mole_serve.layers.RoutingStats`): per expert selections, tokens by experts kept,
+    tokens by normalised-entropy bucket, entropy sum. Sums per block, then fp64 atomics."""
+    cols = tl.arange(0, E_PAD)
+    chosen = (weight > 0.0) & row_ok[:, None]
+    tl.atomic_add(counts_row + cols, tl.sum(chosen.to(tl.float32), axis=0).to(tl.float64),
+                  mask=cols < E)
+    ones = tl.full(row_ok.shape, 1.0, tl.float64)
+    kept = tl.sum(chosen.to(tl.int32), axis=1)
+    tl.atomic_add(counts_row + E + kept, ones, mask=row_ok)
+    terms = tl.where(probs > 0.0, -probs * tl.log(tl.maximum(probs, 1e-30)), 0.0)
+    entropy = tl.sum(terms, axis=1) / tl.log(tl.maximum(n_exp, 2.0))
+    bb = tl.arange(0, NB_PAD)
+    bounds = tl.load(bounds_ptr + bb, mask=bb < NB, other=float("inf"))
+    bucket = tl.sum((bounds[None, :] < entropy[:, None]).to(tl.int32), axis=1)
+    tl.atomic_add(counts_row + 2 * E + 1 + bucket, ones, mask=row_ok)
+    tl.atomic_add(counts_row + 2 * E + 1 + NB + 1,
+                  tl.sum(tl.where(row_ok, entropy, 0.0), axis=0).to(tl.float64))
 
 
 @triton.jit
 def _route_kernel(
     x_ptr, stride_x, router_ptr, shrink_a_ptr, table_ptr, enabled_ptr,
     sorted_tokens_ptr, block_slot_ptr, ids_ptr, weights_ptr, shrink_ptr,
+    counts_ptr, bounds_ptr,
     H, E, NR,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, COUNT: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
 ):
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block)
@@ -161,7 +198,11 @@ def _route_kernel(
                     mask=(cols < E)[None, :] & (hh < H)[:, None], other=0.0).to(tl.float32)
         logits += tl.dot(x, w, input_precision="ieee")
 
-    rank, weight = _select(logits, table_ptr + s * NUM_COLUMNS, E_PAD)
+    rank, weight, probs = _select(logits, table_ptr + s * NUM_COLUMNS, E_PAD)
+    if COUNT:
+        n_exp = tl.floor(tl.load(table_ptr + s * NUM_COLUMNS + NUM_EXPERTS) + 0.5)
+        _count_routing(counts_ptr + s * (2 * E + NB + 3), bounds_ptr, probs, weight, row_ok,
+                       n_exp, E, E_PAD, NB, NB_PAD)
     picked = rank[:, None, :] == kk[None, :, None]                     # [M, K, E]
     ids = tl.sum(tl.where(picked, cols[None, None, :], 0), axis=2)
     weights = tl.sum(tl.where(picked, weight[:, None, :], 0.0), axis=2)
@@ -197,9 +238,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: Routing,
-                 tiles: Tiles) -> None:
-    """Fill `out`: ids and weights of every token, the shrink of every used pair (0 else)."""
+                 tiles: Tiles, counts: RoutingCounts | None = None) -> None:
+    """Fill `out`: ids and weights of every token, the shrink of every used pair (0 else);
+    with `counts`, also add the batch's routing to the metrics counters."""
     S, E, NR, H = weights.shrink_a.shape
+    NB = 0 if counts is None else counts.bounds.shape[0]
+    if counts is not None:
+        assert counts.counts.shape == (S, 2 * E + NB + 3) and counts.counts.is_contiguous()
+        assert counts.counts.dtype == torch.float64 and counts.bounds.dtype == torch.float32
     K = weights.k_max
     assert x.shape[1] == H and x.stride(1) == 1
     assert weights.router.shape == (S, E, H) and weights.routing.shape == (S, table.NUM_COLUMNS)
@@ -211,7 +257,9 @@ def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: 
     _route_kernel[(plan.num_blocks,)](
         x, x.stride(0), weights.router, weights.shrink_a, weights.routing, weights.enabled,
         plan.sorted_tokens, plan.block_slot, out.ids, out.weights, out.shrink,
+        x if counts is None else counts.counts, x if counts is None else counts.bounds,
         H, E, NR,
         K=K, K_PAD=triton.next_power_of_2(K), E_PAD=padded(E), NR_PAD=padded(NR),
         BLOCK_M=plan.block_m, BLOCK_H=tiles.block_h,
-        PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps)
+        PRECISION=dot_precision(x.dtype), COUNT=counts is not None, NB=NB,
+        NB_PAD=triton.next_power_of_2(max(NB, 1)), num_warps=tiles.num_warps)

@@ -36,6 +36,9 @@ ALL_PROJS = ATTENTION_PROJS + FFN_PROJS
 MOE_PEFT_ORDER = ATTENTION_PROJS + ("gate_proj", "down_proj", "up_proj")  # how it writes lists
 
 LEGACY_STRATEGIES = {"mixtral": MIXLORA, "switch": MIXLORA_SWITCH}
+# Adapter families a server can be limited to (the layers they need differ): FFN-level experts
+# with attention LoRA, or a router on every adapted linear.
+FAMILIES = {"mixlora": FFN_EXPERT_STRATEGIES, "dynmole": (DYNMOLE,)}
 LEGACY_PROJS = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
@@ -107,6 +110,12 @@ class MoleConfig:
     def has_ffn_experts(self) -> bool:
         """The MixLoRA family: one router per FFN, experts are whole FFNs."""
         return self.routing_strategy in FFN_EXPERT_STRATEGIES
+
+    @property
+    def family(self) -> str | None:
+        """Key of FAMILIES the strategy belongs to; None for plain LoRA."""
+        return next((f for f, members in FAMILIES.items() if self.routing_strategy in members),
+                    None)
 
     @property
     def is_plain_lora(self) -> bool:

@@ -5,8 +5,9 @@ rank and expert count it accepts), laid out as `mole_serve.stack` lays them out.
 manager decides which adapter sits in which slot; our hook fills that slot's rows when it
 activates an adapter and zeroes them when it leaves, so a forward step never restacks weights.
 
-Buffers are fp32, the dtype the reference math routes and mixes in; base activations are
-cast in and results cast back.
+LoRA factors are stored in the serving dtype (as vLLM stores LoRA weights: half the bytes a
+decode step reads in bf16); routers and routing tables stay fp32, the precision routing
+decisions are made in. The math upcasts after loading either way.
 
 The frozen projections stay vLLM's own (LoRA-wrapped) linear layers, so plain PEFT adapters
 keep working; MoLE deltas are added on top with `torch.where` on the tokens whose slot holds
@@ -25,12 +26,13 @@ import torch
 from torch import nn
 
 from .adapter import BaseShape, MoleAdapter, MoleLayer
-from .config import ATTENTION_PROJS, FFN_PROJS
+from .config import FFN_PROJS
 from .metrics import ENTROPY_BUCKETS
-from .reference import (gated_lora_delta, lora_stack_delta, mixlora_down_delta,
+from .reference import (add_where, gated_lora_delta, mixlora_down_delta,
                         mixlora_experts, mixlora_route)
-from .routing import NUM_COLUMNS, NUM_EXPERTS, masked_softmax, route, routing_row
-from .stack import GatedLoRAStack, LoRAStack, MixLoRAStack
+from .routing import (NUM_COLUMNS, NUM_EXPERTS, masked_softmax, one_expert_routing_row, route,
+                      routing_row)
+from .stack import GatedLoRAStack, MixLoRAStack
 
 if TYPE_CHECKING:
     from .kernels import TokenPlan
@@ -39,11 +41,12 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SlotLimits:
     """What every slot can hold: the server's `--max-loras`, `--max-lora-rank` and
-    `--max-mole-experts`."""
+    `--max-mole-experts`, and the dtype its LoRA factors are stored in (the model's)."""
 
     slots: int
     rank: int
     experts: int
+    factor_dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)
@@ -68,21 +71,62 @@ class TensorShard:
 
 
 class TokenSlots:
-    """Where layers find each token's adapter slot (-1 = none).
+    """Each step's per-token adapter slots (-1 = none) and, for the kernels, their token
+    plan: built once per step by the model's forward (`prepare`), read by every layer
+    (`batch`), so no layer sorts tokens again (vLLM splits the compiled model at each
+    attention, so a plan built in the layers would be rebuilt twice per layer).
 
-    Holds vLLM's persistent per-token slot buffer once the LoRA manager exists; layers slice
-    it by their own token count, so its address never changes between steps.
+    Everything lives in persistent buffers sized for vLLM's largest batch and is sliced by
+    the step's token count, so compiled layers and CUDA graphs see the same addresses every
+    step. `source` is vLLM's own persistent per-token slot buffer.
     """
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, use_kernels: bool = False):
         self.num_slots = num_slots
-        self.buffer: torch.Tensor | None = None
+        # Tokens per plan block; None: the reference backend needs no plan.
+        self.plan_block_m = _kernels().BLOCK_M if use_kernels else None
+        self.source: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+        self.sorted_tokens: torch.Tensor | None = None
+        self.block_slot: torch.Tensor | None = None
 
-    def for_tokens(self, num_tokens: int) -> torch.Tensor | None:
-        if self.buffer is None:
+    @property
+    def attached(self) -> bool:
+        return self.source is not None
+
+    def attach(self, source: torch.Tensor) -> None:
+        """Allocate the step buffers for as many tokens as `source` holds."""
+        self.source = source
+        self.slots = torch.full_like(source, -1)
+        if self.plan_block_m is not None:
+            blocks = _kernels().max_blocks(source.shape[0], self.num_slots, self.plan_block_m)
+            self.sorted_tokens = torch.full((blocks * self.plan_block_m,), -1,
+                                            dtype=torch.int32, device=source.device)
+            self.block_slot = torch.zeros(blocks, dtype=torch.int32, device=source.device)
+
+    def prepare(self, num_tokens: int) -> None:
+        """Once per step, before the layers: this step's slots and token plan."""
+        slots = self.slots[:num_tokens]
+        # Rows vLLM has not written yet (profiling, padding) may hold garbage: keep in range.
+        torch.clamp(self.source[:num_tokens], -1, self.num_slots - 1, out=slots)
+        if self.plan_block_m is not None:
+            plan = _kernels().plan_tokens(slots, self.num_slots, self.plan_block_m)
+            self.sorted_tokens[:plan.sorted_tokens.shape[0]].copy_(plan.sorted_tokens)
+            self.block_slot[:plan.num_blocks].copy_(plan.block_slot)
+
+    def batch(self, num_tokens: int) -> "SlotBatch | None":
+        """The slots and plan `prepare(num_tokens)` built (None before vLLM's LoRA manager
+        exists)."""
+        if not self.attached:
             return None
-        # Rows vLLM has not written yet (profiling) may hold garbage: keep them in range.
-        return self.buffer[:num_tokens].clamp(-1, self.num_slots - 1)
+        slots = self.slots[:num_tokens]
+        if self.plan_block_m is None:
+            return SlotBatch(slots, None)
+        kernels = _kernels()
+        blocks = kernels.max_blocks(num_tokens, self.num_slots, self.plan_block_m)
+        return SlotBatch(slots, kernels.TokenPlan(
+            self.sorted_tokens[:blocks * self.plan_block_m], self.block_slot[:blocks],
+            self.plan_block_m))
 
 
 @dataclass(frozen=True)
@@ -100,9 +144,10 @@ def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 class RoutingStats(nn.Module):
     """Routing counters of one router, per slot, kept on the device.
 
-    `record` runs inside the forward and ends in a single scatter-add into one fixed-size
-    buffer: no host sync, no data-dependent shapes (CUDA-graph and compile safe), few
-    launches. `take` runs outside the forward (step boundary, slot change) and returns what
+    On the kernels the route kernel adds to `counts` itself (a few atomics per block, no
+    extra launch); on the reference backend `record` does, ending in a single scatter-add
+    into the same fixed-size buffer. Either way: no host sync, no data-dependent shapes
+    (CUDA-graph and compile safe). `take` runs outside the forward (step boundary, slot change) and returns what
     was added since its last call; the device counters only grow (until `reset_slot`), so
     nothing in the forward waits for the host. float64 holds the integer counts exactly
     (to 2**53) and the entropy sum in the same buffer.
@@ -122,6 +167,7 @@ class RoutingStats(nn.Module):
                              persistent=False)
         self.register_buffer("entropy_bounds", torch.tensor(ENTROPY_BUCKETS), persistent=False)
         self._exported: torch.Tensor | None = None
+        self.routed_slots: set[int] = set()
 
     def record(self, x: torch.Tensor, slots: torch.Tensor, tables: "_SlotTables",
                routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -159,15 +205,19 @@ class RoutingStats(nn.Module):
         current = self.counts.to("cpu", copy=True)
         added = current - (self._exported if self._exported is not None else 0)
         self._exported = current
+        unrouted = [s for s in range(added.shape[0]) if s not in self.routed_slots]
+        added[unrouted] = 0
         E, counts = self.experts, added[:, :-1].round().long()
         return {"selections": counts[:, :E], "experts_per_token": counts[:, E:2 * E + 1],
                 "entropy_buckets": counts[:, 2 * E + 1:], "entropy_sum": added[:, -1]}
 
-    def reset_slot(self, slot: int) -> None:
-        """Forget a slot's counts (its adapter left); `take` its counts first."""
+    def reset_slot(self, slot: int, routed: bool) -> None:
+        """Forget a slot's counts (its adapter left; `take` its counts first). `routed`:
+        whether the new adapter routes here (a one-expert LoRA is counted, not reported)."""
         self.counts[slot].zero_()
         if self._exported is not None:
             self._exported[slot].zero_()
+        (self.routed_slots.add if routed else self.routed_slots.discard)(slot)
 
 class _SlotTables(nn.Module):
     """Per-slot scaling, routing-table row and enabled flag shared by all stack kinds."""
@@ -194,10 +244,11 @@ class MixLoRABuffers(_SlotTables):
         S, E, r, H = limits.slots, limits.experts, limits.rank, hidden
         I = intermediate // shard.world
         self.k_max = E
-        for name, shape in (("router", (S, E, H)), ("gate_up_a", (S, E, 2 * r, H)),
-                            ("gate_up_b", (S, E, 2, I, r)), ("down_a", (S, E, r, I)),
-                            ("down_b", (S, E, H, r))):
-            self.register_buffer(name, _zeros(*shape), persistent=False)
+        self.register_buffer("router", _zeros(S, E, H), persistent=False)
+        for name, shape in (("gate_up_a", (S, E, 2 * r, H)), ("gate_up_b", (S, E, 2, I, r)),
+                            ("down_a", (S, E, r, I)), ("down_b", (S, E, H, r))):
+            self.register_buffer(name, _zeros(*shape, dtype=limits.factor_dtype),
+                                 persistent=False)
 
     def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None) -> None:
         for buffer in (self.router, self.gate_up_a, self.gate_up_b, self.down_a, self.down_b):
@@ -223,67 +274,60 @@ class MixLoRABuffers(_SlotTables):
 
 
 class GatedLoRABuffers(_SlotTables):
-    """Per-linear routed experts (DynMoLE) of one projection, `GatedLoRAStack` layout."""
+    """The adapters of one projection, `GatedLoRAStack` layout: a DynMoLE adapter's routed
+    experts, or a MixLoRA adapter's plain LoRA (attention projections) as a one-expert
+    stack (zero router; switch routing over one expert gives weight exactly 1). One stack
+    per projection, whatever each slot holds: one route + one expand launch.
+
+    `routed_slots`: slots whose adapter has a real router here (what routing metrics
+    report; a one-expert LoRA is not routing)."""
 
     def __init__(self, limits: SlotLimits, dims: "ShardDims"):
         super().__init__(limits.slots)
         S, E, r = limits.slots, limits.experts, limits.rank
         self.k_max = E
         self.dims = dims
+        self.routed_slots: set[int] = set()
         self.register_buffer("router", _zeros(S, E, dims.local_in), persistent=False)
-        self.register_buffer("a", _zeros(S, E, r, dims.local_in), persistent=False)
-        self.register_buffer("b", _zeros(S, E, dims.local_out, r), persistent=False)
+        self.register_buffer("a", _zeros(S, E, r, dims.local_in, dtype=limits.factor_dtype),
+                             persistent=False)
+        self.register_buffer("b", _zeros(S, E, dims.local_out, r, dtype=limits.factor_dtype),
+                             persistent=False)
 
     def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None,
              proj: str) -> None:
         for buffer in (self.router, self.a, self.b):
             buffer[slot].zero_()
-        uses = adapter is not None and adapter.config.is_per_linear and proj in layer.routers
-        if uses and self.dims.splits_input:
-            raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the whole "
-                             f"input, which tensor parallelism splits over ranks: not "
-                             f"supported")
-        self.set_row(slot, adapter if uses else None)
-        if not uses:
-            return
-        e, ra = adapter.config.num_experts, adapter.config.r
-        self.router[slot, :e] = layer.routers[proj]
-        self.a[slot, :e, :ra] = layer.experts[proj].a
-        self.b[slot, :e, :, :ra] = layer.experts[proj].b[:, self.dims.out_part]
+        self.routed_slots.discard(slot)
+        per_linear = adapter is not None and adapter.config.is_per_linear
+        if per_linear and proj in layer.routers:
+            if self.dims.splits_input:
+                raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the "
+                                 f"whole input, which tensor parallelism splits over ranks: "
+                                 f"not supported")
+            self.set_row(slot, adapter)
+            self.routed_slots.add(slot)
+            self.router[slot, :adapter.config.num_experts] = layer.routers[proj]
+            self._fill_experts(slot, layer.experts[proj].a, layer.experts[proj].b)
+        elif adapter is not None and not per_linear and proj in layer.lora:
+            self.set_row(slot, adapter)
+            self.routing[slot] = _ONE_EXPERT_ROUTING
+            self._fill_experts(slot, layer.lora[proj].a[None], layer.lora[proj].b[None])
+        else:
+            self.set_row(slot, None)
+
+    def _fill_experts(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a [e, r, in], b [e, out, r] at full size: this rank's slices into the slot."""
+        e, ra = a.shape[0], a.shape[1]
+        self.a[slot, :e, :ra] = a[..., self.dims.in_part]
+        self.b[slot, :e, :, :ra] = b[:, self.dims.out_part]
 
     def stack(self) -> GatedLoRAStack:
         return GatedLoRAStack(self.router, self.a, self.b, self.scaling, self.routing,
                               self.enabled, self.k_max)
 
 
-class LoRABuffers(_SlotTables):
-    """Plain per-slot LoRA (MixLoRA's attention adapters) of one projection."""
-
-    def __init__(self, limits: SlotLimits, dims: "ShardDims"):
-        super().__init__(limits.slots)
-        S, r = limits.slots, limits.rank
-        self.dims = dims
-        self.register_buffer("a", _zeros(S, r, dims.local_in), persistent=False)
-        self.register_buffer("b", _zeros(S, dims.local_out, r), persistent=False)
-
-    def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None,
-             proj: str) -> None:
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        uses = adapter is not None and proj in layer.lora
-        self.set_row(slot, adapter if uses else None)
-        if uses:
-            ra = adapter.config.r
-            self.a[slot, :ra] = layer.lora[proj].a[:, self.dims.in_part]
-            self.b[slot, :, :ra] = layer.lora[proj].b[self.dims.out_part]
-
-    def stack(self) -> LoRAStack:
-        return LoRAStack(self.a, self.b, self.scaling, self.enabled)
-
-
-def add_where(base: torch.Tensor, delta: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:
-    """base + delta (in fp32, cast back) on `uses` rows; other rows untouched bit for bit."""
-    return torch.where(uses[:, None], (base.float() + delta).to(base.dtype), base)
+_ONE_EXPERT_ROUTING = one_expert_routing_row()
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")  # vLLM splits their inputs; the rest their outputs
@@ -326,8 +370,6 @@ class ProjectionAdapters(nn.Module):
         # match vLLM's --lora-target-modules filter and be offered for LoRA wrapping.
         self.gated = nn.ModuleDict({_key(p): GatedLoRABuffers(limits, ShardDims.of(base, p, shard))
                                     for p in projs})
-        self.lora = nn.ModuleDict({_key(p): LoRABuffers(limits, ShardDims.of(base, p, shard))
-                                   for p in projs if p in ATTENTION_PROJS})
         self.gated_stats = nn.ModuleDict(
             {_key(p): RoutingStats(limits.slots, limits.experts, layer_index, p)
              for p in projs} if routing_stats else {})
@@ -337,43 +379,28 @@ class ProjectionAdapters(nn.Module):
         layer = None if adapter is None else adapter.layers[self.layer_index]
         for key, buffers in self.gated.items():
             buffers.fill(slot, adapter, layer, f"{key}_proj")
-        for stats in self.gated_stats.values():
-            stats.reset_slot(slot)
-        mixlora = None if adapter is None or adapter.config.is_per_linear else adapter
-        for key, buffers in self.lora.items():
-            buffers.fill(slot, mixlora, layer, f"{key}_proj")
+            if key in self.gated_stats:
+                self.gated_stats[key].reset_slot(slot, routed=slot in buffers.routed_slots)
 
     def slot_batch(self, num_tokens: int) -> SlotBatch | None:
         """This step's per-token slots (and, for the kernels, the slot-sorted token plan)."""
-        slots = self.token_slots.for_tokens(num_tokens)
-        if slots is None:
-            return None
-        if not self.use_kernels:
-            return SlotBatch(slots, None)
-        kernels = _kernels()
-        return SlotBatch(slots, kernels.plan_tokens(slots, self.num_slots, kernels.BLOCK_M))
+        return self.token_slots.batch(num_tokens)
 
     def project(self, y: torch.Tensor, x: torch.Tensor, batch: SlotBatch,
                 proj: str) -> torch.Tensor:
         """Add the per-slot LoRA / routed-expert delta of `proj` (input x, output y)."""
         key = _key(proj)
-        if self.use_kernels:
-            kernels = _kernels()
-            y = y.contiguous()  # the kernels add in place into rows; q/k/v are column views
-            if key in self.lora:
-                # As a one-expert routed stack: the form the kernels run (a pure function,
-                # so nothing is cached in the module and the forward stays trace-friendly).
-                kernels.gated_lora_(y, x, batch.plan, kernels.as_gated(self.lora[key].stack()))
-            routing = kernels.gated_lora_(y, x, batch.plan, self.gated[key].stack())
-            if key in self.gated_stats:
-                self.gated_stats[key].record(x, batch.slots, self.gated[key],
-                                             (routing.weights, routing.ids))
+        if key not in self.gated:  # no adapter family served adapts this projection
             return y
-        if key in self.lora:
-            y = add_where(y, *lora_stack_delta(x, batch.slots, self.lora[key].stack()))
-        if key in self.gated_stats:
+        stats = self.gated_stats[key] if key in self.gated_stats else None
+        if self.use_kernels:
+            y = y.contiguous()  # the kernels add in place into rows; q/k/v are column views
+            _kernels().gated_lora_(y, x, batch.plan, self.gated[key].stack(),
+                                   _kernel_counts(stats))
+            return y
+        if stats is not None:
             # The reference delta does not return its routing: routed again for the counts.
-            self.gated_stats[key].record(x, batch.slots, self.gated[key])
+            stats.record(x, batch.slots, self.gated[key])
         return add_where(y, *gated_lora_delta(x, batch.slots, self.gated[key].stack()))
 
     def routing_stats(self) -> list[RoutingStats]:
@@ -381,36 +408,41 @@ class ProjectionAdapters(nn.Module):
 
 
 class FFNAdapters(ProjectionAdapters):
-    """The FFN's slot buffers: DynMoLE on gate/up/down plus MixLoRA's FFN-level experts."""
+    """The FFN's slot buffers: DynMoLE on gate/up/down (`per_linear`) and MixLoRA's FFN-level
+    experts (`ffn_experts`), each only when the server serves that family."""
 
     def __init__(self, limits: SlotLimits, base: BaseShape, layer_index: int,
                  token_slots: TokenSlots, use_kernels: bool, routing_stats: bool = True,
-                 shard: TensorShard = TensorShard()):
-        super().__init__(limits, base, layer_index, token_slots, FFN_PROJS, use_kernels,
-                         routing_stats, shard)
-        self.mixlora = MixLoRABuffers(limits, base.hidden, base.intermediate, shard)
+                 shard: TensorShard = TensorShard(), per_linear: bool = True,
+                 ffn_experts: bool = True):
+        super().__init__(limits, base, layer_index, token_slots,
+                         FFN_PROJS if per_linear else (), use_kernels, routing_stats, shard)
+        self.mixlora = (MixLoRABuffers(limits, base.hidden, base.intermediate, shard)
+                        if ffn_experts else None)
         self.mixlora_stats = (RoutingStats(limits.slots, limits.experts, layer_index, "ffn")
-                              if routing_stats else None)
+                              if routing_stats and ffn_experts else None)
 
     def fill(self, slot: int, adapter: MoleAdapter | None) -> None:
         super().fill(slot, adapter)
+        if self.mixlora is None:
+            return
         uses = adapter is not None and not adapter.config.is_per_linear
         self.mixlora.fill(slot, adapter if uses else None,
                           adapter.layers[self.layer_index] if uses else None)
         if self.mixlora_stats is not None:
-            self.mixlora_stats.reset_slot(slot)
+            self.mixlora_stats.reset_slot(slot, routed=uses)
 
     def mix_experts(self, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
-                    batch: SlotBatch) -> tuple[torch.Tensor, tuple]:
+                    batch: SlotBatch) -> tuple[torch.Tensor, tuple | None]:
         """MixLoRA tokens get their experts' weight-mixed intermediate in place of `h`
         (DESIGN §1 rewrites 1-2). Returns (h, routing state for `add_down_delta`)."""
+        if self.mixlora is None:
+            return h, None
         stack = self.mixlora.stack()
         if self.use_kernels:
             kernels = _kernels()
-            routing = kernels.mixlora_route(x, batch.plan, stack)
-            if self.mixlora_stats is not None:
-                self.mixlora_stats.record(x, batch.slots, self.mixlora,
-                                          (routing.weights, routing.ids))
+            routing = kernels.mixlora_route(x, batch.plan, stack,
+                                            _kernel_counts(self.mixlora_stats))
             partials = kernels.mixlora_experts_(h, g, u, routing, batch.plan, stack)
             return h, (routing, partials)
         weights, ids, uses = mixlora_route(x, batch.slots, stack)
@@ -423,8 +455,11 @@ class FFNAdapters(ProjectionAdapters):
         own = [] if self.mixlora_stats is None else [self.mixlora_stats]
         return super().routing_stats() + own
 
-    def add_down_delta(self, y: torch.Tensor, batch: SlotBatch, routed: tuple) -> torch.Tensor:
+    def add_down_delta(self, y: torch.Tensor, batch: SlotBatch, routed: tuple | None
+                       ) -> torch.Tensor:
         """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens."""
+        if self.mixlora is None:
+            return y
         stack = self.mixlora.stack()
         if self.use_kernels:
             kernels = _kernels()
@@ -441,6 +476,13 @@ def _kernels():
     Triton to its interpreter for the whole process, which a CPU server must not do."""
     from . import kernels
     return kernels
+
+
+def _kernel_counts(stats: RoutingStats | None):
+    """The route kernel adds the routing metrics itself (no extra launch)."""
+    if stats is None:
+        return None
+    return _kernels().RoutingCounts(stats.counts, stats.entropy_bounds)
 
 
 def _key(proj: str) -> str:

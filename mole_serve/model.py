@@ -8,6 +8,7 @@ adapter get exactly stock vLLM's result.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -87,7 +88,8 @@ class MoleLlamaMLP(nn.Module):
 class MoleLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, *,
                  limits: SlotLimits, base: BaseShape, token_slots: TokenSlots,
-                 use_kernels: bool, routing_stats: bool, shard: TensorShard):
+                 use_kernels: bool, routing_stats: bool, shard: TensorShard,
+                 families: tuple[str, ...]):
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config,
                          attn_layer_type=MoleLlamaAttention)
         config = config or vllm_config.model_config.hf_config
@@ -95,13 +97,19 @@ class MoleLlamaDecoderLayer(LlamaDecoderLayer):
         # With tensor parallelism each rank's o_proj delta is a partial sum (TensorShard):
         # add it before the base all-reduce, as the MLP does with down_proj.
         vllm_compat.defer_all_reduce(self.self_attn.o_proj)
-        self.self_attn.mole = ProjectionAdapters(limits, base, layer_index, token_slots,
-                                                 ATTENTION_PROJS, use_kernels, routing_stats,
-                                                 shard)
+        # Attention projections hold DynMoLE's routed experts, or, in a server of MixLoRA
+        # adapters only, MixLoRA's attention LoRA alone (one expert: smaller, cheaper).
+        per_linear = "dynmole" in families
+        self.self_attn.mole = ProjectionAdapters(
+            limits if per_linear else dataclasses.replace(limits, experts=1), base,
+            layer_index, token_slots, ATTENTION_PROJS, use_kernels,
+            routing_stats and per_linear, shard)
         self.mlp = MoleLlamaMLP(config.hidden_size, config.intermediate_size,
                                 bias=getattr(config, "mlp_bias", False), prefix=f"{prefix}.mlp",
                                 adapters=FFNAdapters(limits, base, layer_index, token_slots,
-                                                     use_kernels, routing_stats, shard))
+                                                     use_kernels, routing_stats, shard,
+                                                     per_linear=per_linear,
+                                                     ffn_experts="mixlora" in families))
 
 
 class MoleLlamaForCausalLM(LlamaForCausalLM):
@@ -123,14 +131,16 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         slots, rank, experts = vllm_compat.slot_capacity(vllm_config)
         settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)
-        token_slots = TokenSlots(slots)
-        # Triton kernels with CUDA; on CPU Triton only runs interpreted: the reference math.
+        use_kernels = settings.uses_kernels()
+        token_slots = TokenSlots(slots, use_kernels)
         layer_type = functools.partial(MoleLlamaDecoderLayer, base=base, token_slots=token_slots,
-                                       limits=SlotLimits(slots, rank, experts),
-                                       use_kernels=torch.cuda.is_available(),
+                                       limits=SlotLimits(slots, rank, experts,
+                                                         torch.get_default_dtype()),
+                                       use_kernels=use_kernels,
                                        # every rank routes alike: the first one counts
                                        routing_stats=settings.routing_metrics
-                                       and shard.rank == 0, shard=shard)
+                                       and shard.rank == 0, shard=shard,
+                                       families=settings.families)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.mole_vllm_config = vllm_config
         self.mole_token_slots = token_slots
@@ -138,25 +148,38 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
         self.mole_tensor_parallel = shard.world
+        self.mole_families = settings.families
         self._mole_last_export = time.monotonic()
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        if self.mole_token_slots.buffer is None:
-            self.mole_token_slots.buffer = vllm_compat.token_slot_buffer(self)
+        token_slots = self.mole_token_slots
+        if not token_slots.attached and (source := vllm_compat.token_slot_buffer(self)) is not None:
+            token_slots.attach(source)
+        if token_slots.attached:
+            token_slots.prepare((input_ids if input_ids is not None else inputs_embeds).shape[0])
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_mole_adapter(self, path: str, name: str) -> MoleAdapter:
         """Read a MoLE adapter dir for this model and the server's limits (worker side)."""
         try:
             adapter = vllm_compat.load_served_adapter(path, name, self.mole_vllm_config)
+            self._check_family(adapter)
             self._check_shardable(adapter)
             return adapter
         except AdapterError:
             if self.mole_reports_metrics:
                 metrics.adapter_rejected("engine")
             raise
+
+    def _check_family(self, adapter: MoleAdapter) -> None:
+        family = adapter.config.family
+        if family is not None and family not in self.mole_families:
+            raise AdapterError(adapter.name, "adapter_config.json:routing_strategy",
+                               f"a strategy of the families this server was started for "
+                               f"({list(self.mole_families)}: --additional-config "
+                               f"mole.families)", adapter.config.routing_strategy)
 
     def _check_shardable(self, adapter: MoleAdapter) -> None:
         """A per-linear router on a row-parallel projection (o_proj, down_proj) would need

@@ -210,7 +210,7 @@ def lora_stack_delta(x: torch.Tensor, slots: torch.Tensor, stack: LoRAStack
     return delta, uses
 
 
-def _add_where(base: torch.Tensor, delta: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:
+def add_where(base: torch.Tensor, delta: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:
     """base + delta on `uses` rows (in fp32, cast back); other rows untouched bit for bit."""
     return torch.where(uses[:, None], (base.float() + delta).to(base.dtype), base)
 
@@ -220,9 +220,9 @@ def mole_projection(x: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor, 
     """A projection of the frozen model plus whatever adapter each token's slot holds."""
     y = F.linear(x, weight, bias)
     if proj in stack.lora:
-        y = _add_where(y, *lora_stack_delta(x, slots, stack.lora[proj]))
+        y = add_where(y, *lora_stack_delta(x, slots, stack.lora[proj]))
     if proj in stack.gated:
-        y = _add_where(y, *gated_lora_delta(x, slots, stack.gated[proj]))
+        y = add_where(y, *gated_lora_delta(x, slots, stack.gated[proj]))
     return y
 
 
@@ -239,4 +239,4 @@ def mole_ffn(x: torch.Tensor, base: FrozenFFN, slots: torch.Tensor,
     mixed, down_shrink = mixlora_experts(g, u, x, slots, weights, ids, ffn, base.act_fn)
     h = torch.where(uses[:, None], mixed.to(h.dtype), h)
     y = mole_projection(h, base.down, slots, "down_proj", stack)
-    return _add_where(y, mixlora_down_delta(down_shrink, slots, weights, ids, ffn), uses)
+    return add_where(y, mixlora_down_delta(down_shrink, slots, weights, ids, ffn), uses)

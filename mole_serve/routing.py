@@ -35,6 +35,15 @@ def routing_row(config: MoleConfig) -> torch.Tensor:
     return row
 
 
+def one_expert_routing_row() -> torch.Tensor:
+    """Switch routing over a single expert: weight exactly 1 for every token, so a plain
+    LoRA runs as a one-expert routed stack on the same kernels."""
+    row = torch.zeros(NUM_COLUMNS, dtype=torch.float32)
+    row[STRATEGY] = STRATEGY_CODE[MIXLORA_SWITCH]
+    row[NUM_EXPERTS] = 1
+    return row
+
+
 def routing_table(configs: list[MoleConfig]) -> torch.Tensor:
     return torch.stack([routing_row(c) for c in configs]) if configs else torch.zeros(
         0, NUM_COLUMNS)

@@ -55,7 +55,7 @@ import torch
 from . import metrics
 from .adapter import BaseShape, MoleAdapter
 from .checkpoint import is_mole_adapter_dir, load_adapter
-from .config import AdapterLimits
+from .config import FAMILIES, AdapterLimits
 from .errors import AdapterError
 from .layers import TensorShard
 
@@ -72,7 +72,11 @@ LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _PATCHED = "_mole_serve_patched"
 _MOLE_ATTRIBUTE = "mole_adapter"  # set on the LoRAModel that carries a MoleAdapter
 _NAME_ATTRIBUTE = "mole_serve_name"  # set on every LoRAModel we see loaded: metric labels
-_SETTING_KEYS = {"enabled", "max_experts", "routing_metrics", "metrics_interval_s"}
+_SETTING_KEYS = {"enabled", "max_experts", "routing_metrics", "metrics_interval_s", "backend",
+                 "families"}
+# "auto": the Triton kernels with CUDA, else the reference math (Triton only runs interpreted
+# on a CPU); "kernels" on a CPU runs them interpreted (tests: slow); "reference" anywhere.
+BACKENDS = ("auto", "kernels", "reference")
 
 
 # -- settings carried to every process ---------------------------------------------------------
@@ -84,6 +88,11 @@ class ServeSettings:
     max_experts: int = DEFAULT_MAX_EXPERTS
     routing_metrics: bool = True       # per-adapter routing counts (layers.RoutingStats)
     metrics_interval_s: float = 1.0    # at most one routing-count export per interval
+    backend: str = "auto"              # one of BACKENDS
+    # Adapter families served (config.FAMILIES). Each costs slot buffers and kernel launches
+    # in every layer whether or not such an adapter is loaded (CUDA graphs fix the launches
+    # at start-up): a server of MixLoRA adapters only skips DynMoLE's per-linear routers.
+    families: tuple[str, ...] = tuple(FAMILIES)
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "ServeSettings":
@@ -102,15 +111,29 @@ class ServeSettings:
         if not isinstance(interval, (int, float)) or interval < 0:
             raise ValueError(f"--additional-config {MOLE_KEY}.metrics_interval_s: expected "
                              f"seconds >= 0, found {interval!r}")
+        backend = section.get("backend", cls.backend)
+        if backend not in BACKENDS:
+            raise ValueError(f"--additional-config {MOLE_KEY}.backend: expected one of "
+                             f"{list(BACKENDS)}, found {backend!r}")
+        families = section.get("families", list(FAMILIES))
+        if (not isinstance(families, list) or not families
+                or not set(families) <= set(FAMILIES)):
+            raise ValueError(f"--additional-config {MOLE_KEY}.families: expected a non-empty "
+                             f"list of {list(FAMILIES)}, found {families!r}")
         return cls(enabled=bool(section.get("enabled", False)), max_experts=max_experts,
                    routing_metrics=bool(section.get("routing_metrics", True)),
-                   metrics_interval_s=float(interval))
+                   metrics_interval_s=float(interval), backend=backend,
+                   families=tuple(f for f in FAMILIES if f in families))
+
+    def uses_kernels(self) -> bool:
+        return self.backend == "kernels" or (self.backend == "auto" and torch.cuda.is_available())
 
     def merged_into(self, additional_config: Any) -> dict:
         merged = dict(additional_config) if isinstance(additional_config, dict) else {}
         merged[MOLE_KEY] = {"enabled": self.enabled, "max_experts": self.max_experts,
                             "routing_metrics": self.routing_metrics,
-                            "metrics_interval_s": self.metrics_interval_s}
+                            "metrics_interval_s": self.metrics_interval_s,
+                            "backend": self.backend, "families": list(self.families)}
         return merged
 
 

@@ -195,6 +195,34 @@ def test_route_matches_reference_dynmole_with_entropy_broadcast():
     assert (everything & uses).any() and (~everything & uses).any(), "broadcast and not"
 
 
+def test_route_counts_the_routing_metrics_the_reference_counts():
+    """With metrics on, the route kernel adds each block's routing to the per-slot counters
+    (selections, experts kept, entropy buckets, entropy sum): the same counts as
+    `RoutingStats.record` (the reference backend's counter) for every strategy, twice over
+    (counters accumulate), nothing for base tokens and empty slots."""
+    from mole_serve.layers import RoutingStats
+    from mole_serve.kernels import RoutingCounts
+    configs = [c for c in ZOO if c.has_ffn_experts] + [None]
+    stack = make_stack(configs, seed=5).ffn
+    x, slots = tokens(130, len(configs), seed=6)
+    plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
+    kernel_stats, reference_stats = (RoutingStats(len(configs), stack.router.shape[1], 0, "ffn")
+                                     .to(DEVICE) for _ in range(2))
+    for stats in (kernel_stats, reference_stats):
+        stats.routed_slots.update(range(len(configs)))  # report every slot, the empty one too
+    for _ in range(2):
+        mixlora_route(x, plan, stack, RoutingCounts(kernel_stats.counts,
+                                                    kernel_stats.entropy_bounds))
+        reference_stats.record(x, slots, stack)
+    got, want = kernel_stats.take(), reference_stats.take()
+    for key in ("selections", "experts_per_token", "entropy_buckets"):
+        assert torch.equal(got[key], want[key]), key
+    torch.testing.assert_close(got["entropy_sum"], want["entropy_sum"], rtol=1e-5, atol=1e-6)
+    assert got["experts_per_token"][:-1].sum() == 2 * (slots >= 0).sum().item() - 2 * (
+        slots == len(configs) - 1).sum().item()
+    assert not got["experts_per_token"][-1].any(), "the empty slot counts nothing"
+
+
 # -- the FFN ---------------------------------------------------------------------------------
 def check_ffn(configs, num_tokens: int, seed: int, dtype=torch.float32, tolerance=TOLERANCE):
     stack = make_stack(configs, seed, dtype)

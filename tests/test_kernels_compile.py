@@ -23,6 +23,7 @@ import torch
 
 from mole_serve.kernels import mixlora_route, mole_ffn_kernels, plan_tokens
 from mole_serve.kernels.configs import BLOCK_M
+from mole_serve.layers import RoutingStats
 from test_kernels import ZOO, frozen, make_stack, tokens
 
 OPS = torch.ops.mole_serve
@@ -57,12 +58,16 @@ def op_samples():
     routing = mixlora_route(x, plan, ffn)
     g, u = x @ base.gate.T, x @ base.up.T
     h = base.act(g) * u
+    stats = RoutingStats(4, ffn.router.shape[1], 0, "ffn").to(x.device)
+    counts, bounds = stats.counts, stats.entropy_bounds
     partials = OPS.mixlora_experts(h.clone(), g, u, routing.shrink, routing.ids,
                                    routing.weights, ffn.gate_up_b, ffn.down_a, ffn.scaling,
                                    ffn.enabled, *meta, "silu", 2)
     return {
         "route": (OPS.route, (x, ffn.router, ffn.gate_up_a, ffn.routing, ffn.enabled, *meta,
                               ffn.k_max)),
+        "route_counting": (OPS.route, (x, ffn.router, ffn.gate_up_a, ffn.routing, ffn.enabled,
+                                       *meta, ffn.k_max, counts, bounds)),
         "mixlora_experts": (OPS.mixlora_experts,
                             (h, g, u, routing.shrink, routing.ids, routing.weights,
                              ffn.gate_up_b, ffn.down_a, ffn.scaling, ffn.enabled, *meta,
@@ -73,7 +78,8 @@ def op_samples():
     }
 
 
-@pytest.mark.parametrize("name", ["route", "mixlora_experts", "routed_expand"])
+@pytest.mark.parametrize("name", ["route", "route_counting", "mixlora_experts",
+                                  "routed_expand"])
 def test_opcheck_custom_ops(name):
     op, args = op_samples()[name]
     torch.library.opcheck(op, args)
@@ -119,10 +125,13 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
         serving = dt == "bf16"
         common = dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK_M=configs.BLOCK_M,
                       PRECISION=precision)
+        # Serving counts routing metrics in the route kernel (fp64 atomics).
         build(route._route_kernel, {**ids, "x_ptr": f"*{dt}", "router_ptr": "*fp32",
-              "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32"},
+              "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
+              "counts_ptr": "*fp64", "bounds_ptr": "*fp32"},
               dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
-                   BLOCK_H=tiles.block_h), tiles.num_warps, serving)
+                   BLOCK_H=tiles.block_h, COUNT=serving, NB=10, NB_PAD=16),
+              tiles.num_warps, serving)
         build(experts._experts_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
               "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "gate_up_b_ptr": f"*{dt}",
               "down_a_ptr": f"*{dt}", "partials_ptr": "*fp32"},

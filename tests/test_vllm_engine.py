@@ -4,7 +4,9 @@ One engine serves two MoLE adapters (MixLoRA top-k with attention LoRA, as MoE-P
 DynMoLE, as safetensors) and a plain PEFT LoRA with two slots and a CPU cache of two, so
 adapters are evicted, reloaded and moved between slots while the tests run. Greedy tokens must
 equal a transformers + `mole_serve.reference` generation, alone and in batches mixed with
-base-model requests (which also catches vLLM's CPU "-1 slot" bug).
+base-model requests (which also catches vLLM's CPU "-1 slot" bug). Every test runs on both
+backends: the reference math (the CPU default) and the Triton kernels (interpreted here), the
+GPU path with its once-per-step token plan and in-kernel routing metrics.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def expected(workspace):
             for i, prompt in enumerate(PROMPTS) for name in (None, *adapters)}
 
 
-@pytest.fixture(scope="module")
-def engine(workspace):
+@pytest.fixture(scope="module", params=["reference", "kernels"])
+def engine(workspace, request):
     with pytest.MonkeyPatch.context() as env:
         for key, value in engine_env().items():
             env.setenv(key, value)
@@ -65,7 +67,10 @@ def engine(workspace):
                   max_num_batched_tokens=256, max_num_seqs=8, seed=0,
                   max_lora_rank=8, max_loras=2, max_cpu_loras=2,
                   additional_config={"mole": {"enabled": True, "max_experts": 4,
-                                              "metrics_interval_s": 0}})
+                                              "metrics_interval_s": 0,
+                                              "backend": request.param}})
+        plan_block_m = llm.apply_model(lambda model: model.mole_token_slots.plan_block_m)
+        assert (plan_block_m != [None]) == (request.param == "kernels")
         requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
                     for i, name in enumerate(ADAPTERS)}
         yield llm, requests
@@ -112,7 +117,7 @@ def test_malformed_mole_adapter_is_refused_and_engine_keeps_serving(engine, expe
     from vllm.lora.request import LoRARequest
 
     bad = workspace["root"] / "bad-dynmole"
-    bad.mkdir()
+    bad.mkdir(exist_ok=True)  # once per backend
     source = workspace["root"] / "dynmole"
     (bad / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
     tensors = load_file(str(source / "adapter_model.safetensors"))

@@ -1,6 +1,7 @@
 """The served layers' slot buffers: filling slots in place must compute what
 `stack.stack_layer` + `reference` compute, padding to the server's limits included, on both
-backends (the Triton kernels run interpreted here). No vLLM needed."""
+backends (the Triton kernels run interpreted here, for real on a GPU machine). No vLLM
+needed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ from mole_serve.stack import stack_layer
 BASE = BaseShape(hidden=64, intermediate=96, num_layers=2, num_heads=2, num_kv_heads=1,
                  head_dim=32)
 BACKENDS = {"reference": False, "kernels": True}
+# Inputs are made on the CPU (seeded) and moved: on a GPU machine the kernels run for real.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(DEVICE)
+
+
+def randint(low: int, high: int, shape: tuple[int, ...], generator: torch.Generator):
+    return torch.randint(low, high, shape, generator=generator).to(DEVICE)
 
 
 def adapters():
@@ -28,28 +39,36 @@ def adapters():
             for i, c in enumerate(configs)]
 
 
+def step_slots(num_slots: int, slots: torch.Tensor, use_kernels: bool) -> TokenSlots:
+    """What the model's forward does once per step: attach vLLM's slot buffer, prepare."""
+    token_slots = TokenSlots(num_slots, use_kernels)
+    token_slots.attach(slots)
+    token_slots.prepare(slots.shape[0])
+    return token_slots
+
+
 def served_layer(limits: SlotLimits, slots: torch.Tensor, use_kernels: bool):
-    token_slots = TokenSlots(limits.slots)
-    token_slots.buffer = slots
-    return (FFNAdapters(limits, BASE, 1, token_slots, use_kernels),
-            ProjectionAdapters(limits, BASE, 1, token_slots, ATTENTION_PROJS, use_kernels))
+    token_slots = step_slots(limits.slots, slots, use_kernels)
+    return (FFNAdapters(limits, BASE, 1, token_slots, use_kernels).to(DEVICE),
+            ProjectionAdapters(limits, BASE, 1, token_slots, ATTENTION_PROJS,
+                               use_kernels).to(DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_filled_slots_compute_what_stack_layer_computes(backend):
     mix, dyn, dynamic = adapters()
     g = torch.Generator().manual_seed(1)
-    slots = torch.randint(-1, 4, (29,), generator=g)
+    slots = randint(-1, 4, (29,), generator=g)
     ffn, attention = served_layer(SlotLimits(slots=4, rank=8, experts=5), slots,
                                   BACKENDS[backend])
     # Slot 3 first holds an adapter that is then replaced: refills must not leave residue.
     for slot, adapter in ((3, mix), (0, dyn), (1, mix), (3, dynamic), (2, None)):
         ffn.fill(slot, adapter)
         attention.fill(slot, adapter)
-    expected_stack = stack_layer([dyn, mix, None, dynamic], 1, BASE)
+    expected_stack = stack_layer([dyn, mix, None, dynamic], 1, BASE).to(DEVICE)
 
-    frozen = FrozenFFN(*(torch.randn(s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
-    x = torch.randn(29, 64, generator=g)
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    x = randn(29, 64, generator=g)
     batch = ffn.slot_batch(29)
     g0, u0 = x @ frozen.gate.T, x @ frozen.up.T
     g1, u1 = (ffn.project(y, x, batch, p) for y, p in ((g0, "gate_proj"), (u0, "up_proj")))
@@ -59,13 +78,13 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
     torch.testing.assert_close(y, mole_ffn(x, frozen, slots, expected_stack))
 
     # q/k/v arrive as column views of vLLM's fused qkv output.
-    qkv_weight = torch.randn(64 + 32 + 32, 64, generator=g) / 8
+    qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
     views = (x @ qkv_weight.T).split([64, 32, 32], dim=-1)
     for proj, y, weight in zip(("q_proj", "k_proj", "v_proj"), views,
                                qkv_weight.split([64, 32, 32])):
         torch.testing.assert_close(attention.project(y, x, batch, proj),
                                    mole_projection(x, weight, slots, proj, expected_stack))
-    weight = torch.randn(64, 64, generator=g) / 8
+    weight = randn(64, 64, generator=g) / 8
     torch.testing.assert_close(attention.project(x @ weight.T, x, batch, "o_proj"),
                                mole_projection(x, weight, slots, "o_proj", expected_stack))
 
@@ -73,12 +92,12 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_base_and_other_adapters_tokens_are_untouched(backend):
     mix, dyn, _ = adapters()
-    slots = torch.tensor([-1, 2, 0, -1, 1, 2])
+    slots = torch.tensor([-1, 2, 0, -1, 1, 2], device=DEVICE)
     ffn, _ = served_layer(SlotLimits(slots=3, rank=4, experts=4), slots, BACKENDS[backend])
     ffn.fill(0, mix)
     ffn.fill(1, dyn)
-    x = torch.randn(6, 64)
-    u0 = torch.randn(6, 96)  # an up_proj output
+    x = randn(6, 64)
+    u0 = randn(6, 96)  # an up_proj output
     out = ffn.project(u0.clone(), x, ffn.slot_batch(6), "up_proj")
     dynmole_rows = slots.eq(1)          # MixLoRA's FFN experts are not a per-linear delta
     assert torch.equal(out[~dynmole_rows], u0[~dynmole_rows])
@@ -111,17 +130,17 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
     from mole_serve.metrics import ENTROPY_BUCKETS
     mix, dyn, _ = adapters()
     g = torch.Generator().manual_seed(2)
-    slots = torch.randint(-1, 3, (40,), generator=g)
+    slots = randint(-1, 3, (40,), generator=g)
     ffn, _ = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, BACKENDS[backend])
     ffn.fill(0, mix)
     ffn.fill(2, dyn)
-    x = torch.randn(40, 64, generator=g)
-    h, gu = torch.randn(40, 96, generator=g), torch.randn(40, 96, generator=g)
+    x = randn(40, 64, generator=g)
+    h, gu = randn(40, 96, generator=g), randn(40, 96, generator=g)
     batch = ffn.slot_batch(40)
     ffn.mix_experts(h.clone(), gu, gu, x, batch)
     counts = ffn.mixlora_stats.take()
 
-    selections, per_token, entropies = routing_counts(x, slots, mix, 0)
+    selections, per_token, entropies = routing_counts(x.cpu(), slots.cpu(), mix, 0)
     assert torch.equal(counts["selections"][0], selections)
     assert torch.equal(counts["experts_per_token"][0], per_token)
     assert per_token[2] == (slots == 0).sum(), "top-2 keeps two experts per token"
@@ -132,11 +151,12 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
     assert not counts["experts_per_token"][1:].any()
 
     # DynMoLE's per-linear routers count in their own stats.
-    ffn.project(torch.randn(40, 96, generator=g), x, batch, "up_proj")
+    ffn.project(randn(40, 96, generator=g), x, batch, "up_proj")
     up = ffn.gated_stats["up"].take()
     assert up["experts_per_token"][2].sum() == (slots == 2).sum()
     assert not up["experts_per_token"][:2].any()
 
+    ffn.token_slots.prepare(10)  # the next step: 10 tokens
     ffn.mix_experts(h[:10].clone(), gu[:10], gu[:10], x[:10], ffn.slot_batch(10))
     again = ffn.mixlora_stats.take()
     assert again["experts_per_token"][0].sum() == (slots[:10] == 0).sum()
@@ -147,13 +167,12 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
 def test_routing_stats_change_no_output():
     mix, dyn, _ = adapters()
     g = torch.Generator().manual_seed(3)
-    slots = torch.randint(-1, 2, (16,), generator=g)
-    x, h, gu = (torch.randn(16, n, generator=g) for n in (64, 96, 96))
+    slots = randint(-1, 2, (16,), generator=g)
+    x, h, gu = (randn(16, n, generator=g) for n in (64, 96, 96))
     outputs = []
     for routing_stats in (True, False):
-        token_slots = TokenSlots(2)
-        token_slots.buffer = slots
-        ffn = FFNAdapters(SlotLimits(2, 8, 4), BASE, 1, token_slots, False, routing_stats)
+        ffn = FFNAdapters(SlotLimits(2, 8, 4), BASE, 1, step_slots(2, slots, False), False,
+                          routing_stats).to(DEVICE)
         ffn.fill(0, mix)
         ffn.fill(1, dyn)
         batch = ffn.slot_batch(16)
@@ -174,15 +193,13 @@ def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
                                   BASE, "col", generator=torch.Generator().manual_seed(5),
                                   b_std=0.1, router_std=0.5)
     g = torch.Generator().manual_seed(4)
-    slots = torch.randint(-1, 3, (23,), generator=g)
-    x = torch.randn(23, 64, generator=g)
-    gate, up, down = (torch.randn(s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96)))
+    slots = randint(-1, 3, (23,), generator=g)
+    x = randn(23, 64, generator=g)
+    gate, up, down = (randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96)))
 
     def ffn_output(shard):
-        token_slots = TokenSlots(3)
-        token_slots.buffer = slots
-        ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, token_slots, BACKENDS[backend],
-                          shard=shard)
+        ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, step_slots(3, slots, BACKENDS[backend]),
+                          BACKENDS[backend], shard=shard).to(DEVICE)
         for slot, adapter in enumerate((mix, column_dynmole, dynamic)):
             ffn.fill(slot, adapter)
         part = shard.part(96)
@@ -206,3 +223,84 @@ def test_tensor_parallel_refuses_routers_on_split_inputs():
                       shard=TensorShard(1, 2))
     with pytest.raises(ValueError, match="'a1'.*down_proj needs the whole input"):
         ffn.fill(0, dyn)
+
+
+def ffn_step(ffn: FFNAdapters, frozen: FrozenFFN, x: torch.Tensor) -> torch.Tensor:
+    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers."""
+    batch = ffn.slot_batch(x.shape[0])
+    g = ffn.project(x @ frozen.gate.T, x, batch, "gate_proj")
+    u = ffn.project(x @ frozen.up.T, x, batch, "up_proj")
+    h, routed = ffn.mix_experts(frozen.act(g) * u, g, u, x, batch)
+    return ffn.add_down_delta(ffn.project(h @ frozen.down.T, h, batch, "down_proj"), batch,
+                              routed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_factors_compute_what_the_bf16_stack_computes(backend):
+    """Served factors live in the model dtype (routers stay fp32): the same math as the
+    reference on a stack cast the same way."""
+    mix, dyn, dynamic = adapters()
+    g = torch.Generator().manual_seed(6)
+    slots = randint(-1, 3, (21,), generator=g)
+    limits = SlotLimits(slots=3, rank=8, experts=5, factor_dtype=torch.bfloat16)
+    ffn, _ = served_layer(limits, slots, BACKENDS[backend])
+    for slot, adapter in enumerate((mix, dyn, dynamic)):
+        ffn.fill(slot, adapter)
+    assert ffn.mixlora.gate_up_b.dtype == torch.bfloat16
+    assert ffn.mixlora.router.dtype == ffn.gated["up"].router.dtype == torch.float32
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    x = randn(21, 64, generator=g)
+    expected = mole_ffn(x, frozen, slots,
+                        stack_layer([mix, dyn, dynamic], 1, BASE).to(DEVICE, torch.bfloat16))
+    torch.testing.assert_close(ffn_step(ffn, frozen, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_token_plan_is_built_once_per_step_not_per_layer(monkeypatch):
+    """On the kernels the model's forward sorts the tokens once (`TokenSlots.prepare`);
+    the layers only slice the step's persistent plan."""
+    import mole_serve.kernels as kernels
+    mix, dyn, _ = adapters()
+    slots = torch.tensor([2, -1, 0, 1, 0, -1, 2, 1, 0], device=DEVICE)
+    ffn, attention = served_layer(SlotLimits(3, 8, 5), slots, use_kernels=True)
+    ffn.fill(0, mix)
+    ffn.fill(1, dyn)
+    calls = []
+    plan_tokens = kernels.plan_tokens
+    monkeypatch.setattr(kernels, "plan_tokens", lambda *a: calls.append(a) or plan_tokens(*a))
+    ffn.token_slots.prepare(9)
+    assert len(calls) == 1
+    x = randn(9, 64)
+    frozen = FrozenFFN(randn(96, 64), randn(96, 64), randn(64, 96))
+    for _ in range(2):  # two decoder layers of one step
+        attention.project(randn(9, 64), x, attention.slot_batch(9), "o_proj")
+        ffn_step(ffn, frozen, x)
+    assert len(calls) == 1
+    plan = ffn.slot_batch(9).plan
+    assert plan.sorted_tokens.data_ptr() == ffn.token_slots.sorted_tokens.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_served_layers_compile_once_for_every_token_count(backend):
+    """vLLM compiles each decoder layer with `fullgraph=True` and a symbolic token count, and
+    drops the guards: a graph break, a data-dependent shape or a specialisation on the token
+    count in the layers (slicing the step buffers, routing counts included) fails here."""
+    mix, dyn, dynamic = adapters()
+    g = torch.Generator().manual_seed(7)
+    slots = randint(-1, 3, (40,), generator=g)
+    ffn, _ = served_layer(SlotLimits(3, 8, 5), slots, BACKENDS[backend])
+    for slot, adapter in enumerate((mix, dyn, dynamic)):
+        ffn.fill(slot, adapter)
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    x = randn(40, 64, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(ffn_step, fullgraph=True, dynamic=True, backend="aot_eager")
+
+    def check(num_tokens):
+        ffn.token_slots.prepare(num_tokens)
+        torch.testing.assert_close(compiled(ffn, frozen, x[:num_tokens]),
+                                   ffn_step(ffn, frozen, x[:num_tokens]), rtol=0, atol=0)
+
+    check(17)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check(40)
+        check(5)

@@ -56,7 +56,8 @@ def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
                                     '{"other": 1, "mole": {"metrics_interval_s": 0}}'])
     assert engine_args.additional_config == {
         "other": 1, "mole": {"enabled": True, "max_experts": 4, "routing_metrics": True,
-                             "metrics_interval_s": 0.0}}
+                             "metrics_interval_s": 0.0, "backend": "auto",
+                             "families": ["mixlora", "dynmole"]}}
     assert parse_serve_args(model).additional_config == {}
 
 
@@ -93,6 +94,14 @@ def test_unknown_mole_setting_is_a_clear_error(tiny_llama):
     with pytest.raises(ValueError, match="unknown keys.*max_expert"):
         EngineArgs(model=str(tiny_llama), additional_config={
             "mole": {"enabled": True, "max_expert": 4}}).create_engine_config()
+    with pytest.raises(ValueError, match=r"backend: expected one of \['auto', 'kernels', "
+                                         r"'reference'\], found 'triton'"):
+        EngineArgs(model=str(tiny_llama), additional_config={
+            "mole": {"enabled": True, "backend": "triton"}}).create_engine_config()
+    with pytest.raises(ValueError, match=r"families: expected a non-empty list of "
+                                         r"\['mixlora', 'dynmole'\], found \['moe'\]"):
+        EngineArgs(model=str(tiny_llama), additional_config={
+            "mole": {"enabled": True, "families": ["moe"]}}).create_engine_config()
 
 
 def test_cpu_lora_ops_leave_no_adapter_rows_alone():

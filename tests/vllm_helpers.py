@@ -66,11 +66,12 @@ class ReferenceGenerator:
     def greedy(self, prompt: list[int], max_tokens: int, adapter: str | None = None) -> list[int]:
         """Greedy tokens of the base model (None) or an attached adapter."""
         with self.attachment.use(adapter):
-            return _greedy(self.attachment.model, prompt, max_tokens)
+            return greedy_tokens(self.attachment.model, prompt, max_tokens)
 
 
 @torch.no_grad()
-def _greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+def greedy_tokens(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy decoding by full recomputation, never stopping at EOS (as `ignore_eos`)."""
     ids = list(prompt)
     for _ in range(max_tokens):
         ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))

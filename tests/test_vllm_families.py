@@ -1,0 +1,61 @@
+"""A server limited to one adapter family (`--additional-config '{"mole": {"families":
+["mixlora"]}}'`) builds only that family's slot buffers, so every layer launches fewer kernels
+(DynMoLE's per-linear routers are gone; attention keeps MixLoRA's LoRA as one expert), serves
+MixLoRA adapters exactly as the full server does, and refuses DynMoLE adapters by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mole_serve.adapter import BaseShape
+from mole_serve.config import MoleConfig
+from tiny_model import make_tiny_llama
+from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter
+
+PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
+MAX_TOKENS = 8
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_mixlora_only_server(tmp_path):
+    model_dir = make_tiny_llama(tmp_path / "base")
+    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=32)
+    mixlora = make_mole_adapter(tmp_path / "mixlora", MoleConfig(
+        "mixlora-dynamic", num_experts=4, r=8, lora_alpha=16, top_p=0.7, target_modules=ALL),
+        base, seed=4)
+    make_mole_adapter(tmp_path / "dynmole", MoleConfig(
+        "dynmole", num_experts=3, r=4, lora_alpha=8, target_modules=ALL), base, seed=5)
+    reference = ReferenceGenerator(model_dir, [mixlora])
+    expected = [reference.greedy(p, MAX_TOKENS, name) for name in (None, "mixlora")
+                for p in PROMPTS]
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in engine_env().items():
+            env.setenv(key, value)
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True,
+                  distributed_executor_backend="uni", max_model_len=128,
+                  max_num_batched_tokens=256, max_num_seqs=8, seed=0, max_lora_rank=8,
+                  max_loras=2, additional_config={"mole": {"enabled": True, "max_experts": 4,
+                                                           "families": ["mixlora"]}})
+
+        def layout(model: torch.nn.Module):
+            layer = model.model.layers[0]
+            return (layer.self_attn.mole.gated["q"].a.shape[1], dict(layer.mlp.mole.gated),
+                    layer.mlp.mole.mixlora.router.shape[1])
+
+        assert llm.apply_model(layout) == [(1, {}, 4)], \
+            "one-expert attention LoRA, no per-linear FFN routers, MixLoRA FFN experts"
+        request = LoRARequest("mixlora", 1, str(tmp_path / "mixlora"))
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in PROMPTS] * 2,
+            SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+            lora_request=[None] * len(PROMPTS) + [request] * len(PROMPTS), use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+        with pytest.raises(Exception, match=r"'dynmole'.*routing_strategy.*families this "
+                                            r"server was started for \(\['mixlora'\]"):
+            llm.llm_engine.add_lora(LoRARequest("dynmole", 2, str(tmp_path / "dynmole")))
+        del llm
