@@ -7,7 +7,8 @@ MixLoRA dynamic top-p and per-linear DynMoLE, both calibrated to the same mean e
 token as top-2) x impl:
 - `base`: merged gate/up GEMM + SiLU·mul + down GEMM (what a server without adapters runs);
 - `mole`: the layer as vLLM runs it: the same two GEMMs and SiLU·mul plus the kernels
-  (3 launches for MixLoRA, 2 per adapted projection for DynMoLE), token plan prebuilt;
+  (3 launches for MixLoRA; for DynMoLE 2 for gate+up together and 2 for down), token plan
+  prebuilt;
 - `plan`: building the token plan (once per step, shared by every layer);
 - `naive`: `reference.ffn_literal` per adapter on its tokens (host syncs; every selected expert
   runs the whole frozen FFN, as MoE-PEFT does).
@@ -38,10 +39,10 @@ import torch.nn.functional as F
 
 from mole_serve.adapter import BaseShape, MoleAdapter, init_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.kernels import (BLOCK_M, gated_lora_, mixlora_down_delta_, mixlora_experts_,
-                                mixlora_route, num_slots, plan_tokens)
+from mole_serve.kernels import (BLOCK_M, Routing, gated_lora_, mixlora_down_delta_,
+                                mixlora_experts_, mixlora_route, num_slots, plan_tokens)
 from mole_serve.reference import FrozenFFN, ffn_literal
-from mole_serve.stack import LayerStack, stack_layer
+from mole_serve.stack import GroupedLoRAStack, LayerStack, stack_layer
 
 COLUMNS = ["gpu", "date", "commit", "tokens", "adapters", "popularity", "strategy", "impl",
            "median_us", "bytes_floor_us", "launches"]
@@ -136,6 +137,10 @@ class Layer:
         self.adapters = [_to_device(a, device) for a in adapters]
         self.stack: LayerStack = stack_layer(adapters, 0, shape_of(setup)).to(device,
                                                                                setup.dtype)
+        gated = self.stack.gated
+        # DynMoLE's gate and up share x: one grouped launch pair, as the served layer runs.
+        self.gate_up_group = (GroupedLoRAStack.of([gated["gate_proj"], gated["up_proj"]])
+                              if "gate_proj" in gated else None)
         self.intermediate = I
 
     def base(self, x):
@@ -147,12 +152,13 @@ class Layer:
         collects each routing decision (for the bytes floor)."""
         record = routings.append if routings is not None else (lambda routing: None)
         gate_up = F.linear(x, self.gate_up)
-        g, u = gate_up.split(self.intermediate, dim=1)
         gated = self.stack.gated
-        if "gate_proj" in gated:
-            record(gated_lora_(g, x, plan, gated["gate_proj"]))
-        if "up_proj" in gated:
-            record(gated_lora_(u, x, plan, gated["up_proj"]))
+        if self.gate_up_group is not None:
+            grouped = gated_lora_(gate_up, x, plan, self.gate_up_group)
+            for index in range(2):  # gate, up
+                record(Routing(grouped.ids[index], grouped.weights[index],
+                               grouped.shrink[index]))
+        g, u = gate_up.split(self.intermediate, dim=1)
         h = F.silu(g) * u
         ffn = self.stack.ffn
         if ffn is not None:

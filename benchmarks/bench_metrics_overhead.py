@@ -24,8 +24,9 @@ import time
 import torch
 
 from mole_serve.adapter import BaseShape, init_adapter
-from mole_serve.config import ATTENTION_PROJS, MoleConfig
-from mole_serve.layers import FFNAdapters, ProjectionAdapters, SlotLimits, TokenSlots
+from mole_serve.config import MoleConfig
+from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
+                               TokenSlots)
 from mole_serve.metrics import routing_observed
 
 COLUMNS = ["device", "tokens", "strategy", "metrics", "median_us", "overhead_pct",
@@ -49,7 +50,7 @@ class ServedLayer:
         token_slots = TokenSlots(num_slots, use_kernels)
         token_slots.attach(slots)
         token_slots.prepare(slots.shape[0])  # once per step in the model, not per layer
-        self.attention = ProjectionAdapters(limits, base, 0, token_slots, ATTENTION_PROJS,
+        self.attention = ProjectionAdapters(limits, base, 0, token_slots, ATTENTION_GROUPS,
                                             use_kernels, routing_stats).to(device)
         self.ffn = FFNAdapters(limits, base, 0, token_slots, use_kernels,
                                routing_stats).to(device)
@@ -58,7 +59,8 @@ class ServedLayer:
             adapter = init_adapter(config, base, f"a{slot}", generator=g, router_std=0.5)
             self.attention.fill(slot, adapter)
             self.ffn.fill(slot, adapter)
-        self.attention_outputs = {p: base.in_out(p)[1] for p in ATTENTION_PROJS}
+        self.attention_outputs = {key: sum(base.in_out(p)[1] for p in projs)
+                                  for key, projs in ATTENTION_GROUPS.items()}
         self.gate_up = torch.randn(2 * base.intermediate, base.hidden, generator=g).to(device,
                                                                                       dtype)
         self.down = torch.randn(base.hidden, base.intermediate, generator=g).to(device, dtype)
@@ -66,26 +68,25 @@ class ServedLayer:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.ffn.slot_batch(x.shape[0])
-        for proj, fan_out in self.attention_outputs.items():  # deltas onto a zero output
-            self.attention.project(x.new_zeros(x.shape[0], fan_out), x, batch, proj)
-        g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
-        g, u = self.ffn.project(g, x, batch, "gate_proj"), self.ffn.project(u, x, batch,
-                                                                          "up_proj")
+        for group, fan_out in self.attention_outputs.items():  # deltas onto a zero output
+            self.attention.project(x.new_zeros(x.shape[0], fan_out), x, batch, group)
+        gate_up = self.ffn.project(x @ self.gate_up.T, x, batch, "gate_up")
+        g, u = gate_up.chunk(2, dim=-1)
         h, routed = self.ffn.mix_experts(torch.nn.functional.silu(g) * u, g, u, x, batch)
-        y = self.ffn.project(h @ self.down.T, h, batch, "down_proj")
+        y = self.ffn.project(h @ self.down.T, h, batch, "down")
         return self.ffn.add_down_delta(y, batch, routed)
 
     def export(self) -> None:
         """What the model does at a step boundary: take the counts, update Prometheus."""
         for module in (self.attention, self.ffn):
             for stats in module.routing_stats():
-                counts = stats.take()
-                for slot in range(counts["selections"].shape[0]):
-                    routing_observed(f"a{slot}", stats.layer_index, stats.router,
-                                     counts["selections"][slot].tolist(),
-                                     counts["experts_per_token"][slot].tolist(),
-                                     counts["entropy_buckets"][slot].tolist(),
-                                     float(counts["entropy_sum"][slot]))
+                for router, counts in stats.take().items():
+                    for slot in range(counts["selections"].shape[0]):
+                        routing_observed(f"a{slot}", stats.layer_index, router,
+                                         counts["selections"][slot].tolist(),
+                                         counts["experts_per_token"][slot].tolist(),
+                                         counts["entropy_buckets"][slot].tolist(),
+                                         float(counts["entropy_sum"][slot]))
 
 
 def timed_us(fn, device: torch.device) -> float:

@@ -2,9 +2,11 @@
 
 Used twice: MixLoRA's down delta (z = the experts kernel's down shrink, given as `split_i`
 partial sums that are added here) and the per-linear gated LoRA's expand (z = the route
-kernel's shrink, one partial). Grid: (plan blocks, split_n); a program reduces its block's
-partials once, then loops over its output tiles and the slot's selected experts. Each output
-row is written by exactly one program per tile: deterministic, other rows untouched.
+kernel's shrink, one partial), also for a group of up to 3 projections that share their input
+and write adjacent column ranges of one fused output (vLLM's qkv and gate_up). Grid: (plan
+blocks, split_n, projections); a program reduces its block's partials once, then loops over
+its output tiles and the slot's selected experts. Each output element is written by exactly
+one program: deterministic, other rows untouched.
 """
 
 from __future__ import annotations
@@ -22,61 +24,74 @@ from .route import dot_precision
 PARTIAL_ELEMENTS = 4096  # register budget of one partial-sum load (elements)
 
 
+MAX_GROUP = 3  # projections per launch (q, k, v)
+
+
 @dataclass(frozen=True)
 class ExpandWeights:
-    b: torch.Tensor          # [S, E, N, R]
-    scaling: torch.Tensor    # [S] fp32
-    enabled: torch.Tensor    # [S] bool
+    """B factors of G projections, concatenated along the output dim as their outputs are."""
+
+    b: torch.Tensor                # [S, E, sum(out_sizes), R]
+    scaling: torch.Tensor          # [G, S] fp32
+    enabled: torch.Tensor          # [G, S] bool
+    out_sizes: tuple[int, ...]     # G output widths
 
 
 @triton.jit
 def _expand_kernel(
     y_ptr, stride_y, partials_ptr, ids_ptr, weights_ptr, b_ptr, scaling_ptr, enabled_ptr,
     sorted_tokens_ptr, block_slot_ptr,
-    T, N, E, R, P,
+    T, S, N, N0, N1, N2, E, R, P,
     K: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, P_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     split = tl.program_id(1)
+    group = tl.program_id(2)
     slot = tl.load(block_slot_ptr + block)
     if slot < 0:
         return
     s = slot.to(tl.int64)
-    if tl.load(enabled_ptr + s) == 0:
+    sg = group.to(tl.int64) * S + s  # this projection's per-slot scalars
+    if tl.load(enabled_ptr + sg) == 0:
         return
+    # The projection's columns of the fused output (and of the concatenated B factors).
+    width = tl.where(group == 0, N0, tl.where(group == 1, N1, N2))
+    first = tl.where(group == 0, 0, tl.where(group == 1, N0, N0 + N1))
+    G = tl.num_programs(2)
     tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = tok >= 0
     tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    in_row = group.to(tl.int64) * T + tok64  # rows of the [G, T, ...] routing and partials
     kk = tl.arange(0, K_PAD)
     pair_ok = row_ok[:, None] & (kk < K)[None, :]
-    ids = tl.load(ids_ptr + tok64[:, None] * K + kk[None, :], mask=pair_ok, other=-1)
-    weights = tl.load(weights_ptr + tok64[:, None] * K + kk[None, :], mask=pair_ok, other=0.0)
+    ids = tl.load(ids_ptr + in_row[:, None] * K + kk[None, :], mask=pair_ok, other=-1)
+    weights = tl.load(weights_ptr + in_row[:, None] * K + kk[None, :], mask=pair_ok, other=0.0)
     used = pair_ok & (weights > 0.0)
     rr = tl.arange(0, R_PAD)
-    z_off = (tok64[:, None, None] * K + kk[None, :, None]) * R + rr[None, None, :]
+    z_off = (in_row[:, None, None] * K + kk[None, :, None]) * R + rr[None, None, :]
     z_mask = used[:, :, None] & (rr < R)[None, None, :]
     z = tl.zeros([BLOCK_M, K_PAD, R_PAD], tl.float32)
     for p0 in range(0, P, P_CHUNK):  # P_CHUNK partials per load: few dependent steps
         pp = p0 + tl.arange(0, P_CHUNK)
-        chunk = tl.load(partials_ptr + pp[:, None, None, None] * (T * K * R) + z_off[None],
+        chunk = tl.load(partials_ptr + pp[:, None, None, None] * (G * T * K * R) + z_off[None],
                         mask=(pp < P)[:, None, None, None] & z_mask[None], other=0.0)
         z += tl.sum(chunk, axis=0)
-    z = z * (weights * tl.load(scaling_ptr + s))[:, :, None]
+    z = z * (weights * tl.load(scaling_ptr + sg))[:, :, None]
 
     for t in range(TILES_PER_SPLIT):
         nn = (split * TILES_PER_SPLIT + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = nn < N
+        n_ok = nn < width
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for e in range(E):
             hit = used & (ids == e)
             if tl.sum(hit.to(tl.int32)) > 0:
                 z_e = tl.sum(tl.where(hit[:, :, None], z, 0.0), axis=1)
-                b = tl.load(b_ptr + ((s * E + e) * N + nn[None, :]) * R + rr[:, None],
+                b = tl.load(b_ptr + ((s * E + e) * N + first + nn[None, :]) * R + rr[:, None],
                             mask=(rr < R)[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
                 acc += tl.dot(z_e, b, input_precision=PRECISION)
-        y_at = y_ptr + tok64[:, None] * stride_y + nn[None, :]
+        y_at = y_ptr + tok64[:, None] * stride_y + first + nn[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
         y = tl.load(y_at, mask=y_mask, other=0.0).to(tl.float32)
         tl.store(y_at, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -91,18 +106,23 @@ def partials_per_load(block_m: int, k: int, r: int, partials: int) -> int:
 def launch_expand(y: torch.Tensor, partials: torch.Tensor, routing_ids: torch.Tensor,
                   routing_weights: torch.Tensor, weights: ExpandWeights, plan: TokenPlan,
                   tiles: Tiles) -> None:
-    """Add the routed LoRA expand into adapter rows of `y` [T, N]."""
+    """Add the routed LoRA expand of G projections into adapter rows of their columns of `y`
+    [T, N]: partials [P, G, T, K, R] (summed), routing ids/weights [G, T, K]."""
     S, E, N, R = weights.b.shape
-    P, T, K, R_in = partials.shape
+    P, G, T, K, R_in = partials.shape
+    sizes = weights.out_sizes
+    assert 1 <= G == len(sizes) <= MAX_GROUP and sum(sizes) == N
     assert R_in == R and y.shape == (T, N) and y.stride(1) == 1
     assert partials.is_contiguous() and weights.b.is_contiguous()
-    assert routing_ids.shape == routing_weights.shape == (T, K)
-    n_tiles = triton.cdiv(N, tiles.block_h)
+    assert routing_ids.shape == routing_weights.shape == (G, T, K)
+    assert weights.scaling.shape == weights.enabled.shape == (G, S)
+    n_tiles = triton.cdiv(max(sizes), tiles.block_h)
     split_n = min(tiles.split_n, n_tiles)
-    _expand_kernel[(plan.num_blocks, split_n)](
+    widths = list(sizes) + [0] * (MAX_GROUP - G)
+    _expand_kernel[(plan.num_blocks, split_n, G)](
         y, y.stride(0), partials, routing_ids, routing_weights, weights.b, weights.scaling,
         weights.enabled, plan.sorted_tokens, plan.block_slot,
-        T, N, E, R, P,
+        T, S, N, *widths, E, R, P,
         K=K, K_PAD=triton.next_power_of_2(K), R_PAD=padded(R), BLOCK_M=plan.block_m,
         BLOCK_N=tiles.block_h, TILES_PER_SPLIT=triton.cdiv(n_tiles, split_n),
         P_CHUNK=partials_per_load(plan.block_m, K, R, P),

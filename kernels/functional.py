@@ -13,7 +13,8 @@ merged gate_up and down linears) run the same pipeline:
     y = W_d h                                             # frozen GEMM 2
     mixlora_down_delta_(y, partials, routing, ...)        # launch 3: adapter rows of y
 
-A routed (DynMoLE) or plain LoRA projection is two launches on the frozen output:
+A routed (DynMoLE) or plain LoRA projection is two launches on the frozen output, also for a
+group of projections that share x (q/k/v, gate/up: `GroupedLoRAStack`, y their fused output):
 
     y = W x;  gated_lora_(y, x, plan, stack.gated[proj])      # or as_gated(stack.lora[proj])
 
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 from mole_serve.reference import FrozenFFN
 from mole_serve.routing import one_expert_routing_row
-from mole_serve.stack import GatedLoRAStack, LayerStack, LoRAStack, MixLoRAStack
+from mole_serve.stack import (GatedLoRAStack, GroupedLoRAStack, LayerStack, LoRAStack,
+                              MixLoRAStack)
 
 from . import ops  # noqa: F401  (registers torch.ops.mole_serve.*)
 from .configs import BLOCK_M, split_i_for
@@ -49,14 +51,16 @@ def num_slots(stack: LayerStack) -> int | None:
 def mixlora_route(x: torch.Tensor, plan: TokenPlan, stack: MixLoRAStack,
                   counts: RoutingCounts | None = None) -> Routing:
     """Launch 1: expert ids/weights [T, k_max] and the gate/up shrink of selected experts
-    (and the routing metrics added to `counts`)."""
-    return _route(x, plan, stack.router, stack.gate_up_a, stack.routing, stack.enabled,
-                  stack.k_max, counts)
+    (and the routing metrics added to `counts`, [1, S, C])."""
+    routing = _route(x, plan, stack.router[None], stack.gate_up_a[None], stack.routing[None],
+                     stack.enabled[None], stack.k_max, counts)
+    return Routing(routing.ids[0], routing.weights[0], routing.shrink[0])
 
 
 def _route(x: torch.Tensor, plan: TokenPlan, router: torch.Tensor, shrink_a: torch.Tensor,
            table: torch.Tensor, enabled: torch.Tensor, k_max: int,
            counts: RoutingCounts | None) -> Routing:
+    """Routing of G projections sharing x: ids/weights [G, T, K], shrink [G, T, K, NR]."""
     ids, weights, shrink = _OPS.route(
         x, router, shrink_a, table, enabled, plan.sorted_tokens, plan.block_slot, k_max,
         None if counts is None else counts.counts, None if counts is None else counts.bounds)
@@ -77,19 +81,26 @@ def mixlora_experts_(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, routing:
 def mixlora_down_delta_(y: torch.Tensor, partials: torch.Tensor, routing: Routing,
                         plan: TokenPlan, stack: MixLoRAStack) -> None:
     """Launch 3: y += sum_k w_k s B_d,k (A_d,k h_k) on MixLoRA tokens' rows."""
-    _OPS.routed_expand(y, partials, routing.ids, routing.weights, stack.down_b, stack.scaling,
-                       stack.enabled, plan.sorted_tokens, plan.block_slot)
+    _OPS.routed_expand(y, partials[:, None], routing.ids[None], routing.weights[None],
+                       stack.down_b, stack.scaling[None], stack.enabled[None],
+                       plan.sorted_tokens, plan.block_slot, [stack.down_b.shape[2]])
 
 
-def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan, stack: GatedLoRAStack,
+def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan,
+                stack: GatedLoRAStack | GroupedLoRAStack,
                 counts: RoutingCounts | None = None) -> Routing:
-    """Per-linear routed LoRA (DynMoLE family), two launches: route + shrink, gated expand.
-    Adds into the adapter tokens' rows of `y = W x`; returns the routing."""
-    routing = _route(x, plan, stack.router, stack.a, stack.routing, stack.enabled,
-                     stack.k_max, counts)
-    _OPS.routed_expand(y, routing.shrink.unsqueeze(0), routing.ids, routing.weights, stack.b,
-                       stack.scaling, stack.enabled, plan.sorted_tokens, plan.block_slot)
-    return routing
+    """Per-linear routed LoRA (DynMoLE family), two launches: route + shrink, gated expand,
+    for one projection or a group sharing x (`y` their fused output, e.g. vLLM's qkv).
+    Adds into the adapter tokens' rows of `y = W x`; returns the routing (with a leading [G]
+    dim for a group)."""
+    grouped = isinstance(stack, GroupedLoRAStack)
+    group = stack if grouped else GroupedLoRAStack.of([stack])
+    routing = _route(x, plan, group.router, group.a, group.routing, group.enabled,
+                     group.k_max, counts)
+    _OPS.routed_expand(y, routing.shrink[None], routing.ids, routing.weights, group.b,
+                       group.scaling, group.enabled, plan.sorted_tokens, plan.block_slot,
+                       list(group.out_sizes))
+    return routing if grouped else Routing(routing.ids[0], routing.weights[0], routing.shrink[0])
 
 
 def as_gated(stack: LoRAStack) -> GatedLoRAStack:

@@ -27,12 +27,13 @@ def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
           enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor, k_max: int,
           counts: Tensor | None = None, entropy_bounds: Tensor | None = None
           ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (ids [T, k_max] int32, weights [T, k_max] fp32, shrink [T, k_max, NR] fp32);
+    """For G projections sharing x (router [G, S, E, H], shrink_a [G, S, E, NR, H]):
+    -> (ids [G, T, k_max] int32, weights [G, T, k_max] fp32, shrink [G, T, k_max, NR] fp32);
     adds the routing to `counts` (metrics, `RoutingCounts`) when given."""
-    T, NR = x.shape[0], shrink_a.shape[2]
-    out = Routing(x.new_empty((T, k_max), dtype=torch.int32),
-                  x.new_empty((T, k_max), dtype=torch.float32),
-                  x.new_empty((T, k_max, NR), dtype=torch.float32))
+    G, T, NR = shrink_a.shape[0], x.shape[0], shrink_a.shape[3]
+    out = Routing(x.new_empty((G, T, k_max), dtype=torch.int32),
+                  x.new_empty((G, T, k_max), dtype=torch.float32),
+                  x.new_empty((G, T, k_max, NR), dtype=torch.float32))
     if T > 0:
         launch_route(x, RouterWeights(router, shrink_a, routing_table, enabled, k_max),
                      _plan(sorted_tokens, block_slot), out, pick_tiles(T),
@@ -43,10 +44,10 @@ def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
 @route.register_fake
 def _route_fake(x, router, shrink_a, routing_table, enabled, sorted_tokens, block_slot, k_max,
                 counts=None, entropy_bounds=None):
-    T, NR = x.shape[0], shrink_a.shape[2]
-    return (x.new_empty((T, k_max), dtype=torch.int32),
-            x.new_empty((T, k_max), dtype=torch.float32),
-            x.new_empty((T, k_max, NR), dtype=torch.float32))
+    G, T, NR = shrink_a.shape[0], x.shape[0], shrink_a.shape[3]
+    return (x.new_empty((G, T, k_max), dtype=torch.int32),
+            x.new_empty((G, T, k_max), dtype=torch.float32),
+            x.new_empty((G, T, k_max, NR), dtype=torch.float32))
 
 
 @torch.library.custom_op("mole_serve::mixlora_experts", mutates_args=("h",))
@@ -74,13 +75,17 @@ def _experts_fake(h, g, u, shrink, ids, weights, gate_up_b, down_a, scaling, ena
 @torch.library.custom_op("mole_serve::routed_expand", mutates_args=("y",))
 def routed_expand(y: Tensor, partials: Tensor, ids: Tensor, weights: Tensor, b: Tensor,
                   scaling: Tensor, enabled: Tensor, sorted_tokens: Tensor,
-                  block_slot: Tensor) -> None:
-    """y[t] += sum_k w_k s B[slot, e_k] (sum of partials)_k on adapter tokens' rows."""
+                  block_slot: Tensor, out_sizes: list[int]) -> None:
+    """y[t, cols of g] += sum_k w_gk s_g B[slot, e_gk] (sum of partials)_gk on adapter tokens'
+    rows, for G projections (ids/weights [G, T, K], partials [P, G, T, K, R], scaling and
+    enabled [G, S]) whose outputs are adjacent column ranges of y, `out_sizes` wide."""
     if y.shape[0] > 0:
-        launch_expand(y, partials, ids, weights, ExpandWeights(b, scaling, enabled),
+        launch_expand(y, partials, ids, weights,
+                      ExpandWeights(b, scaling, enabled, tuple(out_sizes)),
                       _plan(sorted_tokens, block_slot), pick_tiles(y.shape[0]))
 
 
 @routed_expand.register_fake
-def _expand_fake(y, partials, ids, weights, b, scaling, enabled, sorted_tokens, block_slot):
+def _expand_fake(y, partials, ids, weights, b, scaling, enabled, sorted_tokens, block_slot,
+                 out_sizes):
     return None

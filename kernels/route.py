@@ -48,18 +48,20 @@ EMPTY = tl.constexpr(EMPTY_BLOCK)
 
 @dataclass(frozen=True)
 class RouterWeights:
-    """What routing needs from a slot-stacked layer (MixLoRAStack or GatedLoRAStack)."""
+    """What routing needs from a slot-stacked layer (MixLoRAStack or GatedLoRAStack), for G
+    projections that share the input x (G = 1: no leading dim)."""
 
-    router: torch.Tensor     # [S, E, H] fp32
-    shrink_a: torch.Tensor   # [S, E, NR, H]: the LoRA A factors applied to x (gate+up fused)
-    routing: torch.Tensor    # [S, NUM_COLUMNS] fp32
-    enabled: torch.Tensor    # [S] bool
+    router: torch.Tensor     # [G, S, E, H] fp32
+    shrink_a: torch.Tensor   # [G, S, E, NR, H]: the LoRA A factors applied to x (gate+up fused)
+    routing: torch.Tensor    # [G, S, NUM_COLUMNS] fp32
+    enabled: torch.Tensor    # [G, S] bool
     k_max: int
 
 
 @dataclass(frozen=True)
 class Routing:
-    """One layer's routing of a batch, as the experts and expand kernels read it."""
+    """One layer's routing of a batch, as the experts and expand kernels read it (with a
+    leading [G] dim for a group of projections)."""
 
     ids: torch.Tensor        # [T, K] int32, by descending probability
     weights: torch.Tensor    # [T, K] fp32, 0 = unused
@@ -69,7 +71,7 @@ class Routing:
 @dataclass(frozen=True)
 class RoutingCounts:
     """Metrics counters a route launch adds to (`mole_serve.layers.RoutingStats` layout):
-    `counts` [S, 2E + NB + 3] float64, `bounds` [NB] fp32 entropy bucket bounds."""
+    `counts` [G, S, 2E + NB + 3] float64, `bounds` [NB] fp32 entropy bucket bounds."""
 
     counts: torch.Tensor
     bounds: torch.Tensor
@@ -161,25 +163,28 @@ def _route_kernel(
     x_ptr, stride_x, router_ptr, shrink_a_ptr, table_ptr, enabled_ptr,
     sorted_tokens_ptr, block_slot_ptr, ids_ptr, weights_ptr, shrink_ptr,
     counts_ptr, bounds_ptr,
-    H, E, NR,
+    T, S, H, E, NR,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr, COUNT: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
 ):
     block = tl.program_id(0)
+    group = tl.program_id(1).to(tl.int64)  # projection of a group sharing the input x
     slot = tl.load(block_slot_ptr + block)
     if slot == EMPTY:
         return
     tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = tok >= 0
     tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    # Per-(projection, slot) weights are [G * S, ...] and outputs [G * T, ...] row-major.
+    s = group * S + tl.maximum(slot, 0).to(tl.int64)
+    out_row = group * T + tok64
     kk = tl.arange(0, K_PAD)
     out_mask = row_ok[:, None] & (kk < K)[None, :]
-    out_off = tok64[:, None] * K + kk[None, :]
+    out_off = out_row[:, None] * K + kk[None, :]
     nn = tl.arange(0, NR_PAD)
     shrink_off = out_off[:, :, None] * NR + nn[None, None, :]
     shrink_mask = out_mask[:, :, None] & (nn < NR)[None, None, :]
-    s = tl.maximum(slot, 0).to(tl.int64)
     active = (slot >= 0) & (tl.load(enabled_ptr + s) != 0)
     if not active:
         tl.store(ids_ptr + out_off, tl.zeros([BLOCK_M, K_PAD], tl.int32), mask=out_mask)
@@ -227,7 +232,7 @@ def _route_kernel(
                             mask=(nn < NR)[None, :] & (hh < H)[:, None], other=0.0
                             ).to(tl.float32)
                 acc += tl.dot(x, a, input_precision=PRECISION)
-            dst = (tok64[:, None] * K + pos[:, None]) * NR + nn[None, :]
+            dst = (out_row[:, None] * K + pos[:, None]) * NR + nn[None, :]
             tl.store(shrink_ptr + dst, acc, mask=row_hit[:, None] & (nn < NR)[None, :])
 
 
@@ -240,25 +245,28 @@ def dot_precision(dtype: torch.dtype) -> str:
 def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: Routing,
                  tiles: Tiles, counts: RoutingCounts | None = None) -> None:
     """Fill `out`: ids and weights of every token, the shrink of every used pair (0 else);
-    with `counts`, also add the batch's routing to the metrics counters."""
-    S, E, NR, H = weights.shrink_a.shape
+    with `counts`, also add the batch's routing to the metrics counters. One program per
+    (plan block, projection of the group)."""
+    G, S, E, NR, H = weights.shrink_a.shape
+    T, K = x.shape[0], weights.k_max
     NB = 0 if counts is None else counts.bounds.shape[0]
     if counts is not None:
-        assert counts.counts.shape == (S, 2 * E + NB + 3) and counts.counts.is_contiguous()
+        assert counts.counts.shape == (G, S, 2 * E + NB + 3) and counts.counts.is_contiguous()
         assert counts.counts.dtype == torch.float64 and counts.bounds.dtype == torch.float32
-    K = weights.k_max
     assert x.shape[1] == H and x.stride(1) == 1
-    assert weights.router.shape == (S, E, H) and weights.routing.shape == (S, table.NUM_COLUMNS)
-    for t in (weights.router, weights.shrink_a, weights.routing, out.ids, out.weights,
-              out.shrink):
+    assert weights.router.shape == (G, S, E, H)
+    assert weights.routing.shape == (G, S, table.NUM_COLUMNS)
+    assert weights.enabled.shape == (G, S)
+    for t in (weights.router, weights.shrink_a, weights.routing, weights.enabled, out.ids,
+              out.weights, out.shrink):
         assert t.is_contiguous()
-    assert out.ids.shape == out.weights.shape == (x.shape[0], K) and out.shrink.shape[1:] == (
-        K, NR)
-    _route_kernel[(plan.num_blocks,)](
+    assert out.ids.shape == out.weights.shape == (G, T, K)
+    assert out.shrink.shape == (G, T, K, NR)
+    _route_kernel[(plan.num_blocks, G)](
         x, x.stride(0), weights.router, weights.shrink_a, weights.routing, weights.enabled,
         plan.sorted_tokens, plan.block_slot, out.ids, out.weights, out.shrink,
         x if counts is None else counts.counts, x if counts is None else counts.bounds,
-        H, E, NR,
+        T, S, H, E, NR,
         K=K, K_PAD=triton.next_power_of_2(K), E_PAD=padded(E), NR_PAD=padded(NR),
         BLOCK_M=plan.block_m, BLOCK_H=tiles.block_h,
         PRECISION=dot_precision(x.dtype), COUNT=counts is not None, NB=NB,

@@ -26,13 +26,12 @@ import torch
 from torch import nn
 
 from .adapter import BaseShape, MoleAdapter, MoleLayer
-from .config import FFN_PROJS
 from .metrics import ENTROPY_BUCKETS
 from .reference import (add_where, gated_lora_delta, mixlora_down_delta,
                         mixlora_experts, mixlora_route)
 from .routing import (NUM_COLUMNS, NUM_EXPERTS, masked_softmax, one_expert_routing_row, route,
                       routing_row)
-from .stack import GatedLoRAStack, MixLoRAStack
+from .stack import GatedLoRAStack, GroupedLoRAStack, MixLoRAStack
 
 if TYPE_CHECKING:
     from .kernels import TokenPlan
@@ -142,36 +141,40 @@ def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 class RoutingStats(nn.Module):
-    """Routing counters of one router, per slot, kept on the device.
+    """Routing counters of the routers of one launch (one, or a group of projections that
+    share their input), per slot, kept on the device.
 
     On the kernels the route kernel adds to `counts` itself (a few atomics per block, no
     extra launch); on the reference backend `record` does, ending in a single scatter-add
     into the same fixed-size buffer. Either way: no host sync, no data-dependent shapes
-    (CUDA-graph and compile safe). `take` runs outside the forward (step boundary, slot change) and returns what
-    was added since its last call; the device counters only grow (until `reset_slot`), so
-    nothing in the forward waits for the host. float64 holds the integer counts exactly
-    (to 2**53) and the entropy sum in the same buffer.
+    (CUDA-graph and compile safe). `take` runs outside the forward (step boundary, slot
+    change) and returns what was added since its last call; the device counters only grow
+    (until `reset_slot`), so nothing in the forward waits for the host. float64 holds the
+    integer counts exactly (to 2**53) and the entropy sum in the same buffer.
 
-    Columns of a slot's row: expert selections [E], tokens by experts kept [E + 1],
-    tokens by entropy bucket [len(ENTROPY_BUCKETS) + 1, the last above 1 by rounding],
-    entropy sum [1].
+    `counts` [routers, slots, columns]; columns of a slot's row: expert selections [E],
+    tokens by experts kept [E + 1], tokens by entropy bucket [len(ENTROPY_BUCKETS) + 1, the
+    last above 1 by rounding], entropy sum [1].
     """
 
-    def __init__(self, slots: int, experts: int, layer_index: int, router: str):
+    def __init__(self, slots: int, experts: int, layer_index: int, routers: tuple[str, ...]):
         super().__init__()
         self.layer_index = layer_index
-        self.router = router
+        self.routers = routers
         self.experts = experts
         columns = 2 * experts + 1 + len(ENTROPY_BUCKETS) + 1 + 1
-        self.register_buffer("counts", _zeros(slots, columns, dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer("counts", _zeros(len(routers), slots, columns,
+                                              dtype=torch.float64), persistent=False)
         self.register_buffer("entropy_bounds", torch.tensor(ENTROPY_BUCKETS), persistent=False)
         self._exported: torch.Tensor | None = None
-        self.routed_slots: set[int] = set()
+        # Per router: slots whose adapter routes there (a one-expert LoRA is counted, not
+        # reported).
+        self.routed_slots: list[set[int]] = [set() for _ in routers]
 
-    def record(self, x: torch.Tensor, slots: torch.Tensor, tables: "_SlotTables",
-               routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Count this batch's routing through `tables` (the router's slot buffers).
+    def record(self, x: torch.Tensor, slots: torch.Tensor, tables: GatedLoRAStack | MixLoRAStack,
+               routed: tuple[torch.Tensor, torch.Tensor] | None = None, router: int = 0
+               ) -> None:
+        """Count this batch's routing through `tables` (router `router`'s slot buffers).
         `routed`: (weights, ids) [T, k] when the caller has them; else routed again here."""
         num_tokens, (num_slots, num_experts, hidden) = slots.shape[0], tables.router.shape
         slot = slots.clamp(min=0)
@@ -188,39 +191,47 @@ class RoutingStats(nn.Module):
             / n.clamp_min(2).log()
         entropy = torch.where(used > 0, entropy, 0.0)  # empty slots' rows are NaN
         chosen = (weights > 0).double() * used[:, None]
-        row = (slot * self.counts.shape[1])[:, None]
+        columns = self.counts.shape[2]
+        row = ((router * num_slots + slot) * columns)[:, None]
         E = self.experts
         index = torch.cat([row + ids.long(),
                            row + E + chosen.sum(1, keepdim=True).long(),
                            row + 2 * E + 1 + torch.bucketize(entropy, self.entropy_bounds)[:, None],
-                           row + self.counts.shape[1] - 1], dim=1)
+                           row + columns - 1], dim=1)
         values = torch.cat([chosen, used[:, None], used[:, None], entropy.double()[:, None]],
                            dim=1)
         self.counts.view(-1).index_add_(0, index.view(-1), values.view(-1))
 
-    def take(self) -> dict[str, torch.Tensor]:
-        """Per-slot counts added since the last call, on the host (outside the forward):
-        `selections` [S, E], `experts_per_token` [S, E + 1], `entropy_buckets` [S, B + 1]
-        (integers) and `entropy_sum` [S]."""
+    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per router, per-slot counts added since the last call, on the host (outside the
+        forward): `selections` [S, E], `experts_per_token` [S, E + 1], `entropy_buckets`
+        [S, B + 1] (integers) and `entropy_sum` [S]."""
         current = self.counts.to("cpu", copy=True)
         added = current - (self._exported if self._exported is not None else 0)
         self._exported = current
-        unrouted = [s for s in range(added.shape[0]) if s not in self.routed_slots]
-        added[unrouted] = 0
-        E, counts = self.experts, added[:, :-1].round().long()
-        return {"selections": counts[:, :E], "experts_per_token": counts[:, E:2 * E + 1],
-                "entropy_buckets": counts[:, 2 * E + 1:], "entropy_sum": added[:, -1]}
+        taken = {}
+        for index, name in enumerate(self.routers):
+            mine = added[index]
+            mine[[s for s in range(mine.shape[0]) if s not in self.routed_slots[index]]] = 0
+            E, counts = self.experts, mine[:, :-1].round().long()
+            taken[name] = {"selections": counts[:, :E],
+                           "experts_per_token": counts[:, E:2 * E + 1],
+                           "entropy_buckets": counts[:, 2 * E + 1:],
+                           "entropy_sum": mine[:, -1]}
+        return taken
 
-    def reset_slot(self, slot: int, routed: bool) -> None:
-        """Forget a slot's counts (its adapter left; `take` its counts first). `routed`:
-        whether the new adapter routes here (a one-expert LoRA is counted, not reported)."""
-        self.counts[slot].zero_()
+    def reset_slot(self, slot: int, routed: list[bool]) -> None:
+        """Forget a slot's counts (its adapter left; `take` its counts first). `routed[i]`:
+        whether the new adapter routes through router i."""
+        self.counts[:, slot].zero_()
         if self._exported is not None:
-            self._exported[slot].zero_()
-        (self.routed_slots.add if routed else self.routed_slots.discard)(slot)
+            self._exported[:, slot].zero_()
+        for slots, routes in zip(self.routed_slots, routed, strict=True):
+            (slots.add if routes else slots.discard)(slot)
+
 
 class _SlotTables(nn.Module):
-    """Per-slot scaling, routing-table row and enabled flag shared by all stack kinds."""
+    """Per-slot scaling, routing-table row and enabled flag (of MixLoRA's FFN experts)."""
 
     def __init__(self, slots: int):
         super().__init__()
@@ -273,58 +284,67 @@ class MixLoRABuffers(_SlotTables):
                             self.down_b, self.scaling, self.routing, self.enabled, self.k_max)
 
 
-class GatedLoRABuffers(_SlotTables):
-    """The adapters of one projection, `GatedLoRAStack` layout: a DynMoLE adapter's routed
-    experts, or a MixLoRA adapter's plain LoRA (attention projections) as a one-expert
-    stack (zero router; switch routing over one expert gives weight exactly 1). One stack
-    per projection, whatever each slot holds: one route + one expand launch.
+class GroupedLoRABuffers(nn.Module):
+    """The adapters of a group of projections that read the same input (q/k/v, gate/up, or
+    one projection alone), `GroupedLoRAStack` layout: per projection, a DynMoLE adapter's
+    routed experts, or a MixLoRA adapter's plain LoRA (attention) as a one-expert stack (zero
+    router; switch routing over one expert gives weight exactly 1). One route and one expand
+    launch per group, whatever each slot holds.
 
-    `routed_slots`: slots whose adapter has a real router here (what routing metrics
-    report; a one-expert LoRA is not routing)."""
+    `routed_slots[i]`: slots whose adapter has a real router on projection i."""
 
-    def __init__(self, limits: SlotLimits, dims: "ShardDims"):
-        super().__init__(limits.slots)
-        S, E, r = limits.slots, limits.experts, limits.rank
-        self.k_max = E
-        self.dims = dims
-        self.routed_slots: set[int] = set()
-        self.register_buffer("router", _zeros(S, E, dims.local_in), persistent=False)
-        self.register_buffer("a", _zeros(S, E, r, dims.local_in, dtype=limits.factor_dtype),
+    def __init__(self, limits: SlotLimits, dims: list["ShardDims"], projs: tuple[str, ...]):
+        super().__init__()
+        if len({d.local_in for d in dims}) != 1:
+            raise ValueError(f"grouped projections {projs} must share their input")
+        G, S, E, r, fan_in = len(projs), limits.slots, limits.experts, limits.rank, \
+            dims[0].local_in
+        self.projs, self.dims, self.k_max = projs, dims, E
+        self.routed_slots: list[set[int]] = [set() for _ in projs]
+        self.register_buffer("router", _zeros(G, S, E, fan_in), persistent=False)
+        self.register_buffer("a", _zeros(G, S, E, r, fan_in, dtype=limits.factor_dtype),
                              persistent=False)
-        self.register_buffer("b", _zeros(S, E, dims.local_out, r, dtype=limits.factor_dtype),
-                             persistent=False)
+        self.register_buffer("b", _zeros(S, E, sum(d.local_out for d in dims), r,
+                                         dtype=limits.factor_dtype), persistent=False)
+        self.register_buffer("scaling", _zeros(G, S), persistent=False)
+        self.register_buffer("routing", _zeros(G, S, NUM_COLUMNS), persistent=False)
+        self.register_buffer("enabled", _zeros(G, S, dtype=torch.bool), persistent=False)
 
-    def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None,
-             proj: str) -> None:
-        for buffer in (self.router, self.a, self.b):
-            buffer[slot].zero_()
-        self.routed_slots.discard(slot)
+    def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None) -> None:
+        for buffer in (self.router[:, slot], self.a[:, slot], self.b[slot],
+                       self.scaling[:, slot], self.routing[:, slot], self.enabled[:, slot]):
+            buffer.zero_()
         per_linear = adapter is not None and adapter.config.is_per_linear
-        if per_linear and proj in layer.routers:
-            if self.dims.splits_input:
-                raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the "
-                                 f"whole input, which tensor parallelism splits over ranks: "
-                                 f"not supported")
-            self.set_row(slot, adapter)
-            self.routed_slots.add(slot)
-            self.router[slot, :adapter.config.num_experts] = layer.routers[proj]
-            self._fill_experts(slot, layer.experts[proj].a, layer.experts[proj].b)
-        elif adapter is not None and not per_linear and proj in layer.lora:
-            self.set_row(slot, adapter)
-            self.routing[slot] = _ONE_EXPERT_ROUTING
-            self._fill_experts(slot, layer.lora[proj].a[None], layer.lora[proj].b[None])
-        else:
-            self.set_row(slot, None)
+        first = 0
+        for index, (proj, dims) in enumerate(zip(self.projs, self.dims)):
+            columns = slice(first, first + dims.local_out)
+            first += dims.local_out
+            self.routed_slots[index].discard(slot)
+            if per_linear and proj in layer.routers:
+                if dims.splits_input:
+                    raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the "
+                                     f"whole input, which tensor parallelism splits over "
+                                     f"ranks: not supported")
+                self.routed_slots[index].add(slot)
+                self.routing[index, slot] = routing_row(adapter.config)
+                self.router[index, slot, :adapter.config.num_experts] = layer.routers[proj]
+                experts = layer.experts[proj].a, layer.experts[proj].b
+            elif adapter is not None and not per_linear and proj in layer.lora:
+                self.routing[index, slot] = _ONE_EXPERT_ROUTING
+                experts = layer.lora[proj].a[None], layer.lora[proj].b[None]
+            else:
+                continue
+            self.enabled[index, slot] = True
+            self.scaling[index, slot] = adapter.config.scaling
+            a, b = experts  # [e, r, in], [e, out, r] at full size: this rank's slices
+            e, ra = a.shape[0], a.shape[1]
+            self.a[index, slot, :e, :ra] = a[..., dims.in_part]
+            self.b[slot, :e, columns, :ra] = b[:, dims.out_part]
 
-    def _fill_experts(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a [e, r, in], b [e, out, r] at full size: this rank's slices into the slot."""
-        e, ra = a.shape[0], a.shape[1]
-        self.a[slot, :e, :ra] = a[..., self.dims.in_part]
-        self.b[slot, :e, :, :ra] = b[:, self.dims.out_part]
-
-    def stack(self) -> GatedLoRAStack:
-        return GatedLoRAStack(self.router, self.a, self.b, self.scaling, self.routing,
-                              self.enabled, self.k_max)
+    def stack(self) -> GroupedLoRAStack:
+        return GroupedLoRAStack(self.router, self.a, self.b, self.scaling, self.routing,
+                                self.enabled, self.k_max,
+                                tuple(d.local_out for d in self.dims))
 
 
 _ONE_EXPERT_ROUTING = one_expert_routing_row()
@@ -354,54 +374,67 @@ class ShardDims:
                    len(range(fan_out)[out_part]), proj in ROW_PARALLEL and shard.world > 1)
 
 
+# Projections grouped by the input they read, keyed as `ProjectionAdapters.project` takes them
+# (not "o_proj" etc.: a submodule named like a projection would match vLLM's
+# --lora-target-modules filter and be offered for LoRA wrapping). A group's outputs are one
+# fused tensor, as vLLM's merged linears produce them.
+ATTENTION_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}
+FFN_GROUPS = {"gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+
+
 class ProjectionAdapters(nn.Module):
-    """Slot buffers of one decoder layer's projections `projs`, and the deltas they add:
+    """Slot buffers of one decoder layer's projection `groups`, and the deltas they add:
     DynMoLE's routed experts on every projection, MixLoRA's plain LoRA on attention ones."""
 
     def __init__(self, limits: SlotLimits, base: BaseShape, layer_index: int,
-                 token_slots: TokenSlots, projs: tuple[str, ...], use_kernels: bool,
-                 routing_stats: bool = True, shard: TensorShard = TensorShard()):
+                 token_slots: TokenSlots, groups: dict[str, tuple[str, ...]],
+                 use_kernels: bool, routing_stats: bool = True,
+                 shard: TensorShard = TensorShard()):
         super().__init__()
         self.layer_index = layer_index
         self.token_slots = token_slots
         self.num_slots = limits.slots
         self.use_kernels = use_kernels
-        # Keyed "q", "o", "down"...: a submodule named like a projection ("o_proj") would
-        # match vLLM's --lora-target-modules filter and be offered for LoRA wrapping.
-        self.gated = nn.ModuleDict({_key(p): GatedLoRABuffers(limits, ShardDims.of(base, p, shard))
-                                    for p in projs})
+        self.gated = nn.ModuleDict({
+            key: GroupedLoRABuffers(limits, [ShardDims.of(base, p, shard) for p in projs], projs)
+            for key, projs in groups.items()})
         self.gated_stats = nn.ModuleDict(
-            {_key(p): RoutingStats(limits.slots, limits.experts, layer_index, p)
-             for p in projs} if routing_stats else {})
+            {key: RoutingStats(limits.slots, limits.experts, layer_index, projs)
+             for key, projs in groups.items()} if routing_stats else {})
 
     def fill(self, slot: int, adapter: MoleAdapter | None) -> None:
         """Load `adapter`'s weights for this layer into `slot` (None empties the slot)."""
         layer = None if adapter is None else adapter.layers[self.layer_index]
         for key, buffers in self.gated.items():
-            buffers.fill(slot, adapter, layer, f"{key}_proj")
+            buffers.fill(slot, adapter, layer)
             if key in self.gated_stats:
-                self.gated_stats[key].reset_slot(slot, routed=slot in buffers.routed_slots)
+                self.gated_stats[key].reset_slot(
+                    slot, [slot in routed for routed in buffers.routed_slots])
 
     def slot_batch(self, num_tokens: int) -> SlotBatch | None:
         """This step's per-token slots (and, for the kernels, the slot-sorted token plan)."""
         return self.token_slots.batch(num_tokens)
 
     def project(self, y: torch.Tensor, x: torch.Tensor, batch: SlotBatch,
-                proj: str) -> torch.Tensor:
-        """Add the per-slot LoRA / routed-expert delta of `proj` (input x, output y)."""
-        key = _key(proj)
-        if key not in self.gated:  # no adapter family served adapts this projection
+                group: str) -> torch.Tensor:
+        """Add the per-slot LoRA / routed-expert deltas of the projections of `group` (input
+        x) to their fused output y."""
+        if group not in self.gated:  # no adapter family served adapts these projections
             return y
-        stats = self.gated_stats[key] if key in self.gated_stats else None
+        stats = self.gated_stats[group] if group in self.gated_stats else None
+        stack = self.gated[group].stack()
         if self.use_kernels:
-            y = y.contiguous()  # the kernels add in place into rows; q/k/v are column views
-            _kernels().gated_lora_(y, x, batch.plan, self.gated[key].stack(),
-                                   _kernel_counts(stats))
+            y = y.contiguous()  # the kernels add into rows in place
+            _kernels().gated_lora_(y, x, batch.plan, stack, _kernel_counts(stats))
             return y
-        if stats is not None:
-            # The reference delta does not return its routing: routed again for the counts.
-            stats.record(x, batch.slots, self.gated[key])
-        return add_where(y, *gated_lora_delta(x, batch.slots, self.gated[key].stack()))
+        outputs = []
+        for index, part in enumerate(y.split(stack.out_sizes, dim=-1)):
+            member = stack.member(index)
+            if stats is not None:
+                # The reference delta does not return its routing: routed again to count.
+                stats.record(x, batch.slots, member, router=index)
+            outputs.append(add_where(part, *gated_lora_delta(x, batch.slots, member)))
+        return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
 
     def routing_stats(self) -> list[RoutingStats]:
         return list(self.gated_stats.values())
@@ -416,10 +449,10 @@ class FFNAdapters(ProjectionAdapters):
                  shard: TensorShard = TensorShard(), per_linear: bool = True,
                  ffn_experts: bool = True):
         super().__init__(limits, base, layer_index, token_slots,
-                         FFN_PROJS if per_linear else (), use_kernels, routing_stats, shard)
+                         FFN_GROUPS if per_linear else {}, use_kernels, routing_stats, shard)
         self.mixlora = (MixLoRABuffers(limits, base.hidden, base.intermediate, shard)
                         if ffn_experts else None)
-        self.mixlora_stats = (RoutingStats(limits.slots, limits.experts, layer_index, "ffn")
+        self.mixlora_stats = (RoutingStats(limits.slots, limits.experts, layer_index, ("ffn",))
                               if routing_stats and ffn_experts else None)
 
     def fill(self, slot: int, adapter: MoleAdapter | None) -> None:
@@ -430,7 +463,7 @@ class FFNAdapters(ProjectionAdapters):
         self.mixlora.fill(slot, adapter if uses else None,
                           adapter.layers[self.layer_index] if uses else None)
         if self.mixlora_stats is not None:
-            self.mixlora_stats.reset_slot(slot, routed=uses)
+            self.mixlora_stats.reset_slot(slot, [uses])
 
     def mix_experts(self, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
                     batch: SlotBatch) -> tuple[torch.Tensor, tuple | None]:
@@ -485,5 +518,3 @@ def _kernel_counts(stats: RoutingStats | None):
     return _kernels().RoutingCounts(stats.counts, stats.entropy_bounds)
 
 
-def _key(proj: str) -> str:
-    return proj.removesuffix("_proj")

@@ -24,10 +24,9 @@ from vllm.sequence import IntermediateTensors
 
 from . import metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
-from .config import ATTENTION_PROJS
 from .errors import AdapterError
-from .layers import (ROW_PARALLEL, FFNAdapters, ProjectionAdapters, SlotLimits, TensorShard,
-                     TokenSlots)
+from .layers import (ATTENTION_GROUPS, ROW_PARALLEL, FFNAdapters, ProjectionAdapters,
+                     SlotLimits, TensorShard, TokenSlots)
 
 
 class MoleLlamaAttention(LlamaAttention):
@@ -38,15 +37,14 @@ class MoleLlamaAttention(LlamaAttention):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         batch = self.mole.slot_batch(hidden_states.shape[0])
         qkv, _ = self.qkv_proj(hidden_states)
+        if batch is not None:  # q, k and v deltas in one route + one expand launch
+            qkv = self.mole.project(qkv, hidden_states, batch, "qkv")
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if batch is not None:
-            q, k, v = (self.mole.project(y, hidden_states, batch, proj)
-                       for y, proj in zip((q, k, v), ("q_proj", "k_proj", "v_proj")))
         q, k = self.rotary_emb(positions, q, k)
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)  # all-reduce deferred: see MoleLlamaDecoderLayer
         if batch is not None:
-            output = self.mole.project(output, attn_output, batch, "o_proj")
+            output = self.mole.project(output, attn_output, batch, "o")
         return vllm_compat.tensor_parallel_all_reduce(output)
 
 
@@ -75,13 +73,12 @@ class MoleLlamaMLP(nn.Module):
         if batch is None:
             y, _ = self.down_proj(self.act_fn(gate_up))
             return vllm_compat.tensor_parallel_all_reduce(y)
+        gate_up = self.mole.project(gate_up, x, batch, "gate_up")
+        h = self.act_fn(gate_up)
         g, u = gate_up.chunk(2, dim=-1)
-        g = self.mole.project(g, x, batch, "gate_proj")
-        u = self.mole.project(u, x, batch, "up_proj")
-        h = self.act_fn(torch.cat([g, u], dim=-1))
         h, routed = self.mole.mix_experts(h, g, u, x, batch)
         y, _ = self.down_proj(h)
-        y = self.mole.project(y, h, batch, "down_proj")
+        y = self.mole.project(y, h, batch, "down")
         return vllm_compat.tensor_parallel_all_reduce(self.mole.add_down_delta(y, batch, routed))
 
 
@@ -102,7 +99,7 @@ class MoleLlamaDecoderLayer(LlamaDecoderLayer):
         per_linear = "dynmole" in families
         self.self_attn.mole = ProjectionAdapters(
             limits if per_linear else dataclasses.replace(limits, experts=1), base,
-            layer_index, token_slots, ATTENTION_PROJS, use_kernels,
+            layer_index, token_slots, ATTENTION_GROUPS, use_kernels,
             routing_stats and per_linear, shard)
         self.mlp = MoleLlamaMLP(config.hidden_size, config.intermediate_size,
                                 bias=getattr(config, "mlp_bias", False), prefix=f"{prefix}.mlp",
@@ -220,13 +217,13 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
             if not isinstance(module, ProjectionAdapters):
                 continue
             for stats in module.routing_stats():
-                counts = stats.take()
-                for slot, name in enumerate(self.mole_slot_names):
-                    if name is None or not counts["experts_per_token"][slot].any():
-                        continue
-                    metrics.routing_observed(
-                        name, stats.layer_index, stats.router,
-                        counts["selections"][slot].tolist(),
-                        counts["experts_per_token"][slot].tolist(),
-                        counts["entropy_buckets"][slot].tolist(),
-                        float(counts["entropy_sum"][slot]))
+                for router, counts in stats.take().items():
+                    for slot, name in enumerate(self.mole_slot_names):
+                        if name is None or not counts["experts_per_token"][slot].any():
+                            continue
+                        metrics.routing_observed(
+                            name, stats.layer_index, router,
+                            counts["selections"][slot].tolist(),
+                            counts["experts_per_token"][slot].tolist(),
+                            counts["entropy_buckets"][slot].tolist(),
+                            float(counts["entropy_sum"][slot]))

@@ -46,6 +46,47 @@ class GatedLoRAStack:
 
 
 @dataclass
+class GroupedLoRAStack:
+    """G projections that read the same input (q/k/v, gate/up) in one layout, so that one
+    route and one expand launch serve them all; their outputs are adjacent column ranges of
+    one fused output, as vLLM's merged linears produce it."""
+
+    router: torch.Tensor       # [G, S, E, in] fp32
+    a: torch.Tensor            # [G, S, E, r, in]
+    b: torch.Tensor            # [S, E, sum(out_sizes), r]: the members' B along the out dim
+    scaling: torch.Tensor      # [G, S]
+    routing: torch.Tensor      # [G, S, NUM_COLUMNS]
+    enabled: torch.Tensor      # [G, S] bool
+    k_max: int
+    out_sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, stacks: list[GatedLoRAStack]) -> "GroupedLoRAStack":
+        """Group per-projection stacks of equal slots, experts and rank (one: views only)."""
+        shapes = {(s.a.shape, s.k_max) for s in stacks}
+        if len(shapes) != 1:
+            raise ValueError(f"grouped projections need equal (slots, experts, rank, in) "
+                             f"and k_max; found {sorted(shapes)}")
+        if len(stacks) == 1:
+            (one,) = stacks
+            return cls(one.router[None], one.a[None], one.b, one.scaling[None],
+                       one.routing[None], one.enabled[None], one.k_max, (one.b.shape[2],))
+        return cls(*(torch.stack([getattr(s, f) for s in stacks])
+                     for f in ("router", "a")), torch.cat([s.b for s in stacks], dim=2),
+                   *(torch.stack([getattr(s, f) for s in stacks])
+                     for f in ("scaling", "routing", "enabled")),
+                   stacks[0].k_max, tuple(s.b.shape[2] for s in stacks))
+
+    def member(self, index: int) -> GatedLoRAStack:
+        """Projection `index` as a `GatedLoRAStack` of views (the reference math's form)."""
+        first = sum(self.out_sizes[:index])
+        return GatedLoRAStack(self.router[index], self.a[index],
+                              self.b[:, :, first:first + self.out_sizes[index]],
+                              self.scaling[index], self.routing[index], self.enabled[index],
+                              self.k_max)
+
+
+@dataclass
 class LoRAStack:
     """Plain LoRA of one projection for S slots (MixLoRA's attention LoRA, PEFT LoRA)."""
 

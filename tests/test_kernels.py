@@ -26,6 +26,8 @@ unwritten or wrongly-read element fails the comparison. fp32 bound: max|err| / m
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -206,15 +208,15 @@ def test_route_counts_the_routing_metrics_the_reference_counts():
     stack = make_stack(configs, seed=5).ffn
     x, slots = tokens(130, len(configs), seed=6)
     plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
-    kernel_stats, reference_stats = (RoutingStats(len(configs), stack.router.shape[1], 0, "ffn")
-                                     .to(DEVICE) for _ in range(2))
+    kernel_stats, reference_stats = (RoutingStats(len(configs), stack.router.shape[1], 0,
+                                                  ("ffn",)).to(DEVICE) for _ in range(2))
     for stats in (kernel_stats, reference_stats):
-        stats.routed_slots.update(range(len(configs)))  # report every slot, the empty one too
+        stats.routed_slots[0].update(range(len(configs)))  # report every slot, the empty one
     for _ in range(2):
         mixlora_route(x, plan, stack, RoutingCounts(kernel_stats.counts,
                                                     kernel_stats.entropy_bounds))
         reference_stats.record(x, slots, stack)
-    got, want = kernel_stats.take(), reference_stats.take()
+    got, want = kernel_stats.take()["ffn"], reference_stats.take()["ffn"]
     for key in ("selections", "experts_per_token", "entropy_buckets"):
         assert torch.equal(got[key], want[key]), key
     torch.testing.assert_close(got["entropy_sum"], want["entropy_sum"], rtol=1e-5, atol=1e-6)
@@ -347,6 +349,36 @@ def test_projection_matches_reference(proj):
     assert torch.equal(got[is_base], (x @ weight.T)[is_base])
     assert rel_err(got, ref) <= TOLERANCE
     assert proj in stack.lora or proj in stack.gated
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_grouped_projections_match_each_alone(tiles, monkeypatch):
+    """q, k and v (widths 96, 32, 32) in one route and one expand launch write their own
+    columns of the fused qkv output, each what its projection alone gives; with small tiles
+    a group's columns span several tiles and splits, and tiles end inside a group."""
+    from mole_serve.kernels import functional
+    from mole_serve.stack import GroupedLoRAStack
+    if tiles == "small":
+        small = kernel_configs.Tiles(block_h=32, block_i=32, split_n=2, num_warps=4)
+        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", small)
+        monkeypatch.setattr(functional, "BLOCK_M", 16)
+    projs = ("q_proj", "k_proj", "v_proj")
+    configs = [dataclasses.replace(c, target_modules=projs) if c else None
+               for c in (dynmole(6, 5, top_p=0.75, keep_top_k=2), ZOO[7], None, ZOO[4])]
+    stack = make_stack(configs, seed=41)
+    group = GroupedLoRAStack.of([stack.gated[p] for p in projs])
+    assert group.out_sizes == (96, 32, 32)
+    x, slots = tokens(45, len(configs), seed=41)
+    plan = plan_tokens(slots, len(configs), functional.BLOCK_M)
+    base = torch.randn(45, 160, generator=torch.Generator().manual_seed(41)).to(DEVICE)
+    y = base.clone()
+    routing = gated_lora_(y, x, plan, group)
+    assert routing.ids.shape == (3, 45, group.k_max)
+    for index, part in enumerate(base.split(group.out_sizes, dim=-1)):
+        alone, member = part.clone(), group.member(index)
+        gated_lora_(alone, x, plan, dataclasses.replace(member, b=member.b.contiguous()))
+        assert torch.equal(y.split(group.out_sizes, dim=-1)[index], alone), projs[index]
+    assert torch.equal(y[slots < 0], base[slots < 0])
 
 
 def test_plain_lora_as_one_expert_gated_stack():

@@ -58,23 +58,24 @@ def op_samples():
     routing = mixlora_route(x, plan, ffn)
     g, u = x @ base.gate.T, x @ base.up.T
     h = base.act(g) * u
-    stats = RoutingStats(4, ffn.router.shape[1], 0, "ffn").to(x.device)
+    stats = RoutingStats(4, ffn.router.shape[1], 0, ("ffn",)).to(x.device)
     counts, bounds = stats.counts, stats.entropy_bounds
+    # The route op takes a group of projections sharing x: here one, the MixLoRA router.
+    grouped = (ffn.router[None], ffn.gate_up_a[None], ffn.routing[None], ffn.enabled[None])
     partials = OPS.mixlora_experts(h.clone(), g, u, routing.shrink, routing.ids,
                                    routing.weights, ffn.gate_up_b, ffn.down_a, ffn.scaling,
                                    ffn.enabled, *meta, "silu", 2)
     return {
-        "route": (OPS.route, (x, ffn.router, ffn.gate_up_a, ffn.routing, ffn.enabled, *meta,
-                              ffn.k_max)),
-        "route_counting": (OPS.route, (x, ffn.router, ffn.gate_up_a, ffn.routing, ffn.enabled,
-                                       *meta, ffn.k_max, counts, bounds)),
+        "route": (OPS.route, (x, *grouped, *meta, ffn.k_max)),
+        "route_counting": (OPS.route, (x, *grouped, *meta, ffn.k_max, counts, bounds)),
         "mixlora_experts": (OPS.mixlora_experts,
                             (h, g, u, routing.shrink, routing.ids, routing.weights,
                              ffn.gate_up_b, ffn.down_a, ffn.scaling, ffn.enabled, *meta,
                              "silu", 2)),
         "routed_expand": (OPS.routed_expand,
-                          (h @ base.down.T, partials, routing.ids, routing.weights, ffn.down_b,
-                           ffn.scaling, ffn.enabled, *meta)),
+                          (h @ base.down.T, partials[:, None], routing.ids[None],
+                           routing.weights[None], ffn.down_b, ffn.scaling[None],
+                           ffn.enabled[None], *meta, [base.down.shape[0]])),
     }
 
 

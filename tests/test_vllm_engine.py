@@ -18,7 +18,7 @@ import torch
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter, make_peft_lora
+from vllm_helpers import ReferenceGenerator, make_mole_adapter, make_peft_lora, offline_llm
 
 MAX_TOKENS = 12
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77], [1, 5, 5, 5, 400, 123, 250, 31, 999],
@@ -56,25 +56,15 @@ def expected(workspace):
 
 @pytest.fixture(scope="module", params=["reference", "kernels"])
 def engine(workspace, request):
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in engine_env().items():
-            env.setenv(key, value)
-        from vllm import LLM
+    with offline_llm(workspace["model"], {"metrics_interval_s": 0, "backend": request.param},
+                     max_cpu_loras=2) as llm:
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=str(workspace["model"]), dtype="float32", enforce_eager=True,
-                  distributed_executor_backend="uni", max_model_len=128,
-                  max_num_batched_tokens=256, max_num_seqs=8, seed=0,
-                  max_lora_rank=8, max_loras=2, max_cpu_loras=2,
-                  additional_config={"mole": {"enabled": True, "max_experts": 4,
-                                              "metrics_interval_s": 0,
-                                              "backend": request.param}})
         plan_block_m = llm.apply_model(lambda model: model.mole_token_slots.plan_block_m)
         assert (plan_block_m != [None]) == (request.param == "kernels")
         requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
                     for i, name in enumerate(ADAPTERS)}
         yield llm, requests
-        del llm
 
 
 def generate(engine, jobs: list[tuple[str | None, int]]) -> list[list[int]]:

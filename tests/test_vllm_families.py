@@ -11,7 +11,7 @@ import torch
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter
+from vllm_helpers import ReferenceGenerator, make_mole_adapter, offline_llm
 
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
 MAX_TOKENS = 8
@@ -30,21 +30,13 @@ def test_mixlora_only_server(tmp_path):
     reference = ReferenceGenerator(model_dir, [mixlora])
     expected = [reference.greedy(p, MAX_TOKENS, name) for name in (None, "mixlora")
                 for p in PROMPTS]
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in engine_env().items():
-            env.setenv(key, value)
-        from vllm import LLM, SamplingParams
+    with offline_llm(model_dir, {"families": ["mixlora"]}) as llm:
+        from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
-
-        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True,
-                  distributed_executor_backend="uni", max_model_len=128,
-                  max_num_batched_tokens=256, max_num_seqs=8, seed=0, max_lora_rank=8,
-                  max_loras=2, additional_config={"mole": {"enabled": True, "max_experts": 4,
-                                                           "families": ["mixlora"]}})
 
         def layout(model: torch.nn.Module):
             layer = model.model.layers[0]
-            return (layer.self_attn.mole.gated["q"].a.shape[1], dict(layer.mlp.mole.gated),
+            return (layer.self_attn.mole.gated["qkv"].a.shape[2], dict(layer.mlp.mole.gated),
                     layer.mlp.mole.mixlora.router.shape[1])
 
         assert llm.apply_model(layout) == [(1, {}, 4)], \
@@ -58,4 +50,3 @@ def test_mixlora_only_server(tmp_path):
         with pytest.raises(Exception, match=r"'dynmole'.*routing_strategy.*families this "
                                             r"server was started for \(\['mixlora'\]"):
             llm.llm_engine.add_lora(LoRARequest("dynmole", 2, str(tmp_path / "dynmole")))
-        del llm

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mole_serve.adapter import BaseShape, init_adapter
-from mole_serve.config import ATTENTION_PROJS, MoleConfig
-from mole_serve.layers import FFNAdapters, ProjectionAdapters, SlotLimits, TokenSlots
+from mole_serve.config import MoleConfig
+from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
+                               TokenSlots)
 from mole_serve.reference import FrozenFFN, mole_ffn, mole_projection
 from mole_serve.stack import stack_layer
 
@@ -50,8 +51,18 @@ def step_slots(num_slots: int, slots: torch.Tensor, use_kernels: bool) -> TokenS
 def served_layer(limits: SlotLimits, slots: torch.Tensor, use_kernels: bool):
     token_slots = step_slots(limits.slots, slots, use_kernels)
     return (FFNAdapters(limits, BASE, 1, token_slots, use_kernels).to(DEVICE),
-            ProjectionAdapters(limits, BASE, 1, token_slots, ATTENTION_PROJS,
+            ProjectionAdapters(limits, BASE, 1, token_slots, ATTENTION_GROUPS,
                                use_kernels).to(DEVICE))
+
+
+def ffn_step(ffn: FFNAdapters, frozen: FrozenFFN, x: torch.Tensor) -> torch.Tensor:
+    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers: gate/up deltas
+    added to the fused gate_up output, experts mixed, then the down deltas."""
+    batch = ffn.slot_batch(x.shape[0])
+    gate_up = ffn.project(x @ torch.cat([frozen.gate, frozen.up]).T, x, batch, "gate_up")
+    g, u = gate_up.chunk(2, dim=-1)
+    h, routed = ffn.mix_experts(frozen.act(g) * u, g, u, x, batch)
+    return ffn.add_down_delta(ffn.project(h @ frozen.down.T, h, batch, "down"), batch, routed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -70,22 +81,16 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
     frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
     x = randn(29, 64, generator=g)
     batch = ffn.slot_batch(29)
-    g0, u0 = x @ frozen.gate.T, x @ frozen.up.T
-    g1, u1 = (ffn.project(y, x, batch, p) for y, p in ((g0, "gate_proj"), (u0, "up_proj")))
-    h = frozen.act(g1) * u1
-    h, routed = ffn.mix_experts(h, g1, u1, x, batch)
-    y = ffn.add_down_delta(ffn.project(h @ frozen.down.T, h, batch, "down_proj"), batch, routed)
-    torch.testing.assert_close(y, mole_ffn(x, frozen, slots, expected_stack))
+    torch.testing.assert_close(ffn_step(ffn, frozen, x), mole_ffn(x, frozen, slots, expected_stack))
 
-    # q/k/v arrive as column views of vLLM's fused qkv output.
+    # q, k and v deltas land in their columns of vLLM's fused qkv output, in one launch pair.
     qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
-    views = (x @ qkv_weight.T).split([64, 32, 32], dim=-1)
-    for proj, y, weight in zip(("q_proj", "k_proj", "v_proj"), views,
-                               qkv_weight.split([64, 32, 32])):
-        torch.testing.assert_close(attention.project(y, x, batch, proj),
-                                   mole_projection(x, weight, slots, proj, expected_stack))
+    expected = [mole_projection(x, weight, slots, proj, expected_stack) for proj, weight in
+                zip(("q_proj", "k_proj", "v_proj"), qkv_weight.split([64, 32, 32]))]
+    torch.testing.assert_close(attention.project(x @ qkv_weight.T, x, batch, "qkv"),
+                               torch.cat(expected, dim=-1))
     weight = randn(64, 64, generator=g) / 8
-    torch.testing.assert_close(attention.project(x @ weight.T, x, batch, "o_proj"),
+    torch.testing.assert_close(attention.project(x @ weight.T, x, batch, "o"),
                                mole_projection(x, weight, slots, "o_proj", expected_stack))
 
 
@@ -97,8 +102,9 @@ def test_base_and_other_adapters_tokens_are_untouched(backend):
     ffn.fill(0, mix)
     ffn.fill(1, dyn)
     x = randn(6, 64)
-    u0 = randn(6, 96)  # an up_proj output
-    out = ffn.project(u0.clone(), x, ffn.slot_batch(6), "up_proj")
+    gate_up = randn(6, 192)  # a fused gate_up output
+    out = ffn.project(gate_up.clone(), x, ffn.slot_batch(6), "gate_up")[:, 96:]
+    u0 = gate_up[:, 96:]
     dynmole_rows = slots.eq(1)          # MixLoRA's FFN experts are not a per-linear delta
     assert torch.equal(out[~dynmole_rows], u0[~dynmole_rows])
     assert not torch.isclose(out[dynmole_rows], u0[dynmole_rows]).all()
@@ -138,7 +144,7 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
     h, gu = randn(40, 96, generator=g), randn(40, 96, generator=g)
     batch = ffn.slot_batch(40)
     ffn.mix_experts(h.clone(), gu, gu, x, batch)
-    counts = ffn.mixlora_stats.take()
+    counts = ffn.mixlora_stats.take()["ffn"]
 
     selections, per_token, entropies = routing_counts(x.cpu(), slots.cpu(), mix, 0)
     assert torch.equal(counts["selections"][0], selections)
@@ -151,24 +157,25 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
     assert not counts["experts_per_token"][1:].any()
 
     # DynMoLE's per-linear routers count in their own stats.
-    ffn.project(randn(40, 96, generator=g), x, batch, "up_proj")
-    up = ffn.gated_stats["up"].take()
+    ffn.project(randn(40, 192, generator=g), x, batch, "gate_up")
+    up = ffn.gated_stats["gate_up"].take()["up_proj"]
     assert up["experts_per_token"][2].sum() == (slots == 2).sum()
     assert not up["experts_per_token"][:2].any()
 
     ffn.token_slots.prepare(10)  # the next step: 10 tokens
     ffn.mix_experts(h[:10].clone(), gu[:10], gu[:10], x[:10], ffn.slot_batch(10))
-    again = ffn.mixlora_stats.take()
+    again = ffn.mixlora_stats.take()["ffn"]
     assert again["experts_per_token"][0].sum() == (slots[:10] == 0).sum()
     ffn.fill(0, None)
-    assert not any(v.any() for v in ffn.mixlora_stats.take().values()), "reset with the slot"
+    assert not any(v.any() for v in ffn.mixlora_stats.take()["ffn"].values()), \
+        "reset with the slot"
 
 
 def test_routing_stats_change_no_output():
     mix, dyn, _ = adapters()
     g = torch.Generator().manual_seed(3)
     slots = randint(-1, 2, (16,), generator=g)
-    x, h, gu = (randn(16, n, generator=g) for n in (64, 96, 96))
+    x, h, gate_up = (randn(16, n, generator=g) for n in (64, 96, 192))
     outputs = []
     for routing_stats in (True, False):
         ffn = FFNAdapters(SlotLimits(2, 8, 4), BASE, 1, step_slots(2, slots, False), False,
@@ -176,8 +183,8 @@ def test_routing_stats_change_no_output():
         ffn.fill(0, mix)
         ffn.fill(1, dyn)
         batch = ffn.slot_batch(16)
-        up = ffn.project(gu.clone(), x, batch, "up_proj")
-        outputs.append((up, ffn.mix_experts(h.clone(), gu, up, x, batch)[0]))
+        gu = ffn.project(gate_up.clone(), x, batch, "gate_up")
+        outputs.append((gu, ffn.mix_experts(h.clone(), *gu.chunk(2, dim=-1), x, batch)[0]))
         assert bool(ffn.routing_stats()) == routing_stats
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
@@ -203,12 +210,7 @@ def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
         for slot, adapter in enumerate((mix, column_dynmole, dynamic)):
             ffn.fill(slot, adapter)
         part = shard.part(96)
-        batch = ffn.slot_batch(23)
-        g1 = ffn.project(x @ gate[part].T, x, batch, "gate_proj")
-        u1 = ffn.project(x @ up[part].T, x, batch, "up_proj")
-        h, routed = ffn.mix_experts(torch.nn.functional.silu(g1) * u1, g1, u1, x, batch)
-        y = ffn.project(h @ down[:, part].T, h, batch, "down_proj")
-        return ffn.add_down_delta(y, batch, routed)
+        return ffn_step(ffn, FrozenFFN(gate[part], up[part], down[:, part]), x)
 
     whole = ffn_output(TensorShard())
     ranks = [ffn_output(TensorShard(rank, 2)) for rank in range(2)]
@@ -225,16 +227,6 @@ def test_tensor_parallel_refuses_routers_on_split_inputs():
         ffn.fill(0, dyn)
 
 
-def ffn_step(ffn: FFNAdapters, frozen: FrozenFFN, x: torch.Tensor) -> torch.Tensor:
-    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers."""
-    batch = ffn.slot_batch(x.shape[0])
-    g = ffn.project(x @ frozen.gate.T, x, batch, "gate_proj")
-    u = ffn.project(x @ frozen.up.T, x, batch, "up_proj")
-    h, routed = ffn.mix_experts(frozen.act(g) * u, g, u, x, batch)
-    return ffn.add_down_delta(ffn.project(h @ frozen.down.T, h, batch, "down_proj"), batch,
-                              routed)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_factors_compute_what_the_bf16_stack_computes(backend):
     """Served factors live in the model dtype (routers stay fp32): the same math as the
@@ -247,7 +239,7 @@ def test_bf16_factors_compute_what_the_bf16_stack_computes(backend):
     for slot, adapter in enumerate((mix, dyn, dynamic)):
         ffn.fill(slot, adapter)
     assert ffn.mixlora.gate_up_b.dtype == torch.bfloat16
-    assert ffn.mixlora.router.dtype == ffn.gated["up"].router.dtype == torch.float32
+    assert ffn.mixlora.router.dtype == ffn.gated["gate_up"].router.dtype == torch.float32
     frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
     x = randn(21, 64, generator=g)
     expected = mole_ffn(x, frozen, slots,
@@ -272,7 +264,7 @@ def test_token_plan_is_built_once_per_step_not_per_layer(monkeypatch):
     x = randn(9, 64)
     frozen = FrozenFFN(randn(96, 64), randn(96, 64), randn(64, 96))
     for _ in range(2):  # two decoder layers of one step
-        attention.project(randn(9, 64), x, attention.slot_batch(9), "o_proj")
+        attention.project(randn(9, 64), x, attention.slot_batch(9), "o")
         ffn_step(ffn, frozen, x)
     assert len(calls) == 1
     plan = ffn.slot_batch(9).plan

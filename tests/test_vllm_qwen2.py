@@ -8,7 +8,7 @@ import torch
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import build_tokenizer
-from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter
+from vllm_helpers import ReferenceGenerator, make_mole_adapter, offline_llm
 
 PROMPT = [1, 17, 305, 44, 912, 8]
 MAX_TOKENS = 10
@@ -43,16 +43,10 @@ def test_qwen2_base_and_mole_adapter_match_reference(workspace):
     reference = ReferenceGenerator(root / "model", [adapter])
     expected = [reference.greedy(PROMPT, MAX_TOKENS), reference.greedy(PROMPT, MAX_TOKENS,
                                                                        "mixlora")]
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in engine_env().items():
-            env.setenv(key, value)
-        from vllm import LLM, SamplingParams
+    with offline_llm(root / "model") as llm:
+        from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=str(root / "model"), dtype="float32", enforce_eager=True,
-                  distributed_executor_backend="uni", max_model_len=128,
-                  max_num_batched_tokens=256, max_num_seqs=8, max_lora_rank=8,
-                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
         assert llm.llm_engine.model_config.architectures == ["MoleLlamaForCausalLM"]
         outputs = llm.generate(
             [{"prompt_token_ids": PROMPT}] * 2,

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -24,12 +19,6 @@ BASE_NAME = "tiny"
 PROMPT = [1, 17, 305, 44, 912, 8]
 MAX_TOKENS = 8
 STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,56 +44,29 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workspace, tmp_path_factory):
-    """One server for the module; its log is shown if it fails to start."""
-    root, port = workspace["root"], _free_port()
+    """One server for the module (started and stopped as `make demo` does: the whole process
+    group); its log tail is the error if it fails to start."""
+    from mole_serve.demo.server import VllmServer
+
+    root = workspace["root"]
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_CPU_KVCACHE_SPACE="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CACHE_ROOT=vllm_cache_root())
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the plugin must make one itself
-    command = [str(pathlib.Path(sys.executable).parent / "vllm"), "serve",
-               str(workspace["model"]), "--served-model-name", BASE_NAME,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "128", "--max-num-seqs", "8",
-               "--max-num-batched-tokens", "256", "--enforce-eager",
-               "--enable-mole-adapters", "--max-mole-experts", "4",
-               "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "3",
-               "--additional-config", '{"mole": {"metrics_interval_s": 0}}',
-               "--lora-modules", *(f"{n}={root / n}" for n in ("mixlora", "dynmole", "peft"))]
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process, log_path)
-        workspace["server_pid"] = process.pid
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    serve_args = ["--served-model-name", BASE_NAME, "--dtype", "float32",
+                  "--max-model-len", "128", "--max-num-seqs", "8",
+                  "--max-num-batched-tokens", "256", "--enforce-eager",
+                  "--enable-mole-adapters", "--max-mole-experts", "4",
+                  "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "3",
+                  "--additional-config", '{"mole": {"metrics_interval_s": 0}}',
+                  "--lora-modules", *(f"{n}={root / n}" for n in ("mixlora", "dynmole", "peft"))]
+    with VllmServer(workspace["model"], serve_args, log_path=root / "server.log", env=env,
+                    startup_timeout_s=STARTUP_TIMEOUT_S, metrics=False) as served:
+        workspace["server_pid"] = served.process.pid
+        yield served.url
     if "metrics_dir" in workspace:
         assert not pathlib.Path(workspace["metrics_dir"]).exists(), \
             "the PROMETHEUS_MULTIPROC_DIR the plugin made must be removed at exit"
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log_path: pathlib.Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vllm serve exited ({process.returncode}):\n"
-                        f"{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n"
-                f"{log_path.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")

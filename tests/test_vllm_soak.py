@@ -13,7 +13,7 @@ import pytest
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import engine_env, make_mole_adapter, make_peft_lora
+from vllm_helpers import make_mole_adapter, make_peft_lora, offline_llm
 
 NUM_REQUESTS = 1000
 MAX_TOKENS = 4
@@ -45,21 +45,13 @@ def engine(tmp_path_factory):
         make_mole_adapter(root / name, config, BASE, seed=20 + seed, as_bin=name == "topk")
     for seed, name in enumerate(PEFT_ADAPTERS):
         make_peft_lora(root / name, BASE, seed=30 + seed)
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in engine_env().items():
-            env.setenv(key, value)
-        from vllm import LLM
+    with offline_llm(model_dir, max_model_len=64, max_num_seqs=MAX_IN_FLIGHT, max_loras=3,
+                     max_cpu_loras=4) as llm:
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True,
-                  distributed_executor_backend="uni", max_model_len=64,
-                  max_num_batched_tokens=256, max_num_seqs=MAX_IN_FLIGHT, seed=0,
-                  max_lora_rank=8, max_loras=3, max_cpu_loras=4,
-                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
         names = (*MOLE_CONFIGS, *PEFT_ADAPTERS)
         yield llm.llm_engine, {name: LoRARequest(name, i + 1, str(root / name))
                                for i, name in enumerate(names)}
-        del llm
 
 
 def alone(engine_and_loras, model: str | None, prompt: list[int]) -> list[int]:

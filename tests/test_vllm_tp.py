@@ -9,7 +9,7 @@ import pytest
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import ReferenceGenerator, engine_env, make_mole_adapter, make_peft_lora
+from vllm_helpers import ReferenceGenerator, make_mole_adapter, make_peft_lora, offline_llm
 
 MAX_TOKENS = 8
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
@@ -40,21 +40,14 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(workspace):
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in engine_env().items():
-            env.setenv(key, value)
-        from vllm import LLM
+    with offline_llm(workspace["model"], tensor_parallel_size=2,
+                     distributed_executor_backend="mp", max_model_len=64,
+                     max_num_batched_tokens=128, max_cpu_loras=3) as llm:
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=str(workspace["model"]), dtype="float32", enforce_eager=True,
-                  tensor_parallel_size=2, distributed_executor_backend="mp",
-                  max_model_len=64, max_num_batched_tokens=128, max_num_seqs=8, seed=0,
-                  max_lora_rank=8, max_loras=2, max_cpu_loras=3,
-                  additional_config={"mole": {"enabled": True, "max_experts": 4}})
         requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
                     for i, name in enumerate((*ADAPTERS, "dynmole-down"))}
         yield llm, requests
-        del llm
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from mole_serve.training.options import AdapterSpec, TrainOptions
 from mole_serve.training.trainer import Trainer
 from tiny_model import make_tiny_llama, task_rows, write_jsonl
-from vllm_helpers import engine_env, greedy_tokens
+from vllm_helpers import greedy_tokens, offline_llm
 
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77], [1, 5, 5, 5, 400, 123, 250, 31, 999]]
 MAX_TOKENS = 8
@@ -44,16 +44,10 @@ def trained(tmp_path_factory):
 def test_trained_adapters_serve_with_the_trained_greedy_tokens(trained):
     root, expected = trained
     assert expected[("rev", 0)] != expected[(None, 0)], "training changed nothing"
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in engine_env().items():
-            env.setenv(key, value)
-        from vllm import LLM, SamplingParams
+    with offline_llm(root / "base") as llm:
+        from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=str(root / "base"), dtype="float32", enforce_eager=True,
-                  distributed_executor_backend="uni", max_model_len=128,
-                  max_num_batched_tokens=256, max_num_seqs=8, seed=0, max_lora_rank=8,
-                  max_loras=2, additional_config={"mole": {"enabled": True, "max_experts": 4}})
         requests = {name: LoRARequest(name, i + 1, str(root / "out" / name))
                     for i, name in enumerate(STRATEGIES)}
         jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *STRATEGIES)]
@@ -61,5 +55,4 @@ def test_trained_adapters_serve_with_the_trained_greedy_tokens(trained):
             [{"prompt_token_ids": PROMPTS[i]} for _, i in jobs],
             SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
             lora_request=[requests[n] if n else None for n, _ in jobs], use_tqdm=False)
-        del llm
     assert [list(o.outputs[0].token_ids) for o in outputs] == [expected[j] for j in jobs]

@@ -5,11 +5,13 @@ expected output. Nothing is downloaded."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import pathlib
 import shutil
 import tempfile
 
+import pytest
 import torch
 
 from mole_serve.adapter import BaseShape, MoleAdapter, init_adapter
@@ -34,6 +36,31 @@ def vllm_cache_root() -> str:
 
 def engine_env() -> dict[str, str]:
     return dict(ENGINE_ENV, VLLM_CACHE_ROOT=vllm_cache_root())
+
+
+# What every in-process test engine shares: the tiny models, eager, one process.
+TINY_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True,
+                    "distributed_executor_backend": "uni", "max_model_len": 128,
+                    "max_num_batched_tokens": 256, "max_num_seqs": 8, "seed": 0,
+                    "max_lora_rank": 8, "max_loras": 2}
+
+
+@contextlib.contextmanager
+def offline_llm(model_dir: pathlib.Path | str, mole: dict | None = None, **engine_args):
+    """An in-process, offline `vllm.LLM` serving MoLE adapters (`mole`: the settings of
+    `--additional-config '{"mole": ...}'` besides "enabled"); `engine_args` override
+    TINY_ENGINE_ARGS."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in engine_env().items():
+            env.setenv(key, value)
+        from vllm import LLM
+        llm = LLM(model=str(model_dir), **{**TINY_ENGINE_ARGS, **engine_args},
+                  additional_config={"mole": {"enabled": True, "max_experts": 4,
+                                              **(mole or {})}})
+        try:
+            yield llm
+        finally:
+            del llm
 
 
 def make_mole_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape, seed: int,
