@@ -29,8 +29,11 @@ $(PEERS_VENV)/.done: Makefile tests/peers/requirements.txt
 	$(PEERS_VENV)/bin/python -m pip install -q --no-deps moe-peft==2.0.2 mixlora==0.2.3
 	touch $@
 
+# Two processes: in one process the full suite left a torch dispatch mode active before the
+# vLLM tests (compile and vLLM's sampler then fail); each half passes on its own.
 test: setup
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --ignore-glob='tests/test_vllm_*.py'
+	$(VENV)/bin/pytest tests/test_vllm_*.py
 
 # CPU-sized benchmark; the GPU ones (bench_kernels.py, bench_train.py) run on the GPU host.
 bench: setup
