@@ -289,9 +289,7 @@ class GroupedLoRABuffers(nn.Module):
     one projection alone), `GroupedLoRAStack` layout: per projection, a DynMoLE adapter's
     routed experts, or a MixLoRA adapter's plain LoRA (attention) as a one-expert stack (zero
     router; switch routing over one expert gives weight exactly 1). One route and one expand
-    launch per group, whatever each slot holds.
-
-    `routed_slots[i]`: slots whose adapter has a real router on projection i."""
+    launch per group, whatever each slot holds."""
 
     def __init__(self, limits: SlotLimits, dims: list["ShardDims"], projs: tuple[str, ...]):
         super().__init__()
@@ -300,7 +298,6 @@ class GroupedLoRABuffers(nn.Module):
         G, S, E, r, fan_in = len(projs), limits.slots, limits.experts, limits.rank, \
             dims[0].local_in
         self.projs, self.dims, self.k_max = projs, dims, E
-        self.routed_slots: list[set[int]] = [set() for _ in projs]
         self.register_buffer("router", _zeros(G, S, E, fan_in), persistent=False)
         self.register_buffer("a", _zeros(G, S, E, r, fan_in, dtype=limits.factor_dtype),
                              persistent=False)
@@ -310,7 +307,11 @@ class GroupedLoRABuffers(nn.Module):
         self.register_buffer("routing", _zeros(G, S, NUM_COLUMNS), persistent=False)
         self.register_buffer("enabled", _zeros(G, S, dtype=torch.bool), persistent=False)
 
-    def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None) -> None:
+    def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None
+             ) -> list[bool]:
+        """Load `adapter` into `slot`; returns, per projection, whether it routes there (a
+        one-expert LoRA does not)."""
+        routed = [False] * len(self.projs)
         for buffer in (self.router[:, slot], self.a[:, slot], self.b[slot],
                        self.scaling[:, slot], self.routing[:, slot], self.enabled[:, slot]):
             buffer.zero_()
@@ -319,13 +320,12 @@ class GroupedLoRABuffers(nn.Module):
         for index, (proj, dims) in enumerate(zip(self.projs, self.dims)):
             columns = slice(first, first + dims.local_out)
             first += dims.local_out
-            self.routed_slots[index].discard(slot)
             if per_linear and proj in layer.routers:
                 if dims.splits_input:
                     raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the "
                                      f"whole input, which tensor parallelism splits over "
                                      f"ranks: not supported")
-                self.routed_slots[index].add(slot)
+                routed[index] = True
                 self.routing[index, slot] = routing_row(adapter.config)
                 self.router[index, slot, :adapter.config.num_experts] = layer.routers[proj]
                 experts = layer.experts[proj].a, layer.experts[proj].b
@@ -340,6 +340,7 @@ class GroupedLoRABuffers(nn.Module):
             e, ra = a.shape[0], a.shape[1]
             self.a[index, slot, :e, :ra] = a[..., dims.in_part]
             self.b[slot, :e, columns, :ra] = b[:, dims.out_part]
+        return routed
 
     def stack(self) -> GroupedLoRAStack:
         return GroupedLoRAStack(self.router, self.a, self.b, self.scaling, self.routing,
@@ -393,7 +394,6 @@ class ProjectionAdapters(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.token_slots = token_slots
-        self.num_slots = limits.slots
         self.use_kernels = use_kernels
         self.gated = nn.ModuleDict({
             key: GroupedLoRABuffers(limits, [ShardDims.of(base, p, shard) for p in projs], projs)
@@ -406,10 +406,9 @@ class ProjectionAdapters(nn.Module):
         """Load `adapter`'s weights for this layer into `slot` (None empties the slot)."""
         layer = None if adapter is None else adapter.layers[self.layer_index]
         for key, buffers in self.gated.items():
-            buffers.fill(slot, adapter, layer)
+            routed = buffers.fill(slot, adapter, layer)
             if key in self.gated_stats:
-                self.gated_stats[key].reset_slot(
-                    slot, [slot in routed for routed in buffers.routed_slots])
+                self.gated_stats[key].reset_slot(slot, routed)
 
     def slot_batch(self, num_tokens: int) -> SlotBatch | None:
         """This step's per-token slots (and, for the kernels, the slot-sorted token plan)."""

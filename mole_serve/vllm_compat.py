@@ -72,8 +72,6 @@ LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _PATCHED = "_mole_serve_patched"
 _MOLE_ATTRIBUTE = "mole_adapter"  # set on the LoRAModel that carries a MoleAdapter
 _NAME_ATTRIBUTE = "mole_serve_name"  # set on every LoRAModel we see loaded: metric labels
-_SETTING_KEYS = {"enabled", "max_experts", "routing_metrics", "metrics_interval_s", "backend",
-                 "families"}
 # "auto": the Triton kernels with CUDA, else the reference math (Triton only runs interpreted
 # on a CPU); "kernels" on a CPU runs them interpreted (tests: slow); "reference" anywhere.
 BACKENDS = ("auto", "kernels", "reference")
@@ -130,11 +128,11 @@ class ServeSettings:
 
     def merged_into(self, additional_config: Any) -> dict:
         merged = dict(additional_config) if isinstance(additional_config, dict) else {}
-        merged[MOLE_KEY] = {"enabled": self.enabled, "max_experts": self.max_experts,
-                            "routing_metrics": self.routing_metrics,
-                            "metrics_interval_s": self.metrics_interval_s,
-                            "backend": self.backend, "families": list(self.families)}
+        merged[MOLE_KEY] = dict(dataclasses.asdict(self), families=list(self.families))
         return merged
+
+
+_SETTING_KEYS = {f.name for f in dataclasses.fields(ServeSettings)}
 
 
 def serve_settings(vllm_config: Any) -> ServeSettings:
