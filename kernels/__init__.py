@@ -17,11 +17,11 @@ if not torch.cuda.is_available():
 from .configs import BLOCK_M  # noqa: E402
 from .functional import (  # noqa: E402
     as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_, mixlora_route,
-    mole_ffn_kernels, mole_projection_kernels, num_slots)
+    mole_ffn_kernels, mole_projection_kernels, num_slots, router_logits)
 from .plan import TokenPlan, max_blocks, plan_tokens  # noqa: E402
 from .route import Routing, RoutingCounts  # noqa: E402
 
 __all__ = ["BLOCK_M", "TokenPlan", "Routing", "RoutingCounts", "max_blocks", "plan_tokens",
            "num_slots", "mixlora_route",
-           "mixlora_experts_", "mixlora_down_delta_", "gated_lora_", "as_gated",
+           "mixlora_experts_", "mixlora_down_delta_", "gated_lora_", "as_gated", "router_logits",
            "mole_projection_kernels", "mole_ffn_kernels"]

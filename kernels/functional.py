@@ -59,12 +59,21 @@ def mixlora_route(x: torch.Tensor, plan: TokenPlan, stack: MixLoRAStack,
 
 def _route(x: torch.Tensor, plan: TokenPlan, router: torch.Tensor, shrink_a: torch.Tensor,
            table: torch.Tensor, enabled: torch.Tensor, k_max: int,
-           counts: RoutingCounts | None) -> Routing:
+           counts: RoutingCounts | None, logits: torch.Tensor | None = None) -> Routing:
     """Routing of G projections sharing x: ids/weights [G, T, K], shrink [G, T, K, NR]."""
     ids, weights, shrink = _OPS.route(
         x, router, shrink_a, table, enabled, plan.sorted_tokens, plan.block_slot, k_max,
-        None if counts is None else counts.counts, None if counts is None else counts.bounds)
+        None if counts is None else counts.counts, None if counts is None else counts.bounds,
+        logits)
     return Routing(ids, weights, shrink)
+
+
+def router_logits(x: torch.Tensor, plan: TokenPlan, stack: GroupedLoRAStack) -> torch.Tensor:
+    """One launch: each token's router logits [G, T, E] fp32 through its slot's routers.
+    Under tensor parallelism, with x this rank's slice of a row-parallel projection's input:
+    this rank's partial logits; all-reduce them and pass them to `gated_lora_`."""
+    return _OPS.router_logits(x, stack.router, stack.a, stack.routing, stack.enabled,
+                              plan.sorted_tokens, plan.block_slot)
 
 
 def mixlora_experts_(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, routing: Routing,
@@ -88,15 +97,17 @@ def mixlora_down_delta_(y: torch.Tensor, partials: torch.Tensor, routing: Routin
 
 def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan,
                 stack: GatedLoRAStack | GroupedLoRAStack,
-                counts: RoutingCounts | None = None) -> Routing:
+                counts: RoutingCounts | None = None,
+                logits: torch.Tensor | None = None) -> Routing:
     """Per-linear routed LoRA (DynMoLE family), two launches: route + shrink, gated expand,
     for one projection or a group sharing x (`y` their fused output, e.g. vLLM's qkv).
     Adds into the adapter tokens' rows of `y = W x`; returns the routing (with a leading [G]
-    dim for a group)."""
+    dim for a group). With `logits` [G, T, E] (all-reduced `router_logits`) it routes from
+    them, and x, the A factors and the added delta are this rank's parts."""
     grouped = isinstance(stack, GroupedLoRAStack)
     group = stack if grouped else GroupedLoRAStack.of([stack])
     routing = _route(x, plan, group.router, group.a, group.routing, group.enabled,
-                     group.k_max, counts)
+                     group.k_max, counts, logits)
     _OPS.routed_expand(y, routing.shrink[None], routing.ids, routing.weights, group.b,
                        group.scaling, group.enabled, plan.sorted_tokens, plan.block_slot,
                        list(group.out_sizes))

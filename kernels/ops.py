@@ -15,7 +15,8 @@ from .configs import pick_tiles
 from .expand import ExpandWeights, launch_expand
 from .experts import ExpertWeights, launch_experts
 from .plan import TokenPlan
-from .route import RouterWeights, Routing, RoutingCounts, launch_route
+from .route import (RouterWeights, Routing, RoutingCounts, launch_route,
+                    launch_router_logits)
 
 
 def _plan(sorted_tokens: Tensor, block_slot: Tensor) -> TokenPlan:
@@ -25,11 +26,12 @@ def _plan(sorted_tokens: Tensor, block_slot: Tensor) -> TokenPlan:
 @torch.library.custom_op("mole_serve::route", mutates_args=("counts",))
 def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
           enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor, k_max: int,
-          counts: Tensor | None = None, entropy_bounds: Tensor | None = None
-          ) -> tuple[Tensor, Tensor, Tensor]:
+          counts: Tensor | None = None, entropy_bounds: Tensor | None = None,
+          logits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """For G projections sharing x (router [G, S, E, H], shrink_a [G, S, E, NR, H]):
     -> (ids [G, T, k_max] int32, weights [G, T, k_max] fp32, shrink [G, T, k_max, NR] fp32);
-    adds the routing to `counts` (metrics, `RoutingCounts`) when given."""
+    adds the routing to `counts` (metrics, `RoutingCounts`) when given; routes from
+    `logits` [G, T, E] (the sum of the ranks' `router_logits`) when given."""
     G, T, NR = shrink_a.shape[0], x.shape[0], shrink_a.shape[3]
     out = Routing(x.new_empty((G, T, k_max), dtype=torch.int32),
                   x.new_empty((G, T, k_max), dtype=torch.float32),
@@ -37,17 +39,36 @@ def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
     if T > 0:
         launch_route(x, RouterWeights(router, shrink_a, routing_table, enabled, k_max),
                      _plan(sorted_tokens, block_slot), out, pick_tiles(T),
-                     None if counts is None else RoutingCounts(counts, entropy_bounds))
+                     None if counts is None else RoutingCounts(counts, entropy_bounds), logits)
     return out.ids, out.weights, out.shrink
 
 
 @route.register_fake
 def _route_fake(x, router, shrink_a, routing_table, enabled, sorted_tokens, block_slot, k_max,
-                counts=None, entropy_bounds=None):
+                counts=None, entropy_bounds=None, logits=None):
     G, T, NR = shrink_a.shape[0], x.shape[0], shrink_a.shape[3]
     return (x.new_empty((G, T, k_max), dtype=torch.int32),
             x.new_empty((G, T, k_max), dtype=torch.float32),
             x.new_empty((G, T, k_max, NR), dtype=torch.float32))
+
+
+@torch.library.custom_op("mole_serve::router_logits", mutates_args=())
+def router_logits(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
+                  enabled: Tensor, sorted_tokens: Tensor, block_slot: Tensor) -> Tensor:
+    """Each token's router logits through its slot's router, [G, T, E] fp32 (0 for tokens
+    without an enabled slot): under tensor parallelism, this rank's partial sums."""
+    G, S, E = router.shape[:3]
+    logits = x.new_empty((G, x.shape[0], E), dtype=torch.float32)
+    if x.shape[0] > 0:
+        launch_router_logits(x, RouterWeights(router, shrink_a, routing_table, enabled, E),
+                             _plan(sorted_tokens, block_slot), logits, pick_tiles(x.shape[0]))
+    return logits
+
+
+@router_logits.register_fake
+def _router_logits_fake(x, router, shrink_a, routing_table, enabled, sorted_tokens,
+                        block_slot):
+    return x.new_empty((router.shape[0], x.shape[0], router.shape[2]), dtype=torch.float32)
 
 
 @torch.library.custom_op("mole_serve::mixlora_experts", mutates_args=("h",))

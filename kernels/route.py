@@ -12,6 +12,12 @@ base-model and disabled-slot tokens get id 0, weight 0 and a zero shrink, as do 
 When the server keeps routing metrics, the same program adds the block's routing to the
 slot's counters (a few atomics per block): metrics cost no extra launch and no second pass
 over the router.
+
+Under tensor parallelism a row-parallel projection's input (o_proj, down_proj) is split over
+ranks, and so is the router's reduction: the kernel then runs twice, first storing only each
+rank's partial logits (`ROUTER_LOGITS`), which the caller all-reduces, then routing from the
+summed logits (`GIVEN_LOGITS`) and shrinking this rank's slice of x, a partial shrink the
+expand and the base all-reduce sum up.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ TOP_P_CODE = tl.constexpr(float(table.STRATEGY_CODE[MIXLORA_DYNAMIC]))
 SWITCH_CODE = tl.constexpr(float(table.STRATEGY_CODE[MIXLORA_SWITCH]))
 DYNMOLE_CODE = tl.constexpr(float(table.STRATEGY_CODE[DYNMOLE]))
 EMPTY = tl.constexpr(EMPTY_BLOCK)
+# Where the route kernel's logits come from (its LOGITS argument).
+COMPUTED_LOGITS = tl.constexpr(0)  # from x and the router, then route
+ROUTER_LOGITS = tl.constexpr(1)    # from x and the router, stored to `logits`, nothing else
+GIVEN_LOGITS = tl.constexpr(2)     # loaded from `logits`, then route
 
 
 @dataclass(frozen=True)
@@ -162,11 +172,12 @@ def _count_routing(counts_row, bounds_ptr, probs, weight, row_ok, n_exp, E,
 def _route_kernel(
     x_ptr, stride_x, router_ptr, shrink_a_ptr, table_ptr, enabled_ptr,
     sorted_tokens_ptr, block_slot_ptr, ids_ptr, weights_ptr, shrink_ptr,
-    counts_ptr, bounds_ptr,
+    counts_ptr, bounds_ptr, logits_ptr,
     T, S, H, E, NR,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NR_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr, COUNT: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
+    LOGITS: tl.constexpr,
 ):
     block = tl.program_id(0)
     group = tl.program_id(1).to(tl.int64)  # projection of a group sharing the input x
@@ -186,22 +197,35 @@ def _route_kernel(
     shrink_off = out_off[:, :, None] * NR + nn[None, None, :]
     shrink_mask = out_mask[:, :, None] & (nn < NR)[None, None, :]
     active = (slot >= 0) & (tl.load(enabled_ptr + s) != 0)
+    cols = tl.arange(0, E_PAD)
+    logits_off = out_row[:, None] * E + cols[None, :]
+    logits_mask = row_ok[:, None] & (cols < E)[None, :]
     if not active:
+        if LOGITS == ROUTER_LOGITS:
+            tl.store(logits_ptr + logits_off, tl.zeros([BLOCK_M, E_PAD], tl.float32),
+                     mask=logits_mask)
+            return
         tl.store(ids_ptr + out_off, tl.zeros([BLOCK_M, K_PAD], tl.int32), mask=out_mask)
         tl.store(weights_ptr + out_off, tl.zeros([BLOCK_M, K_PAD], tl.float32), mask=out_mask)
         tl.store(shrink_ptr + shrink_off, tl.zeros([BLOCK_M, K_PAD, NR_PAD], tl.float32),
                  mask=shrink_mask)
         return
 
-    cols = tl.arange(0, E_PAD)
-    logits = tl.zeros([BLOCK_M, E_PAD], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        x = tl.load(x_ptr + tok64[:, None] * stride_x + hh[None, :],
-                    mask=row_ok[:, None] & (hh < H)[None, :], other=0.0).to(tl.float32)
-        w = tl.load(router_ptr + (s * E + cols[None, :]) * H + hh[:, None],
-                    mask=(cols < E)[None, :] & (hh < H)[:, None], other=0.0).to(tl.float32)
-        logits += tl.dot(x, w, input_precision="ieee")
+    if LOGITS == GIVEN_LOGITS:
+        logits = tl.load(logits_ptr + logits_off, mask=logits_mask, other=0.0)
+    else:
+        logits = tl.zeros([BLOCK_M, E_PAD], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            x = tl.load(x_ptr + tok64[:, None] * stride_x + hh[None, :],
+                        mask=row_ok[:, None] & (hh < H)[None, :], other=0.0).to(tl.float32)
+            w = tl.load(router_ptr + (s * E + cols[None, :]) * H + hh[:, None],
+                        mask=(cols < E)[None, :] & (hh < H)[:, None], other=0.0
+                        ).to(tl.float32)
+            logits += tl.dot(x, w, input_precision="ieee")
+        if LOGITS == ROUTER_LOGITS:
+            tl.store(logits_ptr + logits_off, logits, mask=logits_mask)
+            return
 
     rank, weight, probs = _select(logits, table_ptr + s * NUM_COLUMNS, E_PAD)
     if COUNT:
@@ -243,13 +267,32 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: Routing,
-                 tiles: Tiles, counts: RoutingCounts | None = None) -> None:
+                 tiles: Tiles, counts: RoutingCounts | None = None,
+                 logits: torch.Tensor | None = None) -> None:
     """Fill `out`: ids and weights of every token, the shrink of every used pair (0 else);
-    with `counts`, also add the batch's routing to the metrics counters. One program per
+    with `counts`, also add the batch's routing to the metrics counters; with `logits`
+    [G, T, E] fp32, route from them instead of x (see the module doc). One program per
     (plan block, projection of the group)."""
+    _launch(x, weights, plan, tiles, GIVEN_LOGITS if logits is not None else COMPUTED_LOGITS,
+            out, counts, logits)
+
+
+def launch_router_logits(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan,
+                         logits: torch.Tensor, tiles: Tiles) -> None:
+    """Fill `logits` [G, T, E] fp32 with each token's router logits through its slot's
+    router (0 for tokens without an enabled slot), and nothing else."""
+    _launch(x, weights, plan, tiles, ROUTER_LOGITS, None, None, logits)
+
+
+def _launch(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, tiles: Tiles,
+            mode: tl.constexpr, out: Routing | None, counts: RoutingCounts | None,
+            logits: torch.Tensor | None) -> None:
     G, S, E, NR, H = weights.shrink_a.shape
     T, K = x.shape[0], weights.k_max
     NB = 0 if counts is None else counts.bounds.shape[0]
+    if logits is not None:
+        assert logits.shape == (G, T, E) and logits.dtype == torch.float32
+        assert logits.is_contiguous()
     if counts is not None:
         assert counts.counts.shape == (G, S, 2 * E + NB + 3) and counts.counts.is_contiguous()
         assert counts.counts.dtype == torch.float64 and counts.bounds.dtype == torch.float32
@@ -257,17 +300,21 @@ def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: 
     assert weights.router.shape == (G, S, E, H)
     assert weights.routing.shape == (G, S, table.NUM_COLUMNS)
     assert weights.enabled.shape == (G, S)
-    for t in (weights.router, weights.shrink_a, weights.routing, weights.enabled, out.ids,
-              out.weights, out.shrink):
+    for t in (weights.router, weights.shrink_a, weights.routing, weights.enabled):
         assert t.is_contiguous()
-    assert out.ids.shape == out.weights.shape == (G, T, K)
-    assert out.shrink.shape == (G, T, K, NR)
+    if out is not None:
+        assert all(t.is_contiguous() for t in (out.ids, out.weights, out.shrink))
+        assert out.ids.shape == out.weights.shape == (G, T, K)
+        assert out.shrink.shape == (G, T, K, NR)
+    unused = x  # a pointer for arguments this mode never touches
     _route_kernel[(plan.num_blocks, G)](
         x, x.stride(0), weights.router, weights.shrink_a, weights.routing, weights.enabled,
-        plan.sorted_tokens, plan.block_slot, out.ids, out.weights, out.shrink,
-        x if counts is None else counts.counts, x if counts is None else counts.bounds,
+        plan.sorted_tokens, plan.block_slot, *((unused,) * 3 if out is None else
+                                               (out.ids, out.weights, out.shrink)),
+        unused if counts is None else counts.counts, unused if counts is None else counts.bounds,
+        unused if logits is None else logits,
         T, S, H, E, NR,
         K=K, K_PAD=triton.next_power_of_2(K), E_PAD=padded(E), NR_PAD=padded(NR),
         BLOCK_M=plan.block_m, BLOCK_H=tiles.block_h,
         PRECISION=dot_precision(x.dtype), COUNT=counts is not None, NB=NB,
-        NB_PAD=triton.next_power_of_2(max(NB, 1)), num_warps=tiles.num_warps)
+        NB_PAD=triton.next_power_of_2(max(NB, 1)), LOGITS=mode.value, num_warps=tiles.num_warps)

@@ -19,8 +19,8 @@ runs interpreted).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch import nn
 from .adapter import BaseShape, MoleAdapter, MoleLayer
 from .metrics import ENTROPY_BUCKETS
 from .reference import (add_where, gated_lora_delta, mixlora_down_delta,
-                        mixlora_experts, mixlora_route)
+                        mixlora_experts, mixlora_route, router_logits)
 from .routing import (NUM_COLUMNS, NUM_EXPERTS, masked_softmax, one_expert_routing_row, route,
                       routing_row)
 from .stack import GatedLoRAStack, GroupedLoRAStack, MixLoRAStack
@@ -54,13 +54,21 @@ class TensorShard:
     layers: q/k/v and gate/up are column-parallel (the rank holds rows `part(out)` of their
     outputs), o and down row-parallel (columns `part(in)` of their inputs). So a rank keeps
     the slice of the B factors of column-parallel projections (MixLoRA: the I-slice of the
-    gate/up B factors) and of the A factors of row-parallel ones (the I-slice of the down A
-    factors); routers, and factors that see full-size inputs or outputs, are replicated.
+    gate/up B factors) and of the A factors and routers of row-parallel ones (the I-slice of
+    the down A factors); factors and routers that see full-size inputs are replicated.
     Each rank's o/down delta is a partial sum over its slice; the base projection's
-    all-reduce, deferred until the deltas are added (`model.py`), sums them up."""
+    all-reduce, deferred until the deltas are added (`model.py`), sums them up. A router on
+    o/down sees only its rank's input slice, so its logits are partial sums too, added up
+    by `all_reduce` (vLLM's) before any routing decision: every rank routes alike."""
 
     rank: int = 0
     world: int = 1
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None,
+                                                                       compare=False)
+
+    def __post_init__(self):
+        if self.world > 1 and self.all_reduce is None:
+            raise ValueError("a tensor-parallel shard needs the ranks' all-reduce")
 
     def part(self, full: int) -> slice:
         if full % self.world:
@@ -171,19 +179,16 @@ class RoutingStats(nn.Module):
         # reported).
         self.routed_slots: list[set[int]] = [set() for _ in routers]
 
-    def record(self, x: torch.Tensor, slots: torch.Tensor, tables: GatedLoRAStack | MixLoRAStack,
+    def record(self, logits: torch.Tensor, slots: torch.Tensor,
+               tables: GatedLoRAStack | MixLoRAStack,
                routed: tuple[torch.Tensor, torch.Tensor] | None = None, router: int = 0
                ) -> None:
-        """Count this batch's routing through `tables` (router `router`'s slot buffers).
-        `routed`: (weights, ids) [T, k] when the caller has them; else routed again here."""
-        num_tokens, (num_slots, num_experts, hidden) = slots.shape[0], tables.router.shape
+        """Count this batch's routing from its router logits [T, E] through `tables`
+        (router `router`'s slot buffers). `routed`: (weights, ids) [T, k] when the caller
+        has them; else routed again here."""
+        num_slots = tables.enabled.shape[0]
         slot = slots.clamp(min=0)
         used = ((slots >= 0) & tables.enabled[slot]).double()
-        # Every slot's router in one GEMM, then each token's row: cheaper than gathering
-        # a [T, E, H] router per token.
-        logits = (x.float() @ tables.router.reshape(-1, hidden).T).view(
-            num_tokens, num_slots, num_experts)
-        logits = logits.gather(1, slot.view(-1, 1, 1).expand(-1, 1, num_experts))[:, 0]
         params = tables.routing[slot]
         weights, ids = routed if routed is not None else route(logits, params, tables.k_max)
         n = params[:, NUM_EXPERTS]
@@ -307,6 +312,13 @@ class GroupedLoRABuffers(nn.Module):
         self.register_buffer("routing", _zeros(G, S, NUM_COLUMNS), persistent=False)
         self.register_buffer("enabled", _zeros(G, S, dtype=torch.bool), persistent=False)
 
+    @property
+    def routes_split_input(self) -> bool:
+        """Whether its routers see only this rank's input slice (tensor parallelism, o/down),
+        so their logits must be summed over ranks. One expert gets weight 1 whatever its
+        logits: nothing to sum."""
+        return self.k_max > 1 and any(d.splits_input for d in self.dims)
+
     def fill(self, slot: int, adapter: MoleAdapter | None, layer: MoleLayer | None
              ) -> list[bool]:
         """Load `adapter` into `slot`; returns, per projection, whether it routes there (a
@@ -321,13 +333,10 @@ class GroupedLoRABuffers(nn.Module):
             columns = slice(first, first + dims.local_out)
             first += dims.local_out
             if per_linear and proj in layer.routers:
-                if dims.splits_input:
-                    raise ValueError(f"adapter {adapter.name!r}: a router on {proj} needs the "
-                                     f"whole input, which tensor parallelism splits over "
-                                     f"ranks: not supported")
                 routed[index] = True
                 self.routing[index, slot] = routing_row(adapter.config)
-                self.router[index, slot, :adapter.config.num_experts] = layer.routers[proj]
+                self.router[index, slot, :adapter.config.num_experts] = \
+                    layer.routers[proj][:, dims.in_part]
                 experts = layer.experts[proj].a, layer.experts[proj].b
             elif adapter is not None and not per_linear and proj in layer.lora:
                 self.routing[index, slot] = _ONE_EXPERT_ROUTING
@@ -362,7 +371,7 @@ class ShardDims:
     out_part: slice
     local_in: int
     local_out: int
-    splits_input: bool  # row-parallel over several ranks: a router cannot see the input
+    splits_input: bool  # row-parallel over several ranks: routers see a slice of the input
 
     @classmethod
     def of(cls, base: BaseShape, proj: str, shard: TensorShard) -> "ShardDims":
@@ -395,6 +404,7 @@ class ProjectionAdapters(nn.Module):
         self.layer_index = layer_index
         self.token_slots = token_slots
         self.use_kernels = use_kernels
+        self.shard = shard
         self.gated = nn.ModuleDict({
             key: GroupedLoRABuffers(limits, [ShardDims.of(base, p, shard) for p in projs], projs)
             for key, projs in groups.items()})
@@ -421,18 +431,25 @@ class ProjectionAdapters(nn.Module):
         if group not in self.gated:  # no adapter family served adapts these projections
             return y
         stats = self.gated_stats[group] if group in self.gated_stats else None
-        stack = self.gated[group].stack()
+        buffers = self.gated[group]
+        stack = buffers.stack()
         if self.use_kernels:
+            kernels = _kernels()
+            logits = None
+            if buffers.routes_split_input:  # one more launch and a [T, E] all-reduce
+                logits = self.shard.all_reduce(kernels.router_logits(x, batch.plan, stack))
             y = y.contiguous()  # the kernels add into rows in place
-            _kernels().gated_lora_(y, x, batch.plan, stack, _kernel_counts(stats))
+            kernels.gated_lora_(y, x, batch.plan, stack, _kernel_counts(stats), logits)
             return y
         outputs = []
         for index, part in enumerate(y.split(stack.out_sizes, dim=-1)):
             member = stack.member(index)
+            logits = router_logits(x, batch.slots, member.router)
+            if buffers.routes_split_input:
+                logits = self.shard.all_reduce(logits)
             if stats is not None:
-                # The reference delta does not return its routing: routed again to count.
-                stats.record(x, batch.slots, member, router=index)
-            outputs.append(add_where(part, *gated_lora_delta(x, batch.slots, member)))
+                stats.record(logits, batch.slots, member, router=index)
+            outputs.append(add_where(part, *gated_lora_delta(x, batch.slots, member, logits)))
         return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
 
     def routing_stats(self) -> list[RoutingStats]:
@@ -477,9 +494,10 @@ class FFNAdapters(ProjectionAdapters):
                                             _kernel_counts(self.mixlora_stats))
             partials = kernels.mixlora_experts_(h, g, u, routing, batch.plan, stack)
             return h, (routing, partials)
-        weights, ids, uses = mixlora_route(x, batch.slots, stack)
+        logits = router_logits(x, batch.slots, stack.router)
+        weights, ids, uses = mixlora_route(x, batch.slots, stack, logits)
         if self.mixlora_stats is not None:
-            self.mixlora_stats.record(x, batch.slots, self.mixlora, (weights, ids))
+            self.mixlora_stats.record(logits, batch.slots, self.mixlora, (weights, ids))
         mixed, down_shrink = mixlora_experts(g, u, x, batch.slots, weights, ids, stack)
         return torch.where(uses[:, None], mixed.to(h.dtype), h), (down_shrink, weights, ids, uses)
 

@@ -25,8 +25,8 @@ from vllm.sequence import IntermediateTensors
 from . import metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
 from .errors import AdapterError
-from .layers import (ATTENTION_GROUPS, ROW_PARALLEL, FFNAdapters, ProjectionAdapters,
-                     SlotLimits, TensorShard, TokenSlots)
+from .layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
+                     TensorShard, TokenSlots)
 
 
 class MoleLlamaAttention(LlamaAttention):
@@ -144,7 +144,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_metrics_interval_s = settings.metrics_interval_s
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
-        self.mole_tensor_parallel = shard.world
         self.mole_families = settings.families
         self._mole_last_export = time.monotonic()
 
@@ -163,7 +162,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         try:
             adapter = vllm_compat.load_served_adapter(path, name, self.mole_vllm_config)
             self._check_family(adapter)
-            self._check_shardable(adapter)
             return adapter
         except AdapterError:
             if self.mole_reports_metrics:
@@ -177,16 +175,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
                                f"a strategy of the families this server was started for "
                                f"({list(self.mole_families)}: --additional-config "
                                f"mole.families)", adapter.config.routing_strategy)
-
-    def _check_shardable(self, adapter: MoleAdapter) -> None:
-        """A per-linear router on a row-parallel projection (o_proj, down_proj) would need
-        the whole input, which tensor parallelism splits over ranks (layers.TensorShard)."""
-        split = [p for p in ROW_PARALLEL if p in adapter.config.target_modules]
-        if self.mole_tensor_parallel > 1 and adapter.config.is_per_linear and split:
-            raise AdapterError(adapter.name, "adapter_config.json:target_modules",
-                               f"no per-linear router on {list(ROW_PARALLEL)} with tensor "
-                               f"parallelism ({self.mole_tensor_parallel} ranks)",
-                               f"routers on {split}")
 
     def set_mole_slot(self, slot: int, adapter: MoleAdapter | None, name: str | None) -> None:
         """Copy `adapter` into slot `slot` of every layer (None empties it; a plain LoRA

@@ -147,13 +147,23 @@ def _gather(table: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor) -> torch
     return table[slot[:, None], ids].float()
 
 
-def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack
+def router_logits(x: torch.Tensor, slots: torch.Tensor, router: torch.Tensor
+                  ) -> torch.Tensor:
+    """Each token's logits [T, E] (fp32) through its own slot's router [S, E, in]. Linear in
+    x: with x split over tensor-parallel ranks, the ranks' results sum to the whole's."""
+    return torch.einsum("ti,tei->te", x.float(), router[slots.clamp(min=0)].float())
+
+
+def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack,
+                  logits: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token routing through each token's slot router.
-    Returns (weights [T, k_max] zero for non-MixLoRA tokens, expert ids, uses-MixLoRA mask)."""
+    """Per-token routing through each token's slot router (`logits`: `router_logits`, when
+    the caller has them). Returns (weights [T, k_max] zero for non-MixLoRA tokens, expert
+    ids, uses-MixLoRA mask)."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    logits = torch.einsum("th,teh->te", x.float(), stack.router[slot].float())
+    if logits is None:
+        logits = router_logits(x, slots, stack.router)
     weights, ids = route(logits, stack.routing[slot], stack.k_max)
     # where, not a product: tokens of empty slots (or base tokens) may have NaN weights
     return torch.where(uses[:, None], weights, 0.0), ids, uses
@@ -186,12 +196,15 @@ def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: 
                         _gather(stack.down_b, slot, ids))
 
 
-def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-linear routed LoRA delta [T, out] fp32 and the mask of tokens it applies to."""
+def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack,
+                     logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-linear routed LoRA delta [T, out] fp32 and the mask of tokens it applies to.
+    `logits`: the tokens' `router_logits` when the caller has them (tensor parallelism: the
+    sum over ranks; x and the A factors are then this rank's slices, the delta its part)."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    logits = torch.einsum("ti,tei->te", x.float(), stack.router[slot].float())
+    if logits is None:
+        logits = router_logits(x, slots, stack.router)
     weights, ids = route(logits, stack.routing[slot], stack.k_max)
     coef = torch.where(uses[:, None], weights * stack.scaling[slot][:, None], 0.0)
     shrink = torch.einsum("ti,tkri->tkr", x.float(), _gather(stack.a, slot, ids))

@@ -438,7 +438,8 @@ def token_slot_buffer(model: torch.nn.Module) -> torch.Tensor | None:
 def tensor_parallel_shard() -> TensorShard:
     from vllm.distributed import (get_tensor_model_parallel_rank,
                                   get_tensor_model_parallel_world_size)
-    return TensorShard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    return TensorShard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
+                       tensor_parallel_all_reduce)
 
 
 def defer_all_reduce(row_parallel: torch.nn.Module) -> None:

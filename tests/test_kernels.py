@@ -13,6 +13,8 @@ Why each test exists:
   must a batch without adapter tokens. One test runs the three launches one by one.
 - test_projection_*, test_plain_lora_*: per-linear gated LoRA (DynMoLE) and plain LoRA (MixLoRA's
   attention adapters, PEFT LoRA adapters) through the same two kernels.
+- test_row_parallel_*: tensor parallelism splits a row-parallel router's input; ranks route
+  from the sum of their partial logits and their partial deltas add up.
 - test_launch_budget: at most 3 launches per MixLoRA FFN beyond the frozen FFN (DESIGN §5).
 - test_small_tiles_*: the default interpreter tiles cover the test sizes in one tile, so one
   run forces small tiles to exercise every tile loop, several intermediate splits (the
@@ -38,8 +40,8 @@ from mole_serve.kernels import (as_gated, gated_lora_, mixlora_down_delta_, mixl
                                 plan_tokens)
 from mole_serve.kernels import configs as kernel_configs
 from mole_serve.kernels.plan import BASE_BLOCK, EMPTY_BLOCK, max_blocks
-from mole_serve.reference import (FrozenFFN, mixlora_down_delta, mixlora_experts,
-                                  mole_ffn, mole_projection)
+from mole_serve.reference import (FrozenFFN, gated_lora_delta, mixlora_down_delta,
+                                  mixlora_experts, mole_ffn, mole_projection, router_logits)
 from mole_serve.reference import mixlora_route as reference_mixlora_route
 from mole_serve.routing import route as reference_route
 from mole_serve.stack import LayerStack, stack_layer
@@ -215,7 +217,7 @@ def test_route_counts_the_routing_metrics_the_reference_counts():
     for _ in range(2):
         mixlora_route(x, plan, stack, RoutingCounts(kernel_stats.counts,
                                                     kernel_stats.entropy_bounds))
-        reference_stats.record(x, slots, stack)
+        reference_stats.record(router_logits(x, slots, stack.router), slots, stack)
     got, want = kernel_stats.take()["ffn"], reference_stats.take()["ffn"]
     for key in ("selections", "experts_per_token", "entropy_buckets"):
         assert torch.equal(got[key], want[key]), key
@@ -379,6 +381,49 @@ def test_grouped_projections_match_each_alone(tiles, monkeypatch):
         gated_lora_(alone, x, plan, dataclasses.replace(member, b=member.b.contiguous()))
         assert torch.equal(y.split(group.out_sizes, dim=-1)[index], alone), projs[index]
     assert torch.equal(y[slots < 0], base[slots < 0])
+
+
+def test_row_parallel_ranks_route_from_summed_logits():
+    """Tensor parallelism splits down_proj's input over ranks, and with it the router's and
+    the A factors' reduction: each rank's `router_logits` of its slice sum to the whole's;
+    routed from that sum (ids and weights alike on every rank), the ranks' deltas sum to the
+    whole delta, and the metrics count the routing of the summed logits."""
+    from mole_serve.kernels import RoutingCounts
+    from mole_serve.kernels import router_logits as kernel_router_logits
+    from mole_serve.layers import RoutingStats
+    from mole_serve.stack import GroupedLoRAStack
+    stack = make_stack(ZOO, seed=43).gated["down_proj"]
+    x, slots = tokens(50, len(ZOO), seed=43, width=I)
+    plan = plan_tokens(slots, len(ZOO), kernel_configs.BLOCK_M)
+    halves = (slice(0, I // 2), slice(I // 2, I))
+    ranks = [GroupedLoRAStack.of([dataclasses.replace(
+        stack, router=stack.router[..., part].contiguous(), a=stack.a[..., part].contiguous())])
+        for part in halves]
+    inputs = [x[:, part].contiguous() for part in halves]
+    summed = sum(kernel_router_logits(x_part, plan, rank) for x_part, rank in zip(inputs, ranks))
+    uses = (slots >= 0) & stack.enabled[slots.clamp(min=0)]
+    whole = router_logits(x, slots, stack.router)
+    assert rel_err(summed[0][uses], whole[uses]) <= TOLERANCE
+    assert (summed[0][~uses] == 0).all()
+    stats = RoutingStats(len(ZOO), stack.router.shape[1], 0, ("down",)).to(DEVICE)
+    deltas, routings = [], []
+    for x_part, rank in zip(inputs, ranks):
+        y = torch.zeros(50, H, device=DEVICE)
+        counts = RoutingCounts(stats.counts, stats.entropy_bounds) if not routings else None
+        routings.append(gated_lora_(y, x_part, plan, rank, counts, summed))
+        deltas.append(y)
+    assert torch.equal(routings[0].ids, routings[1].ids)
+    assert torch.equal(routings[0].weights, routings[1].weights)
+    want, _ = gated_lora_delta(x, slots, stack, summed[0])
+    assert rel_err((deltas[0] + deltas[1])[uses], want[uses]) <= TOLERANCE
+    assert (deltas[0][~uses] == 0).all() and (deltas[1][~uses] == 0).all()
+    reference_stats = RoutingStats(len(ZOO), stack.router.shape[1], 0, ("down",)).to(DEVICE)
+    reference_stats.record(summed[0], slots, stack)
+    for counter in (stats, reference_stats):
+        counter.routed_slots[0].update(range(len(ZOO)))
+    got, expected = stats.take()["down"], reference_stats.take()["down"]
+    assert torch.equal(got["selections"], expected["selections"])
+    assert got["selections"].sum() > 0
 
 
 def test_plain_lora_as_one_expert_gated_stack():

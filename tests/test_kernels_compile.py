@@ -68,6 +68,9 @@ def op_samples():
     return {
         "route": (OPS.route, (x, *grouped, *meta, ffn.k_max)),
         "route_counting": (OPS.route, (x, *grouped, *meta, ffn.k_max, counts, bounds)),
+        "router_logits": (OPS.router_logits, (x, *grouped, *meta)),
+        "route_given_logits": (OPS.route, (x, *grouped, *meta, ffn.k_max, counts, bounds,
+                                           OPS.router_logits(x, *grouped, *meta))),
         "mixlora_experts": (OPS.mixlora_experts,
                             (h, g, u, routing.shrink, routing.ids, routing.weights,
                              ffn.gate_up_b, ffn.down_a, ffn.scaling, ffn.enabled, *meta,
@@ -79,8 +82,8 @@ def op_samples():
     }
 
 
-@pytest.mark.parametrize("name", ["route", "route_counting", "mixlora_experts",
-                                  "routed_expand"])
+@pytest.mark.parametrize("name", ["route", "route_counting", "router_logits",
+                                  "route_given_logits", "mixlora_experts", "routed_expand"])
 def test_opcheck_custom_ops(name):
     op, args = op_samples()[name]
     torch.library.opcheck(op, args)
@@ -126,13 +129,16 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
         serving = dt == "bf16"
         common = dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK_M=configs.BLOCK_M,
                       PRECISION=precision)
-        # Serving counts routing metrics in the route kernel (fp64 atomics).
-        build(route._route_kernel, {**ids, "x_ptr": f"*{dt}", "router_ptr": "*fp32",
-              "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
-              "counts_ptr": "*fp64", "bounds_ptr": "*fp32"},
-              dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
-                   BLOCK_H=tiles.block_h, COUNT=serving, NB=10, NB_PAD=16),
-              tiles.num_warps, serving)
+        # Serving counts routing metrics in the route kernel (fp64 atomics); under tensor
+        # parallelism a row-parallel router stores its partial logits, then routes from
+        # their sum.
+        for logits in ((0, 1, 2) if serving and k == 2 else (0,)):
+            build(route._route_kernel, {**ids, "x_ptr": f"*{dt}", "router_ptr": "*fp32",
+                  "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
+                  "counts_ptr": "*fp64", "bounds_ptr": "*fp32", "logits_ptr": "*fp32"},
+                  dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
+                       BLOCK_H=tiles.block_h, COUNT=serving, NB=10, NB_PAD=16, LOGITS=logits),
+                  tiles.num_warps, serving)
         build(experts._experts_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
               "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "gate_up_b_ptr": f"*{dt}",
               "down_a_ptr": f"*{dt}", "partials_ptr": "*fp32"},

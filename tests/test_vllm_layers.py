@@ -189,42 +189,87 @@ def test_routing_stats_change_no_output():
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
+def two_ranks(run):
+    """`run(shard)` on two simulated tensor-parallel ranks, one after the other. vLLM's
+    all-reduce gives every rank the sum of all ranks' inputs, so a first pass records each
+    rank's all-reduce inputs, and a second pass, whose results are returned, gets their sums
+    call by call (an all-reduce input never depends on an earlier all-reduce of its step)."""
+    from mole_serve.layers import TensorShard
+    recorded = [[], []]
+    for rank in range(2):
+        run(TensorShard(rank, 2, lambda t, calls=recorded[rank]: calls.append(t) or t))
+    sums = [a + b for a, b in zip(*recorded, strict=True)]
+    return [run(TensorShard(rank, 2, lambda t, calls=iter(sums): next(calls)))
+            for rank in range(2)], len(sums)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
     """Two simulated ranks, split as vLLM splits the frozen MLP (gate/up by output rows, down
     by input columns): each rank's FFN output, deltas included, is a partial sum, and the
-    partials add up (the base down projection's all-reduce) to the unsharded result."""
+    partials add up (the base down projection's all-reduce) to the unsharded result. The
+    DynMoLE router on down_proj sees half its input on each rank: ranks route from their
+    all-reduced logits."""
     from mole_serve.layers import TensorShard
-    mix, _, dynamic = adapters()
+    mix, dyn, dynamic = adapters()
     column_dynmole = init_adapter(MoleConfig("dynmole", 4, 2, 4, ("gate_proj", "up_proj")),
                                   BASE, "col", generator=torch.Generator().manual_seed(5),
                                   b_std=0.1, router_std=0.5)
     g = torch.Generator().manual_seed(4)
-    slots = randint(-1, 3, (23,), generator=g)
+    slots = randint(-1, 4, (23,), generator=g)
     x = randn(23, 64, generator=g)
     gate, up, down = (randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96)))
 
     def ffn_output(shard):
-        ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, step_slots(3, slots, BACKENDS[backend]),
+        ffn = FFNAdapters(SlotLimits(4, 8, 5), BASE, 1, step_slots(4, slots, BACKENDS[backend]),
                           BACKENDS[backend], shard=shard).to(DEVICE)
-        for slot, adapter in enumerate((mix, column_dynmole, dynamic)):
+        for slot, adapter in enumerate((mix, column_dynmole, dynamic, dyn)):
             ffn.fill(slot, adapter)
         part = shard.part(96)
         return ffn_step(ffn, FrozenFFN(gate[part], up[part], down[:, part]), x)
 
     whole = ffn_output(TensorShard())
-    ranks = [ffn_output(TensorShard(rank, 2)) for rank in range(2)]
+    ranks, all_reduces = two_ranks(ffn_output)
+    assert all_reduces == 1, "down_proj's router logits, once per step"
+    assert (slots == 3).any(), "tokens routed by the down_proj router"
     torch.testing.assert_close(ranks[0] + ranks[1], whole)
     assert not torch.allclose(ranks[0], whole, atol=1e-3), "each rank holds only a part"
 
 
-def test_tensor_parallel_refuses_routers_on_split_inputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend):
+    """o_proj's input (the attention heads) is split over ranks: a DynMoLE router there
+    routes from the ranks' summed logits; a MixLoRA-only server's one-expert attention LoRA
+    needs no logits and no all-reduce."""
     from mole_serve.layers import TensorShard
-    _, dyn, _ = adapters()  # DynMoLE with a router on down_proj, whose input TP splits
-    ffn = FFNAdapters(SlotLimits(2, 4, 4), BASE, 1, TokenSlots(2), False,
-                      shard=TensorShard(1, 2))
-    with pytest.raises(ValueError, match="'a1'.*down_proj needs the whole input"):
-        ffn.fill(0, dyn)
+    dyn_o = init_adapter(MoleConfig("dynmole", 3, 4, 8, ("o_proj",), top_p=0.6), BASE, "o",
+                         generator=torch.Generator().manual_seed(8), b_std=0.1, router_std=0.5)
+    mix, _, _ = adapters()
+    g = torch.Generator().manual_seed(9)
+    slots = randint(-1, 2, (19,), generator=g)
+    x = randn(19, 64, generator=g)
+
+    def o_output(shard, limits=SlotLimits(2, 8, 5), loaded=(dyn_o, mix)):
+        attention = ProjectionAdapters(limits, BASE, 1,
+                                       step_slots(2, slots, BACKENDS[backend]),
+                                       {"o": ("o_proj",)}, BACKENDS[backend],
+                                       shard=shard).to(DEVICE)
+        for slot, adapter in enumerate(loaded):
+            attention.fill(slot, adapter)
+        part = shard.part(64)
+        return attention.project(torch.zeros(19, 64, device=DEVICE), x[:, part].contiguous(),
+                                 attention.slot_batch(19), "o")
+
+    whole = o_output(TensorShard())
+    ranks, all_reduces = two_ranks(o_output)
+    assert all_reduces == 1
+    torch.testing.assert_close(ranks[0] + ranks[1], whole)
+    assert whole[slots == 0].abs().sum() > 0, "the routed o_proj delta"
+    whole = o_output(TensorShard(), SlotLimits(2, 8, 1), (None, mix))
+    ranks, all_reduces = two_ranks(
+        lambda shard: o_output(shard, SlotLimits(2, 8, 1), (None, mix)))
+    assert all_reduces == 0
+    torch.testing.assert_close(ranks[0] + ranks[1], whole)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -271,18 +316,26 @@ def test_token_plan_is_built_once_per_step_not_per_layer(monkeypatch):
     assert plan.sorted_tokens.data_ptr() == ffn.token_slots.sorted_tokens.data_ptr()
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_served_layers_compile_once_for_every_token_count(backend):
+def test_served_layers_compile_once_for_every_token_count(backend, ranks):
     """vLLM compiles each decoder layer with `fullgraph=True` and a symbolic token count, and
     drops the guards: a graph break, a data-dependent shape or a specialisation on the token
-    count in the layers (slicing the step buffers, routing counts included) fails here."""
+    count in the layers (slicing the step buffers, routing counts included) fails here. With
+    two ranks, the down_proj router's logits go through the rank's all-reduce (here: rank
+    0's slice alone, doubled; vLLM's is a custom op)."""
+    from mole_serve.layers import TensorShard
     mix, dyn, dynamic = adapters()
     g = torch.Generator().manual_seed(7)
     slots = randint(-1, 3, (40,), generator=g)
-    ffn, _ = served_layer(SlotLimits(3, 8, 5), slots, BACKENDS[backend])
+    shard = TensorShard(0, ranks, (lambda t: 2 * t) if ranks > 1 else None)
+    ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, step_slots(3, slots, BACKENDS[backend]),
+                      BACKENDS[backend], shard=shard).to(DEVICE)
     for slot, adapter in enumerate((mix, dyn, dynamic)):
         ffn.fill(slot, adapter)
     frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    part = shard.part(96)
+    frozen = FrozenFFN(frozen.gate[part], frozen.up[part], frozen.down[:, part])
     x = randn(40, 64, generator=g)
     torch._dynamo.reset()
     compiled = torch.compile(ffn_step, fullgraph=True, dynamic=True, backend="aot_eager")
