@@ -47,8 +47,8 @@ class ServedLayer:
                  routing_stats: bool, device: torch.device, use_kernels: bool,
                  dtype: torch.dtype):
         limits = SlotLimits(num_slots, config.r, config.num_experts, dtype)
-        token_slots = TokenSlots(num_slots, use_kernels)
-        token_slots.attach(slots)
+        token_slots = TokenSlots(num_slots, slots.shape[0], use_kernels, device)
+        token_slots.set(slots)
         token_slots.prepare(slots.shape[0])  # once per step in the model, not per layer
         self.attention = ProjectionAdapters(limits, base, 0, token_slots, ATTENTION_GROUPS,
                                             use_kernels, routing_stats).to(device)

@@ -85,47 +85,40 @@ class TokenSlots:
 
     Everything lives in persistent buffers sized for vLLM's largest batch and is sliced by
     the step's token count, so compiled layers and CUDA graphs see the same addresses every
-    step. `source` is vLLM's own persistent per-token slot buffer.
+    step. `set` writes the slots of the tokens whose adapter is a MoLE one (outside the
+    forward, when vLLM's LoRA manager sets the step's adapter mapping); other tokens stay -1.
     """
 
-    def __init__(self, num_slots: int, use_kernels: bool = False):
+    def __init__(self, num_slots: int, max_tokens: int, use_kernels: bool = False,
+                 device: torch.device | str | None = None):
         self.num_slots = num_slots
         # Tokens per plan block; None: the reference backend needs no plan.
         self.plan_block_m = _kernels().BLOCK_M if use_kernels else None
-        self.source: torch.Tensor | None = None
-        self.slots: torch.Tensor | None = None
-        self.sorted_tokens: torch.Tensor | None = None
-        self.block_slot: torch.Tensor | None = None
-
-    @property
-    def attached(self) -> bool:
-        return self.source is not None
-
-    def attach(self, source: torch.Tensor) -> None:
-        """Allocate the step buffers for as many tokens as `source` holds."""
-        self.source = source
-        self.slots = torch.full_like(source, -1)
+        self.source = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+        self.slots = torch.full_like(self.source, -1)
         if self.plan_block_m is not None:
-            blocks = _kernels().max_blocks(source.shape[0], self.num_slots, self.plan_block_m)
+            blocks = _kernels().max_blocks(max_tokens, num_slots, self.plan_block_m)
             self.sorted_tokens = torch.full((blocks * self.plan_block_m,), -1,
-                                            dtype=torch.int32, device=source.device)
-            self.block_slot = torch.zeros(blocks, dtype=torch.int32, device=source.device)
+                                            dtype=torch.int32, device=device)
+            self.block_slot = torch.zeros(blocks, dtype=torch.int32, device=device)
+
+    def set(self, slots: torch.Tensor) -> None:
+        """The next steps' per-token slots (int, -1 = none; on any device); rows past them
+        (padding) get -1."""
+        self.source[:slots.shape[0]].copy_(slots)
+        self.source[slots.shape[0]:].fill_(-1)
 
     def prepare(self, num_tokens: int) -> None:
         """Once per step, before the layers: this step's slots and token plan."""
         slots = self.slots[:num_tokens]
-        # Rows vLLM has not written yet (profiling, padding) may hold garbage: keep in range.
         torch.clamp(self.source[:num_tokens], -1, self.num_slots - 1, out=slots)
         if self.plan_block_m is not None:
             plan = _kernels().plan_tokens(slots, self.num_slots, self.plan_block_m)
             self.sorted_tokens[:plan.sorted_tokens.shape[0]].copy_(plan.sorted_tokens)
             self.block_slot[:plan.num_blocks].copy_(plan.block_slot)
 
-    def batch(self, num_tokens: int) -> "SlotBatch | None":
-        """The slots and plan `prepare(num_tokens)` built (None before vLLM's LoRA manager
-        exists)."""
-        if not self.attached:
-            return None
+    def batch(self, num_tokens: int) -> "SlotBatch":
+        """The slots and plan `prepare(num_tokens)` built."""
         slots = self.slots[:num_tokens]
         if self.plan_block_m is None:
             return SlotBatch(slots, None)
@@ -420,7 +413,7 @@ class ProjectionAdapters(nn.Module):
             if key in self.gated_stats:
                 self.gated_stats[key].reset_slot(slot, routed)
 
-    def slot_batch(self, num_tokens: int) -> SlotBatch | None:
+    def slot_batch(self, num_tokens: int) -> SlotBatch:
         """This step's per-token slots (and, for the kernels, the slot-sorted token plan)."""
         return self.token_slots.batch(num_tokens)
 

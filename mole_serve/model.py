@@ -37,14 +37,13 @@ class MoleLlamaAttention(LlamaAttention):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         batch = self.mole.slot_batch(hidden_states.shape[0])
         qkv, _ = self.qkv_proj(hidden_states)
-        if batch is not None:  # q, k and v deltas in one route + one expand launch
-            qkv = self.mole.project(qkv, hidden_states, batch, "qkv")
+        # q, k and v deltas in one route + one expand launch
+        qkv = self.mole.project(qkv, hidden_states, batch, "qkv")
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)  # all-reduce deferred: see MoleLlamaDecoderLayer
-        if batch is not None:
-            output = self.mole.project(output, attn_output, batch, "o")
+        output = self.mole.project(output, attn_output, batch, "o")
         return vllm_compat.tensor_parallel_all_reduce(output)
 
 
@@ -70,9 +69,6 @@ class MoleLlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
         batch = self.mole.slot_batch(x.shape[0])
-        if batch is None:
-            y, _ = self.down_proj(self.act_fn(gate_up))
-            return vllm_compat.tensor_parallel_all_reduce(y)
         gate_up = self.mole.project(gate_up, x, batch, "gate_up")
         h = self.act_fn(gate_up)
         g, u = gate_up.chunk(2, dim=-1)
@@ -129,7 +125,8 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)
         use_kernels = settings.uses_kernels()
-        token_slots = TokenSlots(slots, use_kernels)
+        token_slots = TokenSlots(slots, vllm_config.scheduler_config.max_num_batched_tokens,
+                                 use_kernels, vllm_config.device_config.device)
         layer_type = functools.partial(MoleLlamaDecoderLayer, base=base, token_slots=token_slots,
                                        limits=SlotLimits(slots, rank, experts,
                                                          torch.get_default_dtype()),
@@ -143,6 +140,7 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_token_slots = token_slots
         self.mole_metrics_interval_s = settings.metrics_interval_s
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
+        self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
         self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
         self.mole_families = settings.families
         self._mole_last_export = time.monotonic()
@@ -150,11 +148,8 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        token_slots = self.mole_token_slots
-        if not token_slots.attached and (source := vllm_compat.token_slot_buffer(self)) is not None:
-            token_slots.attach(source)
-        if token_slots.attached:
-            token_slots.prepare((input_ids if input_ids is not None else inputs_embeds).shape[0])
+        self.mole_token_slots.prepare(
+            (input_ids if input_ids is not None else inputs_embeds).shape[0])
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_mole_adapter(self, path: str, name: str) -> MoleAdapter:
@@ -185,11 +180,18 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         if self.mole_reports_metrics and leaving is not None and leaving != name:
             metrics.adapter_evicted(leaving, "slot")
         self.mole_slot_names[slot] = name
+        (self.mole_adapter_slots.add if adapter is not None else self.mole_adapter_slots.discard
+         )(slot)
         for module in self.modules():
             if isinstance(module, ProjectionAdapters):
                 module.fill(slot, adapter)
         if self.mole_reports_metrics:
             metrics.slot_filled()
+
+    def set_mole_token_slots(self, slots: list[int]) -> None:
+        """The next steps' per-token slots (-1: base model or a plain LoRA adapter, which
+        vLLM's own LoRA layers apply), set outside the forward with vLLM's adapter mapping."""
+        self.mole_token_slots.set(torch.tensor(slots, dtype=torch.long))
 
     def maybe_export_routing_metrics(self) -> None:
         """At a step boundary: export when `metrics_interval_s` has passed. The copy to the

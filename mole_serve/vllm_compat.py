@@ -15,6 +15,12 @@ How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
 * `LoRAModelManager.activate_adapter` / `_deactivate_adapter` are wrapped: after vLLM puts
   an adapter in slot `i`, our model copies its weights into row `i` of its slot buffers
   (plain LoRA adapters empty the row); when the slot is freed the row is zeroed.
+* `LoRAModelManager._set_adapter_mapping` is wrapped: the step's per-token adapter ids go to
+  our model as slots for the tokens of MoLE adapters (-1 for the rest), and to vLLM's punica
+  wrapper with MoLE adapters' ids replaced by 0 (no adapter). vLLM's own LoRA layers, which
+  wrap every linear once LoRA is on, then spend nothing on MoLE tokens (their kernels skip
+  rows without an adapter; a step without plain-LoRA tokens skips them altogether), and our
+  layers spend nothing on plain-LoRA tokens.
 * `OpenAIServingModels._check_load_lora_adapter_request` is wrapped so a malformed MoLE
   adapter is refused with HTTP 400 and a message naming the tensor (vLLM itself answers
   500 for any engine-side load error).
@@ -33,8 +39,8 @@ forward, exports the routing counts the layers keep on the device. `vllm serve
 --enable-mole-adapters` without `PROMETHEUS_MULTIPROC_DIR` gets a fresh one, so worker-side
 series reach `/metrics` (`use_multiprocess_metrics`).
 
-Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags), the CPU
-LoRA -1 slot bug fix, and the per-token slot buffer of the punica wrapper.
+Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags) and the CPU
+LoRA -1 slot bug fix.
 """
 
 from __future__ import annotations
@@ -273,6 +279,7 @@ def install_adapter_hooks() -> None:
     set_active = WorkerLoRAManager.set_active_adapters
     activate = LoRAModelManager.activate_adapter
     deactivate = LoRAModelManager._deactivate_adapter
+    set_mapping = LoRAModelManager._set_adapter_mapping
     merge = LoRAModelManager._create_merged_loras_inplace
     on_remove = AdapterLRUCache._on_remove
 
@@ -319,6 +326,23 @@ def install_adapter_hooks() -> None:
         if slot is not None and hasattr(self.model, "set_mole_slot"):
             self.model.set_mole_slot(slot, None, None)
 
+    @functools.wraps(set_mapping)
+    def set_mapping_split(self, mapping):
+        from vllm.lora.layers.utils import LoRAMappingType
+        model = self.model
+        if not hasattr(model, "set_mole_token_slots") or mapping.type != LoRAMappingType.LANGUAGE:
+            return set_mapping(self, mapping)
+        mole_ids = {self.lora_index_to_id[slot]: slot for slot in model.mole_adapter_slots}
+        model.set_mole_token_slots([mole_ids.get(i, -1) for i in mapping.index_mapping])
+        if mole_ids:
+            def without_mole(ids):
+                return tuple(0 if i in mole_ids else i for i in ids)
+
+            mapping = dataclasses.replace(mapping,
+                                          index_mapping=without_mole(mapping.index_mapping),
+                                          prompt_mapping=without_mole(mapping.prompt_mapping))
+        return set_mapping(self, mapping)
+
     @functools.wraps(merge)
     def merge_unless_mole(self, lora_model):
         if not hasattr(lora_model, _MOLE_ATTRIBUTE):  # a MoLE carrier has no LoRA weights
@@ -337,6 +361,7 @@ def install_adapter_hooks() -> None:
     LoRAModelManager._create_merged_loras_inplace = merge_unless_mole
     LoRAModelManager.activate_adapter = activate_with_mole
     LoRAModelManager._deactivate_adapter = deactivate_with_mole
+    LoRAModelManager._set_adapter_mapping = set_mapping_split
     AdapterLRUCache._on_remove = on_remove_counted
 
 
@@ -423,16 +448,6 @@ def install_api_validation() -> None:
 
     setattr(check_with_mole, _PATCHED, True)
     OpenAIServingModels._check_load_lora_adapter_request = check_with_mole
-
-
-def token_slot_buffer(model: torch.nn.Module) -> torch.Tensor | None:
-    """The punica wrapper's persistent per-token slot buffer (-1 = no adapter), once the
-    LoRA manager has attached itself to the model; None before that."""
-    manager = getattr(model, "lora_manager", None)
-    if manager is None:
-        return None
-    from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
-    return manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY]._token_lora_indices
 
 
 def tensor_parallel_shard() -> TensorShard:

@@ -101,6 +101,54 @@ def test_mixed_batch_matches_reference(engine, expected):
     assert generate(engine, jobs) == [expected[job] for job in jobs]
 
 
+def _record_adapter_mappings(model):
+    """Spy on vLLM's punica wrapper: the per-token adapter ids it gets each mapping change,
+    the slot layout, and our layers' per-token slots at that moment."""
+    from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
+    manager = model.lora_manager
+    punica = manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY]
+    update = type(punica).update_metadata
+    model.recorded_mappings = []
+
+    def update_recorded(mapping, lora_index_to_id, *args, **kwargs):
+        ours = model.mole_token_slots.source[:len(mapping.index_mapping)].tolist()
+        model.recorded_mappings.append((mapping.index_mapping, list(lora_index_to_id), ours))
+        return update(punica, mapping, lora_index_to_id, *args, **kwargs)
+
+    punica.update_metadata = update_recorded
+
+
+def _stop_recording(model):
+    del model.lora_manager.punica_wrapper_mapping[next(iter(
+        model.lora_manager.punica_wrapper_mapping))].update_metadata
+    return model.recorded_mappings
+
+
+def test_vllm_lora_layers_and_mole_layers_each_see_only_their_tokens(engine, expected):
+    """With LoRA on, vLLM wraps every linear in its own LoRA layer. MoLE tokens reach those
+    as base tokens (adapter id 0: its kernels skip them), and plain-LoRA tokens reach our
+    layers as base tokens (slot -1), so neither pays for the other's adapters."""
+    llm, requests = engine
+    ids = {name: request.lora_int_id for name, request in requests.items()}
+    llm.apply_model(_record_adapter_mappings)
+    try:
+        jobs = [(name, i) for i in range(2) for name in (None, *ADAPTERS)]
+        assert generate(engine, jobs) == [expected[job] for job in jobs]
+    finally:
+        recorded = llm.apply_model(_stop_recording)[0]
+    assert recorded
+    punica_ids, mole_slots = set(), set()
+    for token_ids, slot_ids, our_slots in recorded:
+        assert set(token_ids) <= {0, ids["peft"]}
+        punica_ids |= set(token_ids)
+        for token_id, slot in zip(token_ids, our_slots, strict=True):
+            if slot >= 0:
+                assert token_id == 0 and slot_ids[slot] in (ids["mixlora"], ids["dynmole"])
+                mole_slots.add(slot_ids[slot])
+    assert ids["peft"] in punica_ids
+    assert mole_slots == {ids["mixlora"], ids["dynmole"]}
+
+
 def test_malformed_mole_adapter_is_refused_and_engine_keeps_serving(engine, expected,
                                                                     workspace):
     from safetensors.torch import load_file, save_file

@@ -41,9 +41,10 @@ def adapters():
 
 
 def step_slots(num_slots: int, slots: torch.Tensor, use_kernels: bool) -> TokenSlots:
-    """What the model's forward does once per step: attach vLLM's slot buffer, prepare."""
-    token_slots = TokenSlots(num_slots, use_kernels)
-    token_slots.attach(slots)
+    """What the adapter-mapping hook (`set`) and the model's forward (`prepare`) do once
+    per step; the buffers hold a few rows more than the step, as vLLM's do."""
+    token_slots = TokenSlots(num_slots, slots.shape[0] + 5, use_kernels, DEVICE)
+    token_slots.set(slots)
     token_slots.prepare(slots.shape[0])
     return token_slots
 
