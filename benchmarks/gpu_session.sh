@@ -7,6 +7,15 @@
 #   kernels  benchmarks/bench_kernels.py   -> OUT_DIR/kernels.csv, kernels.png
 #   metrics  benchmarks/bench_metrics_overhead.py -> OUT_DIR/metrics_overhead.csv
 #   train    benchmarks/bench_train.py     -> OUT_DIR/train.csv
+# and, for vLLM 0.26.0 (../shared/gpu-offline; build its bundle on the CPU box into the
+# git-ignored .gpu-bundle/ and copy stage.sh and install.sh beside the pieces):
+#   stage    copy the carried bundle piece(s) into $HOME/stage: one call per piece, back to
+#            back (run(carry=[".gpu-bundle/part.0N", ".gpu-bundle/stage.sh"]))
+#   vllm     with the last piece: install vLLM and this package into $HOME/site
+#   serving-tests  the in-process engine, `vllm serve` and trained-adapter tests on the GPU
+#            (auto backend = the Triton kernels, plus the reference backend)
+#   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
+#            $SERVING_ARGS (default: 32 adapters, rates 4 and 16, 100 requests a point)
 # Every step's log goes to OUT_DIR/STEP.log; the script goes on after a failing step and
 # exits non-zero if any failed. Copy the CSVs to benchmarks/results/ and the figures to
 # benchmarks/RESULTS.md (with the GPU, the date and the commit) back on the CPU box.
@@ -22,9 +31,30 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
 
+# vLLM (installed by the `vllm` step of this call or of an earlier call of the same lease)
+export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  VLLM_NO_USAGE_STATS=1
+[ -d "$HOME/site/vllm" ] && export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} \
+  PATH=$HOME/site/bin:$PATH
+SERVING_ARGS=${SERVING_ARGS:---adapters 32 --rates 4,16 --num-requests 100}
+
 failed=0
 for step in $STEPS; do
   case $step in
+    stage)   cmd=(bash .gpu-bundle/stage.sh .gpu-bundle) ;;
+    vllm)    cmd=(bash -c 'bash .gpu-bundle/install.sh .gpu-bundle &&
+                  python3 -m pip install -q --no-deps --no-index --no-build-isolation \
+                    --target "$HOME/site" . && mkdir -p "$HOME/site/bin" &&
+                  printf "#!/bin/sh\nexec python3 -m vllm.entrypoints.cli.main \"\$@\"\n" \
+                    > "$HOME/site/bin/vllm" && chmod +x "$HOME/site/bin/vllm" &&
+                  PYTHONPATH=$HOME/site python3 -c \
+                    "import vllm, mole_serve.kernels; print(vllm.__version__)"')
+             export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} PATH=$HOME/site/bin:$PATH ;;
+    serving-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
+                        tests/test_vllm_trained.py tests/test_vllm_serve.py) ;;
+    serving) read -ra serving_args <<< "$SERVING_ARGS"
+             cmd=(python3 benchmarks/bench_serving.py --shape llama2-7b --out "$OUT"
+                  "${serving_args[@]}") ;;
     tests)   cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
                   tests/test_kernels_compile.py tests/test_vllm_layers.py) ;;
     kernels) cmd=(python3 benchmarks/bench_kernels.py --out "$OUT") ;;
