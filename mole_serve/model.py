@@ -180,8 +180,10 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         if self.mole_reports_metrics and leaving is not None and leaving != name:
             metrics.adapter_evicted(leaving, "slot")
         self.mole_slot_names[slot] = name
-        (self.mole_adapter_slots.add if adapter is not None else self.mole_adapter_slots.discard
-         )(slot)
+        if adapter is not None:
+            self.mole_adapter_slots.add(slot)
+        else:
+            self.mole_adapter_slots.discard(slot)
         for module in self.modules():
             if isinstance(module, ProjectionAdapters):
                 module.fill(slot, adapter)
