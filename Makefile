@@ -29,8 +29,9 @@ $(PEERS_VENV)/.done: Makefile tests/peers/requirements.txt
 	$(PEERS_VENV)/bin/python -m pip install -q --no-deps moe-peft==2.0.2 mixlora==0.2.3
 	touch $@
 
-# Two processes: in one process the full suite left a torch dispatch mode active before the
-# vLLM tests (compile and vLLM's sampler then fail); each half passes on its own.
+# Two processes: in one process the full suite overflows the stack in the served-layers'
+# compile test (torch's thread-local state is unchanged at every test boundary: some global
+# state left by earlier in-process tests and vLLM engines); each half passes on its own.
 test: setup
 	$(VENV)/bin/pytest tests --ignore-glob='tests/test_vllm_*.py'
 	$(VENV)/bin/pytest tests/test_vllm_*.py
