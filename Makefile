@@ -29,12 +29,8 @@ $(PEERS_VENV)/.done: Makefile tests/peers/requirements.txt
 	$(PEERS_VENV)/bin/python -m pip install -q --no-deps moe-peft==2.0.2 mixlora==0.2.3
 	touch $@
 
-# Two processes: in one process the full suite overflows the stack in the served-layers'
-# compile test (torch's thread-local state is unchanged at every test boundary: some global
-# state left by earlier in-process tests and vLLM engines); each half passes on its own.
 test: setup
-	$(VENV)/bin/pytest tests --ignore-glob='tests/test_vllm_*.py'
-	$(VENV)/bin/pytest tests/test_vllm_*.py
+	$(VENV)/bin/pytest tests
 
 # CPU-sized benchmark; the GPU ones (bench_kernels.py, bench_train.py) run on the GPU host.
 bench: setup

@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
     # (vLLM imports it too), so kernels run on the CPU through the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gc
+
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 
@@ -49,3 +51,15 @@ def random_adapters(base: BaseShape = ODD_BASE, seed: int = 0):
 @pytest.fixture(scope="session")
 def adapters():
     return random_adapters()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Collect a test module's garbage when it is done, its fixtures and their engines
+    released: a finished in-process vLLM engine frees its CPU GEMM handlers in `__del__`
+    with a `.item()`, which, left to a later collection, can run inside another test's
+    torch.compile tracing (on fake tensors: it fails, and in a one-process full suite
+    recursed until the interpreter aborted)."""
+    yield
+    if nextitem is None or nextitem.module is not item.module:
+        gc.collect()
