@@ -94,8 +94,7 @@ class TokenSlots:
         self.num_slots = num_slots
         # Tokens per plan block; None: the reference backend needs no plan.
         self.plan_block_m = _kernels().BLOCK_M if use_kernels else None
-        self.source = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
-        self.slots = torch.full_like(self.source, -1)
+        self.slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
         if self.plan_block_m is not None:
             blocks = _kernels().max_blocks(max_tokens, num_slots, self.plan_block_m)
             self.sorted_tokens = torch.full((blocks * self.plan_block_m,), -1,
@@ -105,15 +104,14 @@ class TokenSlots:
     def set(self, slots: torch.Tensor) -> None:
         """The next steps' per-token slots (int, -1 = none; on any device); rows past them
         (padding) get -1."""
-        self.source[:slots.shape[0]].copy_(slots)
-        self.source[slots.shape[0]:].fill_(-1)
+        self.slots[:slots.shape[0]].copy_(slots)
+        self.slots[slots.shape[0]:].fill_(-1)
 
     def prepare(self, num_tokens: int) -> None:
-        """Once per step, before the layers: this step's slots and token plan."""
-        slots = self.slots[:num_tokens]
-        torch.clamp(self.source[:num_tokens], -1, self.num_slots - 1, out=slots)
+        """Once per step, before the layers: this step's token plan (kernels only)."""
         if self.plan_block_m is not None:
-            plan = _kernels().plan_tokens(slots, self.num_slots, self.plan_block_m)
+            plan = _kernels().plan_tokens(self.slots[:num_tokens], self.num_slots,
+                                          self.plan_block_m)
             self.sorted_tokens[:plan.sorted_tokens.shape[0]].copy_(plan.sorted_tokens)
             self.block_slot[:plan.num_blocks].copy_(plan.block_slot)
 

@@ -111,7 +111,7 @@ def _record_adapter_mappings(model):
     model.recorded_mappings = []
 
     def update_recorded(mapping, lora_index_to_id, *args, **kwargs):
-        ours = model.mole_token_slots.source[:len(mapping.index_mapping)].tolist()
+        ours = model.mole_token_slots.slots[:len(mapping.index_mapping)].tolist()
         model.recorded_mappings.append((mapping.index_mapping, list(lora_index_to_id), ours))
         return update(punica, mapping, lora_index_to_id, *args, **kwargs)
 
