@@ -121,6 +121,10 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
                              f"{shard.world} ranks")
         if config.hidden_act != "silu":
             raise ValueError(f"MoLE serving needs a SiLU MLP; found {config.hidden_act!r}")
+        if getattr(config, "llama_4_scaling", None):
+            # vLLM's Mistral class scales queries by position; the Llama layers do not.
+            raise ValueError("MoLE serving does not support llama_4_scaling attention "
+                             "(a Mistral-3-style config.json)")
         slots, rank, experts = vllm_compat.slot_capacity(vllm_config)
         settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)
