@@ -8,7 +8,6 @@ adapter fails here with a message naming the tensor, never later inside a kernel
 
 from __future__ import annotations
 
-import json
 import pathlib
 import pickle
 import re
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer, is_attention
 from .config import (CONFIG_NAME, MOE_PEFT_ORDER, PEFT_TYPE_OF, PLAIN_LORA, AdapterLimits,
-                     LEGACY_PROJS, MoleConfig)
+                     LEGACY_PROJS, MoleConfig, read_config_json)
 from .errors import AdapterError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -105,10 +104,32 @@ def is_mole_adapter_dir(path: str | pathlib.Path) -> bool:
     """Whether a dir's adapter_config.json declares a MoLE adapter (MIXLORA, DYNMOLE).
     Plain PEFT LoRA dirs answer False: a server leaves those to vLLM's own loader."""
     try:
-        raw = json.loads((pathlib.Path(path).expanduser() / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+        raw = read_config_json(pathlib.Path(path).expanduser(), "?")
+    except AdapterError:
         return False
-    return isinstance(raw, dict) and str(raw.get("peft_type", "")).upper() in MOLE_PEFT_TYPES
+    return str(raw.get("peft_type", "")).upper() in MOLE_PEFT_TYPES
+
+
+def served_as_mole(path: str, adapter: str) -> bool:
+    """Who loads a requested adapter path: mole_serve (True: a MoLE dir) or vLLM's own loader
+    (False: a plain PEFT LoRA dir, or a name vLLM resolves itself such as a hub id). A local
+    path that cannot be an adapter raises AdapterError naming why, where vLLM would answer
+    404 or 500 without saying. Relative paths that do not exist may be hub ids: left to vLLM."""
+    local = pathlib.Path(path).expanduser()
+    if not local.exists():
+        if local.is_absolute() or path.startswith((".", "~")):
+            raise AdapterError(adapter, "path", "an adapter directory", f"{local} does not exist")
+        return False
+    if not local.is_dir():
+        raise AdapterError(adapter, "path", "an adapter directory", f"{local} is a file")
+    declared = read_config_json(local, adapter).get("peft_type")
+    peft_type = str(declared).upper()
+    if peft_type in MOLE_PEFT_TYPES:
+        return True
+    if peft_type == "LORA":
+        return False
+    raise AdapterError(adapter, f"{CONFIG_NAME}:peft_type",
+                       f"one of {sorted(MOLE_PEFT_TYPES | {'LORA'})}", repr(declared))
 
 
 def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Tensor]:

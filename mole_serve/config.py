@@ -316,20 +316,27 @@ class MoleConfig:
     @classmethod
     def load(cls, adapter_dir: str | pathlib.Path, adapter: str | None = None,
              limits: AdapterLimits | None = None) -> "MoleConfig":
-        path = pathlib.Path(adapter_dir) / CONFIG_NAME
         adapter = adapter or pathlib.Path(adapter_dir).name
-        if not path.is_file():
-            raise AdapterError(adapter, CONFIG_NAME, f"a file at {path}", "no such file")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise AdapterError(adapter, CONFIG_NAME, "valid JSON", str(exc)) from None
-        return cls.from_dict(raw, adapter, limits)
+        return cls.from_dict(read_config_json(adapter_dir, adapter), adapter, limits)
 
     def save(self, adapter_dir: str | pathlib.Path) -> None:
         path = pathlib.Path(adapter_dir)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_config_json(adapter_dir: str | pathlib.Path, adapter: str) -> dict[str, Any]:
+    """The adapter dir's config.json as a dict (AdapterError when missing or not JSON)."""
+    path = pathlib.Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(adapter, CONFIG_NAME, f"a file at {path}", "no such file")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(adapter, CONFIG_NAME, "valid JSON", str(exc)) from None
+    if not isinstance(raw, dict):
+        raise AdapterError(adapter, CONFIG_NAME, "a JSON object", type(raw).__name__)
+    return raw
 
 
 def _check_plain_lora(raw: dict[str, Any], adapter: str) -> None:

@@ -125,6 +125,10 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
             # vLLM's Mistral class scales queries by position; the Llama layers do not.
             raise ValueError("MoLE serving does not support llama_4_scaling attention "
                              "(a Mistral-3-style config.json)")
+        if vllm_compat.is_cpu_platform():
+            # vLLM's own LoRA layers see MoLE tokens as "no adapter" (slot -1), which the
+            # CPU LoRA ops of vLLM <= 0.33 misread as the last slot.
+            vllm_compat.fix_cpu_lora_no_adapter_rows()
         slots, rank, experts = vllm_compat.slot_capacity(vllm_config)
         settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)
@@ -146,7 +150,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
         self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
-        self.mole_families = settings.families
         self._mole_last_export = time.monotonic()
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
@@ -159,21 +162,11 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
     def load_mole_adapter(self, path: str, name: str) -> MoleAdapter:
         """Read a MoLE adapter dir for this model and the server's limits (worker side)."""
         try:
-            adapter = vllm_compat.load_served_adapter(path, name, self.mole_vllm_config)
-            self._check_family(adapter)
-            return adapter
+            return vllm_compat.load_served_adapter(path, name, self.mole_vllm_config)
         except AdapterError:
             if self.mole_reports_metrics:
                 metrics.adapter_rejected("engine")
             raise
-
-    def _check_family(self, adapter: MoleAdapter) -> None:
-        family = adapter.config.family
-        if family is not None and family not in self.mole_families:
-            raise AdapterError(adapter.name, "adapter_config.json:routing_strategy",
-                               f"a strategy of the families this server was started for "
-                               f"({list(self.mole_families)}: --additional-config "
-                               f"mole.families)", adapter.config.routing_strategy)
 
     def set_mole_slot(self, slot: int, adapter: MoleAdapter | None, name: str | None) -> None:
         """Copy `adapter` into slot `slot` of every layer (None empties it; a plain LoRA

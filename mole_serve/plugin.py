@@ -3,7 +3,8 @@
 vLLM calls `register()` in every process it starts (API server while building the CLI parser,
 engine core, workers) and possibly more than once; each step below is idempotent. Nothing
 changes vLLM's behaviour until MoLE serving is switched on with `--enable-mole-adapters` (or
-`additional_config={"mole": {"enabled": True}}`), apart from the CPU LoRA bug fix.
+`additional_config={"mole": {"enabled": True}}`): even the CPU LoRA bug fix is installed by
+our model class, in the processes that serve it.
 """
 
 from . import vllm_compat
@@ -16,5 +17,4 @@ def register() -> None:
     vllm_compat.add_cli_flags()
     vllm_compat.install_adapter_hooks()
     vllm_compat.install_api_validation()
-    if vllm_compat.is_cpu_platform():
-        vllm_compat.fix_cpu_lora_no_adapter_rows()
+    vllm_compat.install_idle_metrics_flush()

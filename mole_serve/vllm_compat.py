@@ -60,8 +60,8 @@ import torch
 
 from . import metrics
 from .adapter import BaseShape, MoleAdapter
-from .checkpoint import is_mole_adapter_dir, load_adapter
-from .config import FAMILIES, AdapterLimits
+from .checkpoint import is_mole_adapter_dir, load_adapter, served_as_mole
+from .config import CONFIG_NAME, FAMILIES, AdapterLimits
 from .errors import AdapterError
 from .layers import TensorShard
 
@@ -165,8 +165,15 @@ def load_served_adapter(path: str, name: str, vllm_config: Any) -> MoleAdapter:
         raise AdapterError(name, "base model", f"a checkpoint of {list(LLAMA_FAMILY)}",
                            f"{architectures}, which mole_serve does not serve MoLE adapters on")
     _, max_rank, max_experts = slot_capacity(vllm_config)
-    return load_adapter(path, name, base=base_shape(vllm_config),
-                        limits=AdapterLimits(max_rank=max_rank, max_experts=max_experts))
+    adapter = load_adapter(path, name, base=base_shape(vllm_config),
+                           limits=AdapterLimits(max_rank=max_rank, max_experts=max_experts))
+    families = serve_settings(vllm_config).families
+    if adapter.config.family is not None and adapter.config.family not in families:
+        raise AdapterError(name, f"{CONFIG_NAME}:routing_strategy",
+                           f"a strategy of the families this server was started for "
+                           f"({list(families)}: --additional-config mole.families)",
+                           adapter.config.routing_strategy)
+    return adapter
 
 
 # -- architectures -----------------------------------------------------------------------------
@@ -376,6 +383,46 @@ def _sync_allowed():
 
 
 # -- metrics -----------------------------------------------------------------------------------
+def install_idle_metrics_flush() -> None:
+    """Export the routing counts when the engine goes idle. Steps export them at most every
+    `metrics_interval_s` (the copy to the host waits for the device), so without this the
+    counts of a burst's last steps would reach /metrics only with the next request."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    process_input = EngineCoreProc._process_input_queue
+    engine_step = EngineCoreProc._process_engine_step
+    if getattr(process_input, _PATCHED, False):
+        return
+
+    @functools.wraps(engine_step)
+    def engine_step_noted(self):
+        executed = engine_step(self)
+        if executed:
+            self._mole_serve_unexported = True
+        return executed
+
+    @functools.wraps(process_input)
+    def process_input_after_flush(self):
+        if getattr(self, "_mole_serve_unexported", False) and not self.has_work():
+            self._mole_serve_unexported = False
+            settings = serve_settings(self.vllm_config)
+            if settings.enabled and settings.routing_metrics:
+                self.model_executor.collective_rpc(_export_worker_routing_metrics)
+        return process_input(self)
+
+    setattr(process_input_after_flush, _PATCHED, True)
+    EngineCoreProc._process_engine_step = engine_step_noted
+    EngineCoreProc._process_input_queue = process_input_after_flush
+
+
+def _export_worker_routing_metrics(worker: Any) -> None:
+    """Runs in each worker (vLLM's collective_rpc), between steps."""
+    model = worker.model_runner.get_model()
+    if hasattr(model, "export_routing_metrics"):
+        with _sync_allowed():
+            model.export_routing_metrics()
+
+
 def install_request_metrics() -> None:
     """Count finished requests and generated tokens per adapter where vLLM turns engine
     outputs into request outputs (the API-server process, or the `vllm.LLM` process)."""
@@ -432,12 +479,13 @@ def install_api_validation() -> None:
     async def check_with_mole(self, request):
         error = await check(self, request)
         vllm_config = self.engine_client.vllm_config
-        if (error is not None or not serve_settings(vllm_config).enabled
-                or not is_mole_adapter_dir(request.lora_path)):
+        if error is not None or not serve_settings(vllm_config).enabled:
             return error
         try:
-            await asyncio.to_thread(load_served_adapter, os.path.expanduser(request.lora_path),
-                                    request.lora_name, vllm_config)  # off the event loop
+            if served_as_mole(request.lora_path, request.lora_name):
+                await asyncio.to_thread(load_served_adapter,
+                                        os.path.expanduser(request.lora_path),
+                                        request.lora_name, vllm_config)  # off the event loop
         except AdapterError as exc:
             metrics.adapter_rejected("api_server")
             # The module's own import: it moved between vLLM 0.26 and 0.32.

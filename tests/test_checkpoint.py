@@ -3,6 +3,7 @@ layout, DynMoLE keys, and one clear AdapterError per malformed input."""
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ import torch
 from conftest import ODD_BASE, random_adapters
 from mole_serve.adapter import BaseShape
 from mole_serve.checkpoint import (BIN_NAME, SAFETENSORS_NAME, is_mole_adapter_dir,
-                                   load_adapter, save_adapter, state_dict_items)
-from mole_serve.config import AdapterLimits
+                                   load_adapter, save_adapter, served_as_mole,
+                                   state_dict_items)
+from mole_serve.config import CONFIG_NAME, AdapterLimits
 from mole_serve.errors import AdapterError
 from mole_serve.reference import FrozenFFN, ffn_literal
 
@@ -178,3 +180,32 @@ def test_is_mole_adapter_dir(tmp_path, adapters):
     assert is_mole_adapter_dir(tmp_path / "topk") and is_mole_adapter_dir(tmp_path / "dynmole")
     assert not is_mole_adapter_dir(tmp_path / "lora")      # vLLM loads plain LoRA itself
     assert not is_mole_adapter_dir(tmp_path / "missing")
+
+
+def test_served_as_mole_sorts_paths_and_names_what_is_wrong(tmp_path, adapters, monkeypatch):
+    for name in ("topk", "lora"):
+        save_adapter(adapters[name], tmp_path / name)
+    assert served_as_mole(str(tmp_path / "topk"), "a")
+    assert not served_as_mole(str(tmp_path / "lora"), "a")      # vLLM's loader
+    monkeypatch.chdir(tmp_path)
+    assert not served_as_mole("org/hub-name", "a")               # maybe a hub id: vLLM's call
+    assert served_as_mole("topk", "a")                           # relative and present
+    (tmp_path / "bad_json").mkdir()
+    (tmp_path / "bad_json" / CONFIG_NAME).write_text("{not json")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / CONFIG_NAME).write_text("[1]")
+    (tmp_path / "prefix").mkdir()
+    (tmp_path / "prefix" / CONFIG_NAME).write_text('{"peft_type": "PREFIX_TUNING"}')
+    (tmp_path / "empty").mkdir()
+    cases = {str(tmp_path / "gone"): ("path", "does not exist"),
+             "./gone": ("path", "does not exist"),
+             "~/surely-not-an-adapter-dir": ("path", "does not exist"),
+             str(tmp_path / "topk" / CONFIG_NAME): ("path", "is a file"),
+             "bad_json": (CONFIG_NAME, "valid JSON"),
+             "list": (CONFIG_NAME, "a JSON object"),
+             "prefix": (f"{CONFIG_NAME}:peft_type", "'PREFIX_TUNING'"),
+             "empty": (CONFIG_NAME, "no such file")}
+    for path, (item, words) in cases.items():
+        with pytest.raises(AdapterError, match=re.escape(words)) as caught:
+            served_as_mole(path, "a")
+        assert caught.value.item == item, path

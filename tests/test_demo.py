@@ -46,7 +46,9 @@ def test_each_adapter_does_its_task_on_held_out_prompts(first_run):
 
 def test_metrics_are_printed_and_the_server_group_is_gone(first_run):
     report = first_run["report"]
-    assert any(line.startswith("mole_serve_adapter_loads_total") for line in report["metrics"])
+    for series in ("mole_serve_adapter_loads_total", "mole_serve_expert_selections_total",
+                   "mole_serve_routing_entropy_count", "mole_serve_experts_per_token_sum"):
+        assert any(line.startswith(series) for line in report["metrics"]), series
     assert "== MoLE series at /metrics ==" in first_run["stdout"]
     assert live_group_members(report["server_pgid"]) == []
 
@@ -81,3 +83,24 @@ def _parent(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def test_own_base_and_adapter_dirs_by_path(first_run, tmp_path):
+    """`make demo ARGS="--base DIR --adapter NAME=DIR ..."`: the user's dirs under the user's
+    names, raw completions; a dir that is no adapter stops before anything starts."""
+    work = first_run["workdir"]
+    report = tmp_path / "report.json"
+    done = subprocess.run(demo_command(
+        tmp_path / "own", "--base", str(work / "base"),
+        "--adapter", f"mine={work / 'adapters' / 'reverse'}", "--completions",
+        "--prompt", "red cat moon", "--report", str(report)),
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(report.read_text())["results"]
+    assert [(r["model"], r["correct"]) for r in results] == [("base", None), ("mine", None)]
+    assert re.search(r"mine\s+-> '", done.stdout), done.stdout[-2000:]
+    assert not (tmp_path / "own" / "base").exists(), "nothing embedded is built"
+
+    refused = subprocess.run(demo_command(tmp_path / "own", "--adapter", f"x={tmp_path}"),
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "has no adapter_config.json" in refused.stderr

@@ -3,6 +3,12 @@ stock behaviour without them, and the CPU LoRA -1 slot fix."""
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -38,13 +44,16 @@ def parse_serve_args(argv: list[str]):
 
 def test_register_is_idempotent():
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.v1.engine.core import EngineCoreProc
+
+    def hooks():
+        return (EngineArgs.add_cli_args, EngineArgs.create_engine_config,
+                EngineCoreProc._process_input_queue)
 
     plugin.register()
-    patched = EngineArgs.add_cli_args, EngineArgs.create_engine_config, lora_ops.bgmv_shrink
+    patched = hooks()
     plugin.register()
-    assert (EngineArgs.add_cli_args, EngineArgs.create_engine_config,
-            lora_ops.bgmv_shrink) == patched
+    assert hooks() == patched
 
 
 def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
@@ -88,6 +97,35 @@ def test_without_flag_vllm_is_stock_and_refuses_mole_adapters(tiny_llama, tmp_pa
         vllm_compat.load_served_adapter(str(adapter_dir), "mixlora", config)
 
 
+def test_vllm_serve_help_documents_the_flags():
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True,
+                            env=dict(os.environ, **engine_env()), timeout=300)
+    groups = run(["vllm", "serve", "--help"]).stdout
+    assert "MoLE adapters" in groups and "Mixture-of-LoRA-Experts" in groups
+    flags = run(["vllm", "serve", "--help=MoLE adapters"]).stdout
+    assert "--enable-mole-adapters" in flags and "Implies --enable-lora" in flags
+    assert "--max-mole-experts" in flags
+
+
+def test_plugin_leaves_vllm_code_alone_until_a_mole_model_is_served(tiny_llama):
+    """In a fresh process that loads the plugins as vLLM does and builds a config without the
+    flag, vLLM's own LoRA ops are untouched (the CPU fix comes with our model class)."""
+    script = textwrap.dedent(f"""
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        config = EngineArgs(model={str(tiny_llama)!r}, dtype="float32",
+                            max_model_len=128).create_engine_config()
+        print(config.model_config.architectures, hasattr(lora_ops.bgmv_shrink,
+                                                         "_mole_serve_patched"))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, **engine_env()), timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "['LlamaForCausalLM'] False", \
+        result.stderr[-2000:]
+
+
 def test_unknown_mole_setting_is_a_clear_error(tiny_llama):
     from vllm.engine.arg_utils import EngineArgs
 
@@ -107,9 +145,9 @@ def test_unknown_mole_setting_is_a_clear_error(tiny_llama):
 def test_cpu_lora_ops_leave_no_adapter_rows_alone():
     """vLLM's torch LoRA ops read slot -1 as the last slot; fixed, those rows keep their
     output as the GPU kernels' early exit does."""
+    vllm_compat.fix_cpu_lora_no_adapter_rows()     # what our model class does on a CPU
     from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
 
-    plugin.register()
     x = torch.randn(3, 16)
     a = torch.randn(2, 1, 4, 16)          # [slots, 1, rank, in]
     b = torch.randn(2, 1, 8, 4)           # [slots, 1, out, rank]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 import httpx
 import pytest
@@ -58,7 +59,8 @@ def server(workspace, tmp_path_factory):
                   "--max-num-batched-tokens", "256", "--enforce-eager",
                   "--enable-mole-adapters", "--max-mole-experts", "4",
                   "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "3",
-                  "--additional-config", '{"mole": {"metrics_interval_s": 0}}',
+                  # Steps never export: routing counts come from the idle flush alone.
+                  "--additional-config", '{"mole": {"metrics_interval_s": 3600}}',
                   "--lora-modules", *(f"{n}={root / n}" for n in ("mixlora", "dynmole", "peft"))]
     with VllmServer(workspace["model"], serve_args, log_path=root / "server.log", env=env,
                     startup_timeout_s=STARTUP_TIMEOUT_S, metrics=False) as served:
@@ -76,9 +78,13 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def expected(workspace):
+def reference(workspace):
+    return ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
+
+
+@pytest.fixture(scope="module")
+def expected(workspace, reference):
     adapters = workspace["adapters"]
-    reference = ReferenceGenerator(workspace["model"], list(adapters.values()))
     expected = {name: reference.greedy(PROMPT, MAX_TOKENS, name) for name in adapters}
     expected[BASE_NAME] = reference.greedy(PROMPT, MAX_TOKENS)
     return expected
@@ -111,11 +117,19 @@ def test_concurrent_mixed_requests_match_reference(client, expected):
     assert got == [expected[n] for n in names]
 
 
-def test_chat_and_streaming(client):
-    chat = client.chat.completions.create(
-        model="mixlora", messages=[{"role": "user", "content": "abc def"}], max_tokens=6,
-        temperature=0.0, extra_body={"ignore_eos": True})
-    assert chat.choices[0].message.content
+def test_chat_uses_the_adapter_and_streams(client, reference):
+    """Chat renders the tokenizer's template, then the adapter decodes as the reference does."""
+    chat = dict(model="mixlora", messages=[{"role": "user", "content": "abc def"}],
+                max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(
+        **{**chat, "extra_body": {"ignore_eos": True, "return_token_ids": True}})
+    prompt_ids = whole.model_extra["prompt_token_ids"]
+    assert list(whole.choices[0].token_ids) == reference.greedy(prompt_ids, 6, "mixlora")
+    assert list(whole.choices[0].token_ids) != reference.greedy(prompt_ids, 6)
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(stream=True, **chat) if c.choices)
+    assert streamed == whole.choices[0].message.content
+
     kwargs = dict(model="dynmole", prompt="hello there", max_tokens=6, temperature=0.0,
                   extra_body={"ignore_eos": True})
     whole = client.completions.create(**kwargs).choices[0].text
@@ -130,15 +144,44 @@ def test_unknown_adapter_is_404(client):
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
 
 
-def test_runtime_load_bad_adapter_is_400_and_good_one_serves_until_unloaded(
-        server, client, workspace, expected):
-    import openai
-    root = workspace["root"]
-    response = load_lora(server, "bad", too_many_experts(root, "bad"))
+def bad_adapter(root: pathlib.Path, case: str) -> pathlib.Path:
+    """An adapter dir (or path) that must be refused, one per row of the refusal table."""
+    path = root / f"bad-{case}"
+    if case == "missing":
+        return path
+    if case == "not-json":
+        path.mkdir()
+        (path / "adapter_config.json").write_text('{"peft_type": "MIXLORA",')
+        return path
+    if case == "shape":      # a valid adapter, for a base with another hidden size
+        make_mole_adapter(path, MoleConfig("mixlora", num_experts=2, r=4, lora_alpha=8,
+                                           target_modules=("gate_proj",)),
+                          BaseShape(hidden=96, intermediate=256, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=24), seed=1)
+        return path
+    edits = {"rank": ('"r": 4', '"r": 16'), "experts": ('"num_experts": 3', '"num_experts": 9')}
+    return variant_of_late(root, path.name, *edits.get(case, ("", "")),
+                           nan_tensor=case == "nan")
+
+
+REFUSALS = {"missing": "does not exist", "not-json": "adapter_config.json: expected valid JSON",
+            "rank": "max rank 8", "experts": "max experts 4", "shape": "expected shape",
+            "nan": "NaN/Inf"}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_runtime_load_of_a_bad_adapter_is_400_naming_the_problem(server, client, workspace,
+                                                                 expected, case):
+    response = load_lora(server, f"bad-{case}", bad_adapter(workspace["root"], case))
     assert response.status_code == 400, response.text
-    assert "num_experts" in response.text and "max experts 4" in response.text
+    assert REFUSALS[case] in response.json()["error"]["message"], response.text
+    assert f"bad-{case}" not in {m.id for m in client.models.list().data}
     assert complete_ids(client, "dynmole") == expected["dynmole"]
 
+
+def test_runtime_loaded_adapter_serves_until_unloaded(server, client, workspace, expected):
+    import openai
+    root = workspace["root"]
     response = load_lora(server, "late", root / "late")
     assert response.status_code == 200, response.text
     assert complete_ids(client, "late") == expected["late"]
@@ -164,10 +207,13 @@ def test_metrics_reach_metrics_endpoint_without_user_multiproc_dir(server, clien
     workspace["metrics_dir"] = dirs.pop()
     assert any(pathlib.Path(workspace["metrics_dir"]).glob("*.db"))
 
-    assert load_lora(server, "bad2", too_many_experts(workspace["root"], "bad2")).status_code \
-        == 400
-    assert complete_ids(client, "mixlora") == expected["mixlora"]
-    assert complete_ids(client, BASE_NAME) == expected[BASE_NAME]  # a step boundary: export
+    too_many_experts = variant_of_late(workspace["root"], "bad2", '"num_experts": 3',
+                                       '"num_experts": 9')
+    assert load_lora(server, "bad2", too_many_experts).status_code == 400
+    for name in ("mixlora", "dynmole", "peft", "mixlora"):  # 3 adapters through 2 slots
+        assert complete_ids(client, name) == expected[name]
+    assert complete_ids(client, BASE_NAME) == expected[BASE_NAME]
+    metric_when_above(server, 0, "mole_serve_expert_selections_total", adapter="mixlora")
     text = httpx.get(f"{server}/metrics", timeout=10).text
     assert metric(text, "mole_serve_adapter_rejections_total", stage="api_server") >= 1
     assert metric(text, "mole_serve_adapter_loads_total", adapter="mixlora",
@@ -175,6 +221,9 @@ def test_metrics_reach_metrics_endpoint_without_user_multiproc_dir(server, clien
     assert metric(text, "mole_serve_adapter_loads_total", strategy="dynmole") >= 1
     assert metric(text, "mole_serve_adapter_loads_total", adapter="peft", strategy="lora") >= 1
     assert metric(text, "mole_serve_slot_fills_total") >= 2
+    assert metric(text, "mole_serve_adapter_load_seconds_count", strategy="mixlora") >= 1
+    assert metric(text, "mole_serve_adapter_load_seconds_sum", strategy="mixlora") > 0
+    assert metric(text, "mole_serve_adapter_evictions_total", place="slot") >= 1
     assert metric(text, "mole_serve_requests_total", adapter="mixlora") >= 1
     assert metric(text, "mole_serve_generated_tokens_total", adapter="(base)") >= MAX_TOKENS
     routed = metric(text, "mole_serve_experts_per_token_count", adapter="mixlora")
@@ -183,6 +232,28 @@ def test_metrics_reach_metrics_endpoint_without_user_multiproc_dir(server, clien
                   router="ffn") > 0
     assert metric(text, "mole_serve_routing_entropy_count", adapter="dynmole") > 0
     assert metric(text, "vllm:request_success_total") >= 1, "vLLM's own metrics stay"
+
+
+def test_routing_counts_reach_metrics_when_the_engine_goes_idle(server, client, expected):
+    """Steps export routing counts at most every metrics_interval_s (here an hour), so the
+    counts of a lone request on an adapter that keeps its slot come from the idle flush."""
+    name, labels = "mole_serve_experts_per_token_count", {"adapter": "dynmole"}
+    assert complete_ids(client, "dynmole") == expected["dynmole"]
+    before = metric_when_above(server, 0, name, **labels)
+    assert complete_ids(client, "dynmole") == expected["dynmole"]
+    assert metric_when_above(server, before, name, **labels) > before
+
+
+def metric_when_above(server: str, floor: float, name: str, **labels: str) -> float:
+    """`name` at /metrics once above `floor` (or after 30 s): exports made by the engine
+    follow the response that ended the burst by a moment."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        value = metric(text, name, **labels) if name in text else 0.0
+        if value > floor or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -200,13 +271,19 @@ def load_lora(server: str, name: str, path: pathlib.Path) -> httpx.Response:
                       json={"lora_name": name, "lora_path": str(path)})
 
 
-def too_many_experts(root: pathlib.Path, name: str) -> pathlib.Path:
-    """A copy of adapter `late` claiming 9 experts: over the server's --max-mole-experts 4."""
+def variant_of_late(root: pathlib.Path, name: str, old: str = "", new: str = "",
+                    nan_tensor: bool = False) -> pathlib.Path:
+    """A copy of adapter `late` with `old` replaced by `new` in its config (e.g. 9 experts,
+    over the server's --max-mole-experts 4) or a NaN in one tensor."""
+    from safetensors.torch import load_file, save_file
     bad = root / name
     bad.mkdir()
     config = (root / "late" / "adapter_config.json").read_text()
-    (bad / "adapter_config.json").write_text(config.replace('"num_experts": 3',
-                                                            '"num_experts": 9'))
-    (bad / "adapter_model.safetensors").write_bytes(
-        (root / "late" / "adapter_model.safetensors").read_bytes())
+    assert old in config
+    (bad / "adapter_config.json").write_text(config.replace(old, new))
+    tensors = load_file(str(root / "late" / "adapter_model.safetensors"))
+    if nan_tensor:
+        next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
     return bad
+

@@ -19,6 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..checkpoint import is_mole_adapter_dir
 from . import corpus
 from .build import Recipe, build
 from .server import ServerError, VllmServer, default_env
@@ -108,13 +109,19 @@ def ask_all(url: str, models: list[str], prompts: list[str], *, chat: bool,
         return dict(zip(jobs, pool.map(ask, jobs)))
 
 
-def mole_series(url: str) -> list[str]:
-    """The MoLE lines of /metrics, without histogram buckets and creation stamps."""
+def mole_series(url: str, routed: bool) -> list[str]:
+    """The MoLE lines of /metrics, without histogram buckets and creation stamps. With
+    `routed` (MoLE adapters served) it waits a moment for the routing series: the engine
+    exports them when it goes idle, just after the last answer."""
     import httpx
 
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return [line for line in text.splitlines() if line.startswith("mole_serve_")
-            and "_bucket{" not in line and "_created" not in line]
+    deadline = time.monotonic() + (10 if routed else 0)
+    while True:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        if "mole_serve_expert_selections_total{" in text or time.monotonic() >= deadline:
+            return [line for line in text.splitlines() if line.startswith("mole_serve_")
+                    and "_bucket{" not in line and "_created" not in line]
+        time.sleep(0.2)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -150,7 +157,8 @@ def run(args: argparse.Namespace) -> dict:
         answers = ask_all(server.url, models, prompts, chat=not args.completions,
                           max_tokens=args.max_tokens)
         timings["requests_s"] = time.monotonic() - step
-        report["metrics"] = mole_series(server.url)
+        report["metrics"] = mole_series(
+            server.url, routed=any(is_mole_adapter_dir(p) for p in adapters.values()))
     timings["total_s"] = time.monotonic() - started
     report["results"] = [_result(m, p, answers[m, p], embedded) for p in prompts for m in models]
     _print_report(report, models, prompts, embedded)
