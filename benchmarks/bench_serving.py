@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                                  "request_rate": rate,
                                  **{k: round(float(v), 2) for k, v in result.items()}})
                     print(json.dumps(rows[-1]), flush=True)
-    path = write_rows(args.out, rows)
+                    path = write_rows(args.out, rows[-1:])  # kept if a later point fails
     plot(args.out, rows)
     print(f"rows appended to {path}; plots in {args.out}")
     return 0

@@ -15,7 +15,8 @@
 #   serving-tests  the in-process engine, `vllm serve` and trained-adapter tests on the GPU
 #            (auto backend = the Triton kernels, plus the reference backend)
 #   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
-#            $SERVING_ARGS (default: 32 adapters, rates 4 and 16, 100 requests a point)
+#            $SERVING_ARGS (default: N = 1, 8, 32 adapters, rates 4 and 16, 80 requests a
+#            point; rows are written as they are measured, so a cut-off run keeps them)
 # Every step's log goes to OUT_DIR/STEP.log; the script goes on after a failing step and
 # exits non-zero if any failed. Copy the CSVs to benchmarks/results/ and the figures to
 # benchmarks/RESULTS.md (with the GPU, the date and the commit) back on the CPU box.
@@ -36,7 +37,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1
 [ -d "$HOME/site/vllm" ] && export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} \
   PATH=$HOME/site/bin:$PATH
-SERVING_ARGS=${SERVING_ARGS:---adapters 32 --rates 4,16 --num-requests 100}
+SERVING_ARGS=${SERVING_ARGS:---adapters 1,8,32 --rates 4,16 --num-requests 80}
 
 failed=0
 for step in $STEPS; do

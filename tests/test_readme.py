@@ -1,7 +1,8 @@
 """The README says only what runs. Every shell command in its code blocks is one this suite
 knows: it must parse with the real parser (`vllm serve` with the plugin, the trainer's CLI,
 the demo's options) and is run for real elsewhere:
-- `make test`: CI (`.ci/run`); `make demo`: tests/test_demo.py (the same script);
+- `make test`: CI (`.ci/run`); `make demo`, also with `ARGS="--base DIR --adapter NAME=DIR
+  ..."`: tests/test_demo.py (the same script);
 - `vllm serve ... --enable-mole-adapters ...`: tests/test_vllm_serve.py (same flags);
 - `python -m mole_serve.train ...` (flags, `--config`): tests/test_training.py.
 The Python example runs here on a tiny model. A new command in the README fails this test
