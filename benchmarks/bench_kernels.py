@@ -9,13 +9,14 @@ token as top-2) x impl:
 - `mole`: the layer as vLLM runs it: the same two GEMMs and SiLU·mul plus the kernels
   (3 launches for MixLoRA; for DynMoLE 2 for gate+up together and 2 for down), token plan
   prebuilt;
-- `plan`: building the token plan (once per step, shared by every layer);
 - `naive`: `reference.ffn_literal` per adapter on its tokens (host syncs; every selected expert
   runs the whole frozen FFN, as MoE-PEFT does).
 `median_us`: CUDA-graph replay (`do_bench_cudagraph`) where the impl is capturable, else
 `do_bench`; `bytes_floor_us`: bytes that must move (frozen weights, x, y, the routers and
 LoRA factors of the experts this batch selects) / measured device copy bandwidth;
-`launches`: kernels seen by the profiler in one call.
+`launches`: kernels seen by the profiler in one call. Building the token plan (once per step,
+shared by every layer) is timed apart, in `plan.csv`. On the GPU each batch's MoLE layer is
+also captured in a CUDA graph and its replay compared with an eager call (bit-identical).
 
 Usage: python benchmarks/bench_kernels.py [--out DIR]     (GPU: the issue's sizes, bf16)
        python benchmarks/bench_kernels.py --smoke          (CPU interpreter, tiny sizes)
@@ -65,7 +66,7 @@ class Setup:
 
 FULL = Setup(4096, 11008, 8, 16, torch.bfloat16, (1, 16, 64, 256, 1024, 4096), (1, 32),
              ("uniform", "zipf1.0"), 512, 10)
-SMOKE = Setup(64, 96, 4, 4, torch.float32, (6,), (3,), ("zipf1.0",), 32, 3)
+SMOKE = Setup(64, 96, 4, 4, torch.float32, (6,), (1, 3), ("uniform", "zipf1.0"), 32, 3)
 
 
 def shape_of(setup: Setup) -> BaseShape:
@@ -264,10 +265,29 @@ def commit() -> str:
         return "unknown"
 
 
+def replays_in_cuda_graph(fn) -> bool:
+    """Capture `fn` in a CUDA graph, replay it, compare with an eager call (same kernels,
+    same inputs, no atomics in the output: bit-identical)."""
+    eager = fn().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    captured.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    return torch.equal(captured, eager)
+
+
 def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: int,
-            adapters: int, popularity: str) -> tuple[list[list], float]:
+            adapters: int, popularity: str) -> tuple[list[list], float, float, bool]:
     """Rows [tokens, adapters, popularity, impl, median_us, bytes_floor_us, launches] of one
-    batch, and the kernels' error vs the naive loop on it (max |diff| / max |naive|)."""
+    batch, the kernels' error vs the naive loop on it (max |diff| / max |naive|), the plan's
+    median seconds, and whether the layer replays exactly in a CUDA graph (True on CPU)."""
     x = torch.randn(tokens, setup.hidden, device=device, dtype=setup.dtype)
     slots = draw_slots(tokens, adapters, popularity, device)
     S = num_slots(layer.stack)
@@ -279,18 +299,20 @@ def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: i
     floors = {adapted: f"{seconds * 1e6:.1f}" for adapted, seconds in floors.items()}
     impls = {  # name: (callable, CUDA-graph capturable, bytes floor)
         "base": (lambda: layer.base(x), True, floors[False]),
-        "plan": (lambda: plan_tokens(slots, S, BLOCK_M), True, ""),  # a few bytes per token
         "mole": (lambda: layer.mole(x, plan), True, floors[True]),
         "naive": (lambda: layer.naive(x, slots), False, floors[True]),
     }
     rows = [[tokens, adapters, popularity, impl, f"{median_seconds(fn, device, graph) * 1e6:.1f}",
              floor, count_launches(fn, device)] for impl, (fn, graph, floor) in impls.items()]
-    return rows, error
+    plan_s = median_seconds(lambda: plan_tokens(slots, S, BLOCK_M), device, True)
+    replays = device != "cuda" or replays_in_cuda_graph(lambda: layer.mole(x, plan))
+    return rows, error, plan_s, replays
 
 
 def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:
-    """Write kernels.csv (+ kernels.png); returns its path and whether every batch's kernel
-    output matched the naive loop (bf16: 3e-2, fp32: 1e-4 relative)."""
+    """Write kernels.csv, plan.csv and kernels.png; returns the CSV's path and whether every
+    batch's kernel output matched the naive loop (bf16: 3e-2, fp32: 1e-4 relative) and
+    replayed exactly in a CUDA graph."""
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-triton-interpreter"
     head = [gpu, datetime.date.today().isoformat(), commit()]
     tolerance = 1e-4 if setup.dtype == torch.float32 else 3e-2
@@ -299,18 +321,22 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
     top_p = {s: calibrate_top_p(s, setup, device) for s in ("top-p", "dynmole")}
     for s, p in top_p.items():
         print(f"{s}: top_p={p:.4f} gives {mean_experts(s, setup, p, device):.2f} experts/token")
-    rows, all_match = [], True
+    rows, plan_rows, all_match = [], [], True
     for strategy in ("top-2", "top-p", "dynmole"):
         for adapters in setup.adapters:
             layer = Layer(setup, make_adapters(strategy, setup, adapters, top_p.get(strategy, 0)),
                           device)
             for popularity in setup.popularities if adapters > 1 else ("uniform",):
                 for tokens in setup.tokens:
-                    measured, error = measure(layer, setup, device, bandwidth, tokens, adapters,
-                                              popularity)
-                    all_match &= error <= tolerance
+                    measured, error, plan_s, replays = measure(
+                        layer, setup, device, bandwidth, tokens, adapters, popularity)
+                    all_match &= error <= tolerance and replays
                     print(f"{strategy} {adapters} adapters {popularity} {tokens} tokens: error "
-                          f"vs naive {error:.1e}{'' if error <= tolerance else '  MISMATCH'}")
+                          f"vs naive {error:.1e}{'' if error <= tolerance else '  MISMATCH'}"
+                          f"{'' if replays else '  CUDA-GRAPH REPLAY MISMATCH'}")
+                    if strategy == "top-2":  # the plan does not depend on the strategy
+                        plan_rows.append(head + [tokens, adapters, popularity,
+                                                 f"{plan_s * 1e6:.1f}"])
                     for tok, ads, pop, impl, *values in measured:
                         rows.append(head + [tok, ads, pop, strategy, impl, *values])
                         print(",".join(map(str, rows[-1][3:])), flush=True)
@@ -320,6 +346,10 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         writer.writerows(rows)
+    with (out_dir / "plan.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS[:6] + ["median_us"])
+        writer.writerows(plan_rows)
     plot(rows, out_dir / "kernels.png")
     return path, all_match
 

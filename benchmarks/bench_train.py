@@ -111,18 +111,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="output folder (default: benchmarks/results; --smoke: a temp dir)")
     args = parser.parse_args()
     if args.smoke:
         shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=2)
         device, dtype, batch, length, steps = "cpu", torch.float32, 2, 16, 1
-        out = pathlib.Path(tempfile.mkdtemp())
+        out = args.out or pathlib.Path(tempfile.mkdtemp())
     else:
         shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                      num_attention_heads=32, num_key_value_heads=32)
         device, dtype = "cuda", torch.bfloat16
-        batch, length, steps, out = args.batch, args.length, args.steps, args.out
+        batch, length, steps = args.batch, args.length, args.steps
+        out = args.out or REPO / "benchmarks" / "results"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=REPO).stdout.strip() or "unknown"

@@ -85,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"mole-train: {exc}") from None
+    from mole_serve.training.data import DataError
     from mole_serve.training.trainer import Trainer
 
-    paths = Trainer(options).train()
+    try:
+        paths = Trainer(options).train()
+    except (DataError, OSError) as exc:  # the user's data or base model dir: no traceback
+        raise SystemExit(f"mole-train: {exc}") from None
     for name, path in paths.items():
         print(f"adapter {name!r} written to {path}")
     return 0

@@ -16,9 +16,14 @@ def run(*args: str) -> str:
     return done.stdout
 
 
-def test_bench_train_smoke():
-    out = run("benchmarks/bench_train.py", "--smoke")
+def test_bench_train_smoke(tmp_path):
+    out = run("benchmarks/bench_train.py", "--smoke", "--out", str(tmp_path))
     assert "mole / literal tokens/s" in out
+    with open(tmp_path / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["gpu", "date", "commit", "impl", "tokens_per_s", "peak_mem_gb"]
+    assert [r["impl"] for r in rows] == ["mole", "literal"]
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
 
 
 def test_bench_quality_tiny(tmp_path):

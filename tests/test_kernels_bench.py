@@ -20,6 +20,13 @@ def test_bench_kernels_smoke(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["gpu", "date", "commit", "tokens", "adapters", "popularity",
                              "strategy", "impl", "median_us", "bytes_floor_us", "launches"]
-    assert {r["impl"] for r in rows} == {"base", "plan", "mole", "naive"}
+    assert {r["impl"] for r in rows} == {"base", "mole", "naive"}
     assert {r["strategy"] for r in rows} == {"top-2", "top-p", "dynmole"}
+    assert {(r["adapters"], r["popularity"]) for r in rows} == {("1", "uniform"),
+                                                               ("3", "uniform"),
+                                                               ("3", "zipf1.0")}
     assert all(float(r["median_us"]) > 0 for r in rows)
+    with (tmp_path / "plan.csv").open() as f:
+        plans = list(csv.DictReader(f))
+    assert len(plans) == 3 and all(float(r["median_us"]) > 0 for r in plans)
+    assert (tmp_path / "kernels.png").stat().st_size > 10_000

@@ -4,6 +4,8 @@ training forward equals the reference integration the server is checked against.
 
 import dataclasses
 import json
+import math
+import pathlib
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mole_serve.checkpoint import load_adapter
 from mole_serve.hf import attach_adapters
-from mole_serve.routing import entropy_loss, load_balance_loss
+from mole_serve.routing import entropy_loss, route_config
 from mole_serve.training.data import DataError, load_records, tokenize
 from mole_serve.training.options import AdapterSpec, TrainOptions
 from mole_serve.training.trainer import Trainer
@@ -59,8 +61,12 @@ def imbalance(trainer, name) -> float:
     batch = collate([run_.examples[:24]], trainer.tokenizer.pad_token_id)
     with torch.no_grad(), model.rows([name] * 24, batch["attention_mask"]) as log:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    # E * sum_e f_e P_e: top_k when perfectly balanced, larger when not
-    return load_balance_loss(log.of(name), model.adapters[name].config).item()
+    config, cvs = model.adapters[name].config, []
+    for layer_logits in log.logits[name]:          # one router call per layer
+        weights, ids = route_config(layer_logits, config)
+        counts = torch.bincount(ids[weights > 0], minlength=config.num_experts).float()
+        cvs.append((counts.std(unbiased=False) / counts.mean()).item())
+    return sum(cvs) / len(cvs)
 
 
 def test_load_balance_loss_lowers_imbalance(world, tmp_path):
@@ -138,22 +144,63 @@ def test_saved_adapter_reloads_to_identical_logits(world, tmp_path):
     assert torch.equal(greedy, trained_greedy)
 
 
-def test_checkpoint_resume_matches_an_uninterrupted_run(world, tmp_path):
-    a = spec(world, "rev", "mixlora", steps=6)
+@pytest.mark.parametrize("accumulation, cut", [(1, 3), (2, 3)],
+                         ids=["at-a-step", "inside-an-accumulation-window"])
+def test_checkpoint_resume_matches_an_uninterrupted_run(world, tmp_path, accumulation, cut):
+    a = spec(world, "rev", "mixlora", steps=6 // accumulation, accumulation=accumulation)
     straight = run(world, tmp_path / "straight", a)
     options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path / "cut"),
-                           adapters=[a], progress=False, save_every=3)
+                           adapters=[a], progress=False, save_every=cut)
     first = Trainer(options)
-    for _ in range(3):
+    for _ in range(cut):
         first.step()
     first.save_checkpoint()
     resumed = Trainer(dataclasses.replace(options, resume=True))
-    assert resumed.micro_step == 3
+    assert resumed.micro_step == cut
     while not resumed.runs["rev"].done:
         resumed.step()
+    assert resumed.runs["rev"].history == pytest.approx(straight.runs["rev"].history,
+                                                        rel=1e-5)
     for key, value in straight.model.adapters["rev"].params.items():
         torch.testing.assert_close(resumed.model.adapters["rev"].params[key], value,
                                    rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_accumulation_steps_each_optimizer_once_per_window(world, tmp_path):
+    """With accumulation 2 an adapter's weights move on every second micro-step only, and a
+    second adapter with accumulation 1 in the same batch keeps its own pace."""
+    options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path),
+                           progress=False, adapters=[
+                               spec(world, "rev", "mixlora", steps=2, accumulation=2),
+                               spec(world, "up", "dynmole", steps=4)])
+    trainer = Trainer(options)
+    params = {name: trainer.model.adapters[name].params for name in ("rev", "up")}
+
+    def snapshot(name):
+        return {k: v.detach().clone() for k, v in params[name].items()}
+
+    for micro_step in range(1, 5):
+        before = {name: snapshot(name) for name in params}
+        trainer.step()
+        for name, moves in (("rev", micro_step % 2 == 0), ("up", True)):
+            moved = any(not torch.equal(before[name][k], v) for k, v in params[name].items())
+            assert moved == moves, (name, micro_step)
+    assert [trainer.runs[n].steps for n in ("rev", "up")] == [2, 4]
+    assert trainer.runs["rev"].scheduler.last_epoch == 2
+
+
+def test_schedules_warm_up_then_hold_or_decay():
+    from mole_serve.training.trainer import _schedule
+    options = TrainOptions(base_model="unused", output_dir="unused", adapters=[],
+                           warmup_steps=3)
+    constant = _schedule(options, total=10)
+    assert [constant(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cosine = _schedule(dataclasses.replace(options, scheduler="cosine"), total=11)
+    factors = [cosine(s) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[3 + 4] == pytest.approx(0.5)          # half-way through the decay
+    assert factors[11] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
 
 
 def test_data_errors(world, tmp_path):
@@ -177,6 +224,46 @@ def test_data_errors(world, tmp_path):
         load_records(tmp_path / "missing.json")
 
 
+def test_chat_rows_need_a_chat_template(world):
+    tokenizer = AutoTokenizer.from_pretrained(world / "base")
+    rows = [{"messages": [{"role": "user", "content": "red cat"},
+                          {"role": "assistant", "content": "cat red"}]}]
+    examples, _ = tokenize(rows, tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
+                           source="chat")
+    assert examples and any(label != -100 for label in examples[0].labels)
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="chat rows need a tokenizer with a chat template"):
+        tokenize(rows, tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
+                 source="chat")
+
+
+def test_datasets_dirs_load_like_jsonl(world, tmp_path):
+    """`datasets.save_to_disk` output, a Dataset or a DatasetDict (its "train" split)."""
+    import datasets
+    rows = load_records(world / "reverse.jsonl")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "plain"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:2]),
+                          "train": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "splits"))
+    assert load_records(tmp_path / "plain") == rows
+    assert load_records(tmp_path / "splits") == rows
+
+
+def test_bf16_base_ffn_only_rslora_adapter(world, tmp_path):
+    """A bf16 frozen base with fp32 adapter parameters, attention LoRA off, rsLoRA on."""
+    trainer = run(world, tmp_path, spec(world, "rev", "mixlora", steps=2, attention=False,
+                                        use_rslora=True), dtype="bfloat16")
+    assert {p.dtype for p in trainer.model.model.parameters()} == {torch.bfloat16}
+    params = trainer.model.adapters["rev"].params
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    assert not any(proj in key for key in params for proj in ("q_proj", "k_proj", "v_proj",
+                                                               "o_proj"))
+    assert all(math.isfinite(loss) for loss in trainer.runs["rev"].history)
+    saved = load_adapter(trainer.save_adapter("rev", tmp_path / "saved"), "rev")
+    assert saved.config.use_rslora and saved.config.scaling == pytest.approx(8 / 2)
+    assert set(saved.config.target_modules) == {"gate_proj", "up_proj", "down_proj"}
+
+
 def test_prompt_is_masked_unless_train_on_inputs(world):
     tokenizer = AutoTokenizer.from_pretrained(world / "base")
     rows = task_rows("upper", 2, seed=3)
@@ -195,12 +282,13 @@ def test_prompt_is_masked_unless_train_on_inputs(world):
     assert tokenizer.decode([t for t in example[0].labels if t != -100]) == "red dog\n"
 
 
-def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path):
+def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path, capsys):
     from mole_serve.train import main
+    from mole_serve.training.report import COLUMNS
 
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"base_model: {world / 'base'}\noutput_dir: {tmp_path / 'out'}\nprogress: false\n"
+        f"base_model: {world / 'base'}\noutput_dir: {tmp_path / 'out'}\nprogress: true\n"
         f"write_bin: true\nadapters:\n"
         f"  - {{name: rev, data: {world / 'reverse.jsonl'}, strategy: mixlora, num_experts: 4,"
         f" r: 4, lora_alpha: 8, steps: 2, batch_size: 4, eval_data: {world / 'reverse.jsonl'}}}\n"
@@ -214,6 +302,12 @@ def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path):
         load_adapter(out / name, name)
     assert (out / "loss.png").stat().st_size > 1000
     assert len((out / "log.csv").read_text().splitlines()) == 1 + 4
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["adapter"]) for r in logged] == [(1, "rev"), (1, "up"), (2, "rev"),
+                                                            (2, "up")]
+    assert all(set(r) == set(COLUMNS) and len(r["load"]) in (3, 4) for r in logged)
+    bar = capsys.readouterr().err
+    assert "train" in bar and "tok/s load max/min" in bar and "loss" in bar
     assert "perplexity" in json.loads((out / "eval.json").read_text())["rev"]
     with pytest.raises(SystemExit, match="unknown run option"):
         bad = tmp_path / "bad.json"
@@ -274,3 +368,20 @@ def test_module_entry_point_with_flags(world, tmp_path):
     adapter = load_adapter(tmp_path / "out" / "math", "math")
     assert adapter.config.top_k == 2 and adapter.config.num_experts == 4
     assert (tmp_path / "out" / "math" / "adapter_model.bin").exists()
+
+
+def test_console_script_reports_bad_data_without_a_traceback(world, tmp_path):
+    """`mole-train` (the installed console script) on a row without `output`."""
+    import subprocess
+    import sys
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
+    script = pathlib.Path(sys.executable).parent / "mole-train"
+    done = subprocess.run(
+        [str(script), "--base-model", str(world / "base"), "--data", str(bad),
+         "--output-dir", str(tmp_path / "out"), "--steps", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "mole-train: " in done.stderr and "missing text field(s) ['output']" in done.stderr
+    assert "Traceback" not in done.stderr
+

@@ -230,7 +230,11 @@ class Trainer:
             name: {"optimizer": run.optimizer.state_dict(),
                    "scheduler": run.scheduler.state_dict(), "micro_steps": run.micro_steps,
                    "steps": run.steps, "batches_taken": run.batches_taken,
-                   "history": run.history}
+                   "history": run.history,
+                   # inside an accumulation window: the gradients summed so far
+                   "grads": {key: p.grad.detach().cpu() for key, p in
+                             self.model.adapters[name].named_parameters()
+                             if p.grad is not None}}
             for name, run in self.runs.items()}}
         torch.save(state, path / STATE_NAME)
         return path
@@ -248,6 +252,9 @@ class Trainer:
             saved = state["runs"][name]
             params = self.model.adapters[name]
             params.copy_from(load_adapter(path / name, name))
+            for key, p in params.named_parameters():
+                grad = saved["grads"].get(key)
+                p.grad = None if grad is None else grad.to(p.device, p.dtype)
             run.optimizer.load_state_dict(saved["optimizer"])
             run.scheduler.load_state_dict(saved["scheduler"])
             run.micro_steps, run.steps = saved["micro_steps"], saved["steps"]
