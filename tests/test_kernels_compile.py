@@ -34,15 +34,21 @@ def case(num_tokens: int = 24):
     return x, frozen(29), slots, make_stack([ZOO[0], ZOO[2], ZOO[4], None], seed=29)
 
 
-def test_compile_fullgraph_traces_the_custom_ops_for_any_token_count():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_traces_the_custom_ops_for_any_token_count(backend):
+    """aot_eager: the traced graph is the eager program (bit-identical). inductor (what vLLM
+    compiles with): the in-place custom ops survive functionalization and fusion around them;
+    its own GEMM and SiLU·mul code rounds differently, hence a tolerance."""
     torch._dynamo.reset()
-    compiled = torch.compile(mole_ffn_kernels, fullgraph=True, backend="aot_eager",
-                             dynamic=True)
+    compiled = torch.compile(mole_ffn_kernels, fullgraph=True, backend=backend, dynamic=True)
 
     def check(num_tokens):
         x, base, slots, stack = case(num_tokens)
-        assert torch.equal(compiled(x, base, slots, stack),
-                           mole_ffn_kernels(x, base, slots, stack))
+        got, want = compiled(x, base, slots, stack), mole_ffn_kernels(x, base, slots, stack)
+        if backend == "aot_eager":
+            assert torch.equal(got, want)
+        else:
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
     check(24)
     with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every T
