@@ -284,10 +284,11 @@ def replays_in_cuda_graph(fn) -> bool:
 
 
 def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: int,
-            adapters: int, popularity: str) -> tuple[list[list], float, float, bool]:
+            adapters: int, popularity: str, with_plan: bool
+            ) -> tuple[list[list], float, float, bool]:
     """Rows [tokens, adapters, popularity, impl, median_us, bytes_floor_us, launches] of one
     batch, the kernels' error vs the naive loop on it (max |diff| / max |naive|), the plan's
-    median seconds, and whether the layer replays exactly in a CUDA graph (True on CPU)."""
+    median seconds (0 unless `with_plan`), and whether the layer replays exactly in a CUDA graph (True on CPU)."""
     x = torch.randn(tokens, setup.hidden, device=device, dtype=setup.dtype)
     slots = draw_slots(tokens, adapters, popularity, device)
     S = num_slots(layer.stack)
@@ -304,7 +305,8 @@ def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: i
     }
     rows = [[tokens, adapters, popularity, impl, f"{median_seconds(fn, device, graph) * 1e6:.1f}",
              floor, count_launches(fn, device)] for impl, (fn, graph, floor) in impls.items()]
-    plan_s = median_seconds(lambda: plan_tokens(slots, S, BLOCK_M), device, True)
+    plan_s = median_seconds(lambda: plan_tokens(slots, S, BLOCK_M), device, True) \
+        if with_plan else 0.0
     replays = device != "cuda" or replays_in_cuda_graph(lambda: layer.mole(x, plan))
     return rows, error, plan_s, replays
 
@@ -329,12 +331,13 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
             for popularity in setup.popularities if adapters > 1 else ("uniform",):
                 for tokens in setup.tokens:
                     measured, error, plan_s, replays = measure(
-                        layer, setup, device, bandwidth, tokens, adapters, popularity)
+                        layer, setup, device, bandwidth, tokens, adapters, popularity,
+                        with_plan=strategy == "top-2")  # the plan is the same for all
                     all_match &= error <= tolerance and replays
                     print(f"{strategy} {adapters} adapters {popularity} {tokens} tokens: error "
                           f"vs naive {error:.1e}{'' if error <= tolerance else '  MISMATCH'}"
                           f"{'' if replays else '  CUDA-GRAPH REPLAY MISMATCH'}")
-                    if strategy == "top-2":  # the plan does not depend on the strategy
+                    if strategy == "top-2":
                         plan_rows.append(head + [tokens, adapters, popularity,
                                                  f"{plan_s * 1e6:.1f}"])
                     for tok, ads, pop, impl, *values in measured:

@@ -311,9 +311,9 @@ def main(argv=None) -> int:
                                  "request_rate": rate,
                                  **{k: round(float(v), 2) for k, v in result.items()}})
                     print(json.dumps(rows[-1]), flush=True)
-                    path = write_rows(args.out, rows[-1:])  # kept if a later point fails
+                    write_rows(args.out, rows[-1:])  # kept if a later point fails
     plot(args.out, rows)
-    print(f"rows appended to {path}; plots in {args.out}")
+    print(f"rows appended to {args.out / 'serving.csv'}; plots in {args.out}")
     return 0
 
 

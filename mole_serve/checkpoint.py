@@ -126,7 +126,7 @@ def served_as_mole(path: str, adapter: str) -> bool:
     peft_type = str(declared).upper()
     if peft_type in MOLE_PEFT_TYPES:
         return True
-    if peft_type == "LORA":
+    if declared is None or peft_type == "LORA":  # PEFT LoRA; vLLM reads no peft_type either
         return False
     raise AdapterError(adapter, f"{CONFIG_NAME}:peft_type",
                        f"one of {sorted(MOLE_PEFT_TYPES | {'LORA'})}", repr(declared))

@@ -334,6 +334,8 @@ def read_config_json(adapter_dir: str | pathlib.Path, adapter: str) -> dict[str,
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(adapter, CONFIG_NAME, "valid JSON", str(exc)) from None
+    except OSError as exc:
+        raise AdapterError(adapter, CONFIG_NAME, "a readable file", str(exc)) from None
     if not isinstance(raw, dict):
         raise AdapterError(adapter, CONFIG_NAME, "a JSON object", type(raw).__name__)
     return raw

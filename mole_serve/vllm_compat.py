@@ -403,11 +403,16 @@ def install_idle_metrics_flush() -> None:
 
     @functools.wraps(process_input)
     def process_input_after_flush(self):
-        if getattr(self, "_mole_serve_unexported", False) and not self.has_work():
+        # Asleep (sleep mode), the counters' memory may be unmapped: flush after wake-up.
+        if (getattr(self, "_mole_serve_unexported", False) and not self.has_work()
+                and not self.model_executor.is_sleeping):
             self._mole_serve_unexported = False
             settings = serve_settings(self.vllm_config)
             if settings.enabled and settings.routing_metrics:
-                self.model_executor.collective_rpc(_export_worker_routing_metrics)
+                try:
+                    self.model_executor.collective_rpc(_export_worker_routing_metrics)
+                except Exception:  # metrics must never take the engine down
+                    logger.exception("mole_serve: exporting routing metrics failed")
         return process_input(self)
 
     setattr(process_input_after_flush, _PATCHED, True)

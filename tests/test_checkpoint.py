@@ -197,6 +197,9 @@ def test_served_as_mole_sorts_paths_and_names_what_is_wrong(tmp_path, adapters, 
     (tmp_path / "prefix").mkdir()
     (tmp_path / "prefix" / CONFIG_NAME).write_text('{"peft_type": "PREFIX_TUNING"}')
     (tmp_path / "empty").mkdir()
+    (tmp_path / "untyped").mkdir()            # a LoRA config without peft_type: vLLM's
+    (tmp_path / "untyped" / CONFIG_NAME).write_text('{"r": 8, "lora_alpha": 16}')
+    assert not served_as_mole("untyped", "a")
     cases = {str(tmp_path / "gone"): ("path", "does not exist"),
              "./gone": ("path", "does not exist"),
              "~/surely-not-an-adapter-dir": ("path", "does not exist"),

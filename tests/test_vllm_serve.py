@@ -236,12 +236,25 @@ def test_metrics_reach_metrics_endpoint_without_user_multiproc_dir(server, clien
 
 def test_routing_counts_reach_metrics_when_the_engine_goes_idle(server, client, expected):
     """Steps export routing counts at most every metrics_interval_s (here an hour), so the
-    counts of a lone request on an adapter that keeps its slot come from the idle flush."""
+    counts of a request on an adapter that keeps its slot come from the idle flush."""
     name, labels = "mole_serve_experts_per_token_count", {"adapter": "dynmole"}
-    assert complete_ids(client, "dynmole") == expected["dynmole"]
-    before = metric_when_above(server, 0, name, **labels)
-    assert complete_ids(client, "dynmole") == expected["dynmole"]
+    assert complete_ids(client, "dynmole") == expected["dynmole"]  # now in a slot
+    before = settled_metric(server, name, **labels)
+    assert complete_ids(client, "dynmole") == expected["dynmole"]  # keeps its slot
     assert metric_when_above(server, before, name, **labels) > before
+
+
+def settled_metric(server: str, name: str, **labels: str) -> float:
+    """`name` at /metrics once two reads a second apart agree (earlier exports landed)."""
+    previous = None
+    for _ in range(30):
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        value = metric(text, name, **labels) if name in text else 0.0
+        if value == previous:
+            return value
+        previous = value
+        time.sleep(1)
+    raise AssertionError(f"{name} {labels} kept changing")
 
 
 def metric_when_above(server: str, floor: float, name: str, **labels: str) -> float:

@@ -253,7 +253,7 @@ class Trainer:
             params = self.model.adapters[name]
             params.copy_from(load_adapter(path / name, name))
             for key, p in params.named_parameters():
-                grad = saved["grads"].get(key)
+                grad = saved.get("grads", {}).get(key)  # none saved before 2026-11-23
                 p.grad = None if grad is None else grad.to(p.device, p.dtype)
             run.optimizer.load_state_dict(saved["optimizer"])
             run.scheduler.load_state_dict(saved["scheduler"])
