@@ -62,8 +62,11 @@ def test_second_run_reuses_the_build(first_run):
 
 
 def test_ctrl_c_while_the_server_starts_stops_its_process_group(first_run):
+    # A shell's background job inherits SIGINT ignored (and Python then keeps it so):
+    # give the demo the disposition of a terminal's foreground command.
     demo = subprocess.Popen(demo_command(first_run["workdir"], "--prompt", "x"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "starting:" not in demo.stdout.readline():
         pass

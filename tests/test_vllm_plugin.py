@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -100,9 +101,10 @@ def test_without_flag_vllm_is_stock_and_refuses_mole_adapters(tiny_llama, tmp_pa
 def test_vllm_serve_help_documents_the_flags():
     run = functools.partial(subprocess.run, capture_output=True, text=True, check=True,
                             env=dict(os.environ, **engine_env()), timeout=300)
-    groups = run(["vllm", "serve", "--help"]).stdout
+    vllm = str(pathlib.Path(sys.executable).parent / "vllm")  # the venv's, as installed
+    groups = run([vllm, "serve", "--help"]).stdout
     assert "MoLE adapters" in groups and "Mixture-of-LoRA-Experts" in groups
-    flags = run(["vllm", "serve", "--help=MoLE adapters"]).stdout
+    flags = run([vllm, "serve", "--help=MoLE adapters"]).stdout
     assert "--enable-mole-adapters" in flags and "Implies --enable-lora" in flags
     assert "--max-mole-experts" in flags
 
