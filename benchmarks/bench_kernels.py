@@ -285,10 +285,11 @@ def replays_in_cuda_graph(fn) -> bool:
 
 def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: int,
             adapters: int, popularity: str, with_plan: bool
-            ) -> tuple[list[list], float, float, bool]:
+            ) -> tuple[list[list], float, float | None, bool]:
     """Rows [tokens, adapters, popularity, impl, median_us, bytes_floor_us, launches] of one
     batch, the kernels' error vs the naive loop on it (max |diff| / max |naive|), the plan's
-    median seconds (0 unless `with_plan`), and whether the layer replays exactly in a CUDA graph (True on CPU)."""
+    median seconds (None unless `with_plan`), and whether the layer replays exactly in a
+    CUDA graph (True on CPU)."""
     x = torch.randn(tokens, setup.hidden, device=device, dtype=setup.dtype)
     slots = draw_slots(tokens, adapters, popularity, device)
     S = num_slots(layer.stack)
@@ -306,7 +307,7 @@ def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: i
     rows = [[tokens, adapters, popularity, impl, f"{median_seconds(fn, device, graph) * 1e6:.1f}",
              floor, count_launches(fn, device)] for impl, (fn, graph, floor) in impls.items()]
     plan_s = median_seconds(lambda: plan_tokens(slots, S, BLOCK_M), device, True) \
-        if with_plan else 0.0
+        if with_plan else None
     replays = device != "cuda" or replays_in_cuda_graph(lambda: layer.mole(x, plan))
     return rows, error, plan_s, replays
 
@@ -337,7 +338,7 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
                     print(f"{strategy} {adapters} adapters {popularity} {tokens} tokens: error "
                           f"vs naive {error:.1e}{'' if error <= tolerance else '  MISMATCH'}"
                           f"{'' if replays else '  CUDA-GRAPH REPLAY MISMATCH'}")
-                    if strategy == "top-2":
+                    if plan_s is not None:
                         plan_rows.append(head + [tokens, adapters, popularity,
                                                  f"{plan_s * 1e6:.1f}"])
                     for tok, ads, pop, impl, *values in measured:

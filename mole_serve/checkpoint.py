@@ -104,10 +104,9 @@ def is_mole_adapter_dir(path: str | pathlib.Path) -> bool:
     """Whether a dir's adapter_config.json declares a MoLE adapter (MIXLORA, DYNMOLE).
     Plain PEFT LoRA dirs answer False: a server leaves those to vLLM's own loader."""
     try:
-        raw = read_config_json(pathlib.Path(path).expanduser(), "?")
+        return served_as_mole(str(path), "?")
     except AdapterError:
         return False
-    return str(raw.get("peft_type", "")).upper() in MOLE_PEFT_TYPES
 
 
 def served_as_mole(path: str, adapter: str) -> bool:

@@ -486,11 +486,9 @@ def install_api_validation() -> None:
         vllm_config = self.engine_client.vllm_config
         if error is not None or not serve_settings(vllm_config).enabled:
             return error
-        try:
-            if served_as_mole(request.lora_path, request.lora_name):
-                await asyncio.to_thread(load_served_adapter,
-                                        os.path.expanduser(request.lora_path),
-                                        request.lora_name, vllm_config)  # off the event loop
+        try:  # file reads: off the event loop
+            await asyncio.to_thread(_check_requested_adapter, request.lora_path,
+                                    request.lora_name, vllm_config)
         except AdapterError as exc:
             metrics.adapter_rejected("api_server")
             # The module's own import: it moved between vLLM 0.26 and 0.32.
@@ -501,6 +499,12 @@ def install_api_validation() -> None:
 
     setattr(check_with_mole, _PATCHED, True)
     OpenAIServingModels._check_load_lora_adapter_request = check_with_mole
+
+
+def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
+    """Raise AdapterError for a bad local path or MoLE dir; plain LoRA is vLLM's to check."""
+    if served_as_mole(path, name):
+        load_served_adapter(os.path.expanduser(path), name, vllm_config)
 
 
 def tensor_parallel_shard() -> TensorShard:
