@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from mole_serve.adapter import BaseShape, MoleAdapter, init_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.kernels import (BLOCK_M, Routing, gated_lora_, mixlora_down_delta_,
+from mole_serve.kernels import (BLOCK_M, Routing, configs, gated_lora_, mixlora_down_delta_,
                                 mixlora_experts_, mixlora_route, num_slots, plan_tokens)
 from mole_serve.reference import FrozenFFN, ffn_literal
 from mole_serve.stack import GroupedLoRAStack, LayerStack, stack_layer
@@ -321,6 +321,8 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
     tolerance = 1e-4 if setup.dtype == torch.float32 else 3e-2
     bandwidth = copy_bandwidth(device)
     print(f"{gpu}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    tuned = device == "cuda" and configs.tuned_tiles(gpu)
+    print(f"tiles: {'the tuned table of ' + gpu if tuned else 'the untuned default table'}")
     top_p = {s: calibrate_top_p(s, setup, device) for s in ("top-p", "dynmole")}
     for s, p in top_p.items():
         print(f"{s}: top_p={p:.4f} gives {mean_experts(s, setup, p, device):.2f} experts/token")

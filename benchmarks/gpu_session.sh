@@ -3,6 +3,8 @@
 # (each machine start costs a minute of the session's 30). Run from the repository root there:
 #   bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 # STEPs (default: all, in this order; each fits one 10-minute call):
+#   tune     benchmarks/tune_tiles.py      -> OUT_DIR/tiles.csv and the device's tuned table,
+#            also installed in $HOME/mole-tuned, which every later step (and call) reads
 #   tests    kernel and served-layer tests on real bf16 hardware (test_kernels*, test_vllm_layers)
 #   kernels  benchmarks/bench_kernels.py   -> OUT_DIR/kernels.csv, kernels.png
 #   metrics  benchmarks/bench_metrics_overhead.py -> OUT_DIR/metrics_overhead.csv
@@ -21,9 +23,9 @@
 # exits non-zero if any failed. Copy the CSVs to benchmarks/results/ and the figures to
 # benchmarks/RESULTS.md (with the GPU, the date and the commit) back on the CPU box.
 set -uo pipefail
-OUT=${1:?usage: gpu_session.sh OUT_DIR [tests|kernels|metrics|train ...]}
+OUT=${1:?usage: gpu_session.sh OUT_DIR [tune|tests|kernels|metrics|train ...]}
 shift
-STEPS=${*:-tests kernels metrics train}
+STEPS=${*:-tune tests kernels metrics train}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The image has torch, triton, pytest, prometheus-client, safetensors, transformers; only our
@@ -37,6 +39,8 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1
 [ -d "$HOME/site/vllm" ] && export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} \
   PATH=$HOME/site/bin:$PATH
+# Tuned tiles survive between the calls of one lease ($HOME stays, the checkout is re-sent).
+export MOLE_SERVE_TUNED_CONFIG_FOLDER=$HOME/mole-tuned
 SERVING_ARGS=${SERVING_ARGS:---adapters 1,8,32 --rates 4,16 --num-requests 80}
 
 failed=0
@@ -58,6 +62,7 @@ for step in $STEPS; do
                   "${serving_args[@]}") ;;
     tests)   cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
                   tests/test_kernels_compile.py tests/test_vllm_layers.py) ;;
+    tune)    cmd=(python3 benchmarks/tune_tiles.py --out "$OUT" --install) ;;
     kernels) cmd=(python3 benchmarks/bench_kernels.py --out "$OUT") ;;
     metrics) cmd=(python3 benchmarks/bench_metrics_overhead.py --out "$OUT") ;;
     train)   cmd=(python3 benchmarks/bench_train.py --out "$OUT") ;;

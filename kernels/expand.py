@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import Tiles, padded
+from .configs import ExpandTiles, padded
 from .plan import TokenPlan
 from .route import dot_precision
 
@@ -105,7 +105,7 @@ def partials_per_load(block_m: int, k: int, r: int, partials: int) -> int:
 
 def launch_expand(y: torch.Tensor, partials: torch.Tensor, routing_ids: torch.Tensor,
                   routing_weights: torch.Tensor, weights: ExpandWeights, plan: TokenPlan,
-                  tiles: Tiles) -> None:
+                  tiles: ExpandTiles) -> None:
     """Add the routed LoRA expand of G projections into adapter rows of their columns of `y`
     [T, N]: partials [P, G, T, K, R] (summed), routing ids/weights [G, T, K]."""
     S, E, N, R = weights.b.shape
@@ -116,7 +116,7 @@ def launch_expand(y: torch.Tensor, partials: torch.Tensor, routing_ids: torch.Te
     assert partials.is_contiguous() and weights.b.is_contiguous()
     assert routing_ids.shape == routing_weights.shape == (G, T, K)
     assert weights.scaling.shape == weights.enabled.shape == (G, S)
-    n_tiles = triton.cdiv(max(sizes), tiles.block_h)
+    n_tiles = triton.cdiv(max(sizes), tiles.block_n)
     split_n = min(tiles.split_n, n_tiles)
     widths = list(sizes) + [0] * (MAX_GROUP - G)
     _expand_kernel[(plan.num_blocks, split_n, G)](
@@ -124,6 +124,6 @@ def launch_expand(y: torch.Tensor, partials: torch.Tensor, routing_ids: torch.Te
         weights.enabled, plan.sorted_tokens, plan.block_slot,
         T, S, N, *widths, E, R, P,
         K=K, K_PAD=triton.next_power_of_2(K), R_PAD=padded(R), BLOCK_M=plan.block_m,
-        BLOCK_N=tiles.block_h, TILES_PER_SPLIT=triton.cdiv(n_tiles, split_n),
+        BLOCK_N=tiles.block_n, TILES_PER_SPLIT=triton.cdiv(n_tiles, split_n),
         P_CHUNK=partials_per_load(plan.block_m, K, R, P),
         PRECISION=dot_precision(y.dtype), num_warps=tiles.num_warps)

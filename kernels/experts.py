@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import Tiles, padded
+from .configs import ExpertsTiles, padded
 from .plan import TokenPlan
 from .route import EMPTY, Routing, dot_precision
 
@@ -127,7 +127,7 @@ def _experts_kernel(
 
 def launch_experts(g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, routing: Routing,
                    weights: ExpertWeights, plan: TokenPlan, partials: torch.Tensor,
-                   tiles: Tiles, act_fn: str) -> None:
+                   tiles: ExpertsTiles, act_fn: str) -> None:
     """Overwrite adapter rows of `h` and fill `partials` [split_i, T, K, R]."""
     S, E, two, I, R = weights.gate_up_b.shape
     T, K = routing.ids.shape

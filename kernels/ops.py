@@ -38,7 +38,7 @@ def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
                   x.new_empty((G, T, k_max, NR), dtype=torch.float32))
     if T > 0:
         launch_route(x, RouterWeights(router, shrink_a, routing_table, enabled, k_max),
-                     _plan(sorted_tokens, block_slot), out, pick_tiles(T),
+                     _plan(sorted_tokens, block_slot), out, pick_tiles(T).route,
                      None if counts is None else RoutingCounts(counts, entropy_bounds), logits)
     return out.ids, out.weights, out.shrink
 
@@ -61,7 +61,8 @@ def router_logits(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Te
     logits = x.new_empty((G, x.shape[0], E), dtype=torch.float32)
     if x.shape[0] > 0:
         launch_router_logits(x, RouterWeights(router, shrink_a, routing_table, enabled, E),
-                             _plan(sorted_tokens, block_slot), logits, pick_tiles(x.shape[0]))
+                             _plan(sorted_tokens, block_slot), logits,
+                             pick_tiles(x.shape[0]).route)
     return logits
 
 
@@ -82,7 +83,8 @@ def mixlora_experts(h: Tensor, g: Tensor, u: Tensor, shrink: Tensor, ids: Tensor
     if T > 0:
         launch_experts(g, u, h, Routing(ids, weights, shrink),
                        ExpertWeights(gate_up_b, down_a, scaling, enabled),
-                       _plan(sorted_tokens, block_slot), partials, pick_tiles(T), act_fn)
+                       _plan(sorted_tokens, block_slot), partials, pick_tiles(T).experts,
+                       act_fn)
     return partials
 
 
@@ -103,7 +105,7 @@ def routed_expand(y: Tensor, partials: Tensor, ids: Tensor, weights: Tensor, b: 
     if y.shape[0] > 0:
         launch_expand(y, partials, ids, weights,
                       ExpandWeights(b, scaling, enabled, tuple(out_sizes)),
-                      _plan(sorted_tokens, block_slot), pick_tiles(y.shape[0]))
+                      _plan(sorted_tokens, block_slot), pick_tiles(y.shape[0]).expand)
 
 
 @routed_expand.register_fake

@@ -1,17 +1,20 @@
 """Route kernel: per-token routing through the token's own slot, plus the selected experts'
 LoRA shrink `A x` (the only reduction over the hidden dim, done once per token and expert).
 
-One program per plan block (tokens of one slot). It computes router logits with the slot's
-router (fp32, IEEE), the fp32 softmax over the adapter's real experts, the selection of every
-strategy of `mole_serve.routing` (0 top-k renormalised, 1 top-p incl. the crossing expert with
-temperature-divided probabilities, 2 switch top-1, 3 DynMoLE: cumsum <= top-p, keep_top_k
-floor, all experts above the Tsallis entropy threshold), and writes `ids`/`weights` [T, K]
-sorted by probability (weight 0 = unused). Then, for each expert some token of the block
-selected, `shrink[t, k] = A[slot, e] x_t` with tl.dot. Every output element is written:
-base-model and disabled-slot tokens get id 0, weight 0 and a zero shrink, as do unused pairs.
-When the server keeps routing metrics, the same program adds the block's routing to the
-slot's counters (a few atomics per block): metrics cost no extra launch and no second pass
-over the router.
+Grid: (plan blocks, projections of a group, lanes). Every program of a block computes the
+router logits with the slot's router (fp32, IEEE), the fp32 softmax over the adapter's real
+experts and the selection of every strategy of `mole_serve.routing` (0 top-k renormalised,
+1 top-p incl. the crossing expert with temperature-divided probabilities, 2 switch top-1,
+3 DynMoLE: cumsum <= top-p, keep_top_k floor, all experts above the Tsallis entropy
+threshold); lane 0 writes `ids`/`weights` [T, K] sorted by probability (weight 0 = unused).
+Then each lane takes every `lanes`-th expert: for each of its experts some token of the block
+selected, `shrink[t, k] = A[slot, e] x_t` with tl.dot. The reductions over the input dim are
+serial within a program, so at decode sizes (one block or a few) lanes spread a block's
+selected experts over several SMs; the selection they all repeat is identical (same inputs,
+same code). Every output element is written once: base-model and disabled-slot tokens get
+id 0, weight 0 and a zero shrink, as do unused pairs. When the server keeps routing metrics,
+lane 0 adds the block's routing to the slot's counters (a few atomics per block): metrics
+cost no extra launch and no second pass over the router.
 
 Under tensor parallelism a row-parallel projection's input (o_proj, down_proj) is split over
 ranks, and so is the router's reduction: the kernel then runs twice, first storing only each
@@ -31,7 +34,7 @@ import triton.language as tl
 from mole_serve import routing as table
 from mole_serve.config import DYNMOLE, MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH
 
-from .configs import Tiles, padded
+from .configs import RouteTiles, padded
 from .plan import EMPTY_BLOCK, TokenPlan
 
 # The routing table's layout and strategy codes, as compile-time constants of the kernels.
@@ -181,6 +184,7 @@ def _route_kernel(
 ):
     block = tl.program_id(0)
     group = tl.program_id(1).to(tl.int64)  # projection of a group sharing the input x
+    lane = tl.program_id(2)
     slot = tl.load(block_slot_ptr + block)
     if slot == EMPTY:
         return
@@ -201,6 +205,8 @@ def _route_kernel(
     logits_off = out_row[:, None] * E + cols[None, :]
     logits_mask = row_ok[:, None] & (cols < E)[None, :]
     if not active:
+        if lane != 0:
+            return
         if LOGITS == ROUTER_LOGITS:
             tl.store(logits_ptr + logits_off, tl.zeros([BLOCK_M, E_PAD], tl.float32),
                      mask=logits_mask)
@@ -228,20 +234,20 @@ def _route_kernel(
             return
 
     rank, weight, probs = _select(logits, table_ptr + s * NUM_COLUMNS, E_PAD)
-    if COUNT:
-        n_exp = tl.floor(tl.load(table_ptr + s * NUM_COLUMNS + NUM_EXPERTS) + 0.5)
-        _count_routing(counts_ptr + s * (2 * E + NB + 3), bounds_ptr, probs, weight, row_ok,
-                       n_exp, E, E_PAD, NB, NB_PAD)
     picked = rank[:, None, :] == kk[None, :, None]                     # [M, K, E]
     ids = tl.sum(tl.where(picked, cols[None, None, :], 0), axis=2)
     weights = tl.sum(tl.where(picked, weight[:, None, :], 0.0), axis=2)
-    tl.store(ids_ptr + out_off, ids, mask=out_mask)
-    tl.store(weights_ptr + out_off, weights, mask=out_mask)
-
     used = out_mask & (weights > 0.0)
-    tl.store(shrink_ptr + shrink_off, tl.zeros([BLOCK_M, K_PAD, NR_PAD], tl.float32),
-             mask=shrink_mask & ~used[:, :, None])
-    for e in range(E):
+    if lane == 0:
+        if COUNT:
+            n_exp = tl.floor(tl.load(table_ptr + s * NUM_COLUMNS + NUM_EXPERTS) + 0.5)
+            _count_routing(counts_ptr + s * (2 * E + NB + 3), bounds_ptr, probs, weight,
+                           row_ok, n_exp, E, E_PAD, NB, NB_PAD)
+        tl.store(ids_ptr + out_off, ids, mask=out_mask)
+        tl.store(weights_ptr + out_off, weights, mask=out_mask)
+        tl.store(shrink_ptr + shrink_off, tl.zeros([BLOCK_M, K_PAD, NR_PAD], tl.float32),
+                 mask=shrink_mask & ~used[:, :, None])
+    for e in range(lane, E, tl.num_programs(2)):
         hit = used & (ids == e)
         if tl.sum(hit.to(tl.int32)) > 0:
             row_hit = tl.sum(hit.to(tl.int32), axis=1) > 0
@@ -267,24 +273,24 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def launch_route(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, out: Routing,
-                 tiles: Tiles, counts: RoutingCounts | None = None,
+                 tiles: RouteTiles, counts: RoutingCounts | None = None,
                  logits: torch.Tensor | None = None) -> None:
     """Fill `out`: ids and weights of every token, the shrink of every used pair (0 else);
     with `counts`, also add the batch's routing to the metrics counters; with `logits`
-    [G, T, E] fp32, route from them instead of x (see the module doc). One program per
-    (plan block, projection of the group)."""
+    [G, T, E] fp32, route from them instead of x (see the module doc). Programs: per plan
+    block and projection of the group, `tiles.lanes` (at most one per expert)."""
     _launch(x, weights, plan, tiles, GIVEN_LOGITS if logits is not None else COMPUTED_LOGITS,
             out, counts, logits)
 
 
 def launch_router_logits(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan,
-                         logits: torch.Tensor, tiles: Tiles) -> None:
+                         logits: torch.Tensor, tiles: RouteTiles) -> None:
     """Fill `logits` [G, T, E] fp32 with each token's router logits through its slot's
     router (0 for tokens without an enabled slot), and nothing else."""
     _launch(x, weights, plan, tiles, ROUTER_LOGITS, None, None, logits)
 
 
-def _launch(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, tiles: Tiles,
+def _launch(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, tiles: RouteTiles,
             mode: tl.constexpr, out: Routing | None, counts: RoutingCounts | None,
             logits: torch.Tensor | None) -> None:
     G, S, E, NR, H = weights.shrink_a.shape
@@ -307,7 +313,8 @@ def _launch(x: torch.Tensor, weights: RouterWeights, plan: TokenPlan, tiles: Til
         assert out.ids.shape == out.weights.shape == (G, T, K)
         assert out.shrink.shape == (G, T, K, NR)
     unused = x  # a pointer for arguments this mode never touches
-    _route_kernel[(plan.num_blocks, G)](
+    lanes = 1 if mode.value == ROUTER_LOGITS.value else max(1, min(tiles.lanes, E))
+    _route_kernel[(plan.num_blocks, G, lanes)](
         x, x.stride(0), weights.router, weights.shrink_a, weights.routing, weights.enabled,
         plan.sorted_tokens, plan.block_slot, *((unused,) * 3 if out is None else
                                                (out.ids, out.weights, out.shrink)),

@@ -16,9 +16,11 @@ Why each test exists:
 - test_row_parallel_*: tensor parallelism splits a row-parallel router's input; ranks route
   from the sum of their partial logits and their partial deltas add up.
 - test_launch_budget: at most 3 launches per MixLoRA FFN beyond the frozen FFN (DESIGN §5).
+- test_route_lanes_*: at decode sizes the route spreads a block's experts over programs; that
+  must not change a single bit of what it writes.
 - test_small_tiles_*: the default interpreter tiles cover the test sizes in one tile, so one
   run forces small tiles to exercise every tile loop, several intermediate splits (the
-  down-shrink partial sums) and several output splits.
+  down-shrink partial sums), several output splits and route lanes.
 - test_bf16_*: the serving dtype; base rows still bit-identical, adapter rows within bf16
   tolerance.
 Every kernel output and intermediate is poisoned: `torch.empty` is NaN-filled (deterministic
@@ -94,6 +96,12 @@ ZOO = [
     dynmole(4, 8, top_p=0.5, keep_top_k=1, entropy_threshold=0.6),
     MoleConfig("lora", 1, 8, 16, ATTN + FFN),  # plain PEFT LoRA: one expert, weight 1
 ]
+
+
+# Several tiles and splits along every dim, and route lanes that do not divide the experts.
+SMALL_TILES = kernel_configs.Tiles(kernel_configs.RouteTiles(block_h=32, lanes=3, num_warps=4),
+                                   kernel_configs.ExpertsTiles(block_i=32, num_warps=4),
+                                   kernel_configs.ExpandTiles(block_n=32, split_n=2, num_warps=4))
 
 
 def make_adapters(configs: list[MoleConfig | None], seed: int):
@@ -227,6 +235,38 @@ def test_route_counts_the_routing_metrics_the_reference_counts():
     assert not got["experts_per_token"][-1].any(), "the empty slot counts nothing"
 
 
+@pytest.mark.parametrize("lanes", [2, 3, 16])
+def test_route_lanes_change_nothing(lanes, monkeypatch):
+    """Lanes spread a block's experts over programs (for decode-size batches): ids, weights,
+    shrinks, metrics counts and the gated LoRA output equal the one-lane route's bit for bit,
+    for every strategy, with lane counts that do not divide the experts and more lanes than
+    experts."""
+    from mole_serve.kernels import RoutingCounts
+    from mole_serve.layers import RoutingStats
+    configs = ZOO + [None]
+    stack = make_stack(configs, seed=7)
+    x, slots = tokens(70, len(configs), seed=7)
+    plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
+    y0 = torch.randn(70, BASE.in_out("q_proj")[1], generator=torch.Generator().manual_seed(7))
+
+    def run(route_lanes: int):
+        tiles = kernel_configs.INTERPRETER_TILES
+        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", dataclasses.replace(
+            tiles, route=dataclasses.replace(tiles.route, lanes=route_lanes)))
+        stats = RoutingStats(len(configs), stack.ffn.router.shape[1], 0, ("ffn",)).to(DEVICE)
+        mixed = mixlora_route(x, plan, stack.ffn, RoutingCounts(stats.counts,
+                                                                stats.entropy_bounds))
+        y = y0.to(DEVICE)
+        gated = gated_lora_(y, x, plan, stack.gated["q_proj"])
+        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", tiles)
+        return [*dataclasses.astuple(mixed), stats.counts, *dataclasses.astuple(gated), y]
+
+    one, many = run(1), run(lanes)
+    assert (one[1] > 0).sum(1).max() > 2, "blocks must select several experts"
+    for got, want in zip(many, one, strict=True):
+        assert torch.equal(got, want)
+
+
 # -- the FFN ---------------------------------------------------------------------------------
 def check_ffn(configs, num_tokens: int, seed: int, dtype=torch.float32, tolerance=TOLERANCE):
     stack = make_stack(configs, seed, dtype)
@@ -327,8 +367,7 @@ def test_launch_budget(monkeypatch):
 
 def test_small_tiles_exercise_every_loop(monkeypatch):
     from mole_serve.kernels import expand, functional
-    small = kernel_configs.Tiles(block_h=32, block_i=32, split_n=2, num_warps=4)
-    monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", small)
+    monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", SMALL_TILES)
     # I=200 in 7 tiles of 32 over 5 splits of 2 tiles: the 4th split ends past I, the 5th has
     # no tile inside I (its partials must still be zeros).
     monkeypatch.setattr(kernel_configs, "I_PER_PROGRAM", 40)
@@ -361,8 +400,7 @@ def test_grouped_projections_match_each_alone(tiles, monkeypatch):
     from mole_serve.kernels import functional
     from mole_serve.stack import GroupedLoRAStack
     if tiles == "small":
-        small = kernel_configs.Tiles(block_h=32, block_i=32, split_n=2, num_warps=4)
-        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", small)
+        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", SMALL_TILES)
         monkeypatch.setattr(functional, "BLOCK_M", 16)
     projs = ("q_proj", "k_proj", "v_proj")
     configs = [dataclasses.replace(c, target_modules=projs) if c else None

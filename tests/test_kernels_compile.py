@@ -143,20 +143,22 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
                   "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
                   "counts_ptr": "*fp64", "bounds_ptr": "*fp32", "logits_ptr": "*fp32"},
                   dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
-                       BLOCK_H=tiles.block_h, COUNT=serving, NB=10, NB_PAD=16, LOGITS=logits),
-                  tiles.num_warps, serving)
+                       BLOCK_H=tiles.route.block_h, COUNT=serving, NB=10, NB_PAD=16, LOGITS=logits),
+                  tiles.route.num_warps, serving)
         build(experts._experts_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
               "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "gate_up_b_ptr": f"*{dt}",
               "down_a_ptr": f"*{dt}", "partials_ptr": "*fp32"},
-              dict(common, R_PAD=configs.padded(R), BLOCK_I=tiles.block_i, ACT=0,
-                   TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.block_i), split_i)),
-              tiles.num_warps, serving)
+              dict(common, R_PAD=configs.padded(R), BLOCK_I=tiles.experts.block_i, ACT=0,
+                   TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.experts.block_i),
+                                               split_i)),
+              tiles.experts.num_warps, serving)
         build(expand._expand_kernel, {**ids, "y_ptr": f"*{dt}", "partials_ptr": "*fp32",
               "b_ptr": f"*{dt}"},
-              dict(common, R_PAD=configs.padded(R), BLOCK_N=tiles.block_h,
+              dict(common, R_PAD=configs.padded(R), BLOCK_N=tiles.expand.block_n,
                    P_CHUNK=expand.partials_per_load(configs.BLOCK_M, k, R, split_i),
-                   TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.block_h), tiles.split_n)),
-              tiles.num_warps, serving)
+                   TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.expand.block_n),
+                                               tiles.expand.split_n)),
+              tiles.expand.num_warps, serving)
 print("built")
 """
 

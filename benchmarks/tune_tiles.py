@@ -1,0 +1,192 @@
+"""Tile tuning on the GPU host: each kernel's tiles swept at each token count of the kernel
+benchmark, on the Llama-2-7B FFN shape with 32 adapters (MixLoRA top-2 and DynMoLE, the two
+kernel paths), the fastest written as the device's tuned table (`kernels/configs.py`).
+
+Each kernel is timed alone (CUDA-graph replay of its op on fixed inputs), so its tiles are
+tuned independently of the others' and the frozen GEMMs' noise does not enter. A candidate's
+time is the sum over the calls a layer makes of that kernel (MixLoRA: route, experts, down
+expand; DynMoLE: gate/up route + expand, down route + expand). `tiles.csv` keeps every
+measurement (`gpu,date,commit,tokens,kernel,tiles,median_us,default_us`): the per-kernel
+profile the kernel benchmark's notes cite.
+
+Usage: python benchmarks/tune_tiles.py [--out DIR] [--install]   (GPU, bf16)
+       python benchmarks/tune_tiles.py --smoke --out DIR           (CPU interpreter)
+--install also writes the table where the kernels look first ($MOLE_SERVE_TUNED_CONFIG_FOLDER,
+else kernels/tuned/), so later steps of the same session run on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench_kernels import (FULL, SMOKE, Layer, Setup, commit, draw_slots, make_adapters,
+                           median_seconds)
+from mole_serve.kernels import (configs, mixlora_down_delta_, mixlora_experts_, mixlora_route,
+                                num_slots, ops, plan_tokens)
+from mole_serve.kernels.configs import ExpandTiles, ExpertsTiles, RouteTiles, Tiles
+from mole_serve.stack import GroupedLoRAStack
+
+ADAPTERS = 32
+DYNMOLE_TOP_P = 0.6
+COLUMNS = ["gpu", "date", "commit", "tokens", "kernel", "tiles", "median_us", "default_us"]
+
+# Candidates per kernel (the others keep their default while one is swept).
+CANDIDATES: dict[str, list] = {
+    "route": [RouteTiles(h, lanes, w) for h in (32, 64, 128, 256) for lanes in (1, 2, 8)
+              for w in (4, 8)],
+    "experts": [ExpertsTiles(i, w) for i in (32, 64, 128) for w in (4, 8)],
+    "expand": [ExpandTiles(n, split, 4) for n in (32, 64, 128, 256) for split in (4, 8, 16, 32)],
+}
+SMOKE_CANDIDATES: dict[str, list] = {
+    "route": [RouteTiles(32, 1, 4), RouteTiles(64, 3, 4)],
+    "experts": [ExpertsTiles(32, 4), ExpertsTiles(64, 4)],
+    "expand": [ExpandTiles(32, 2, 4), ExpandTiles(64, 1, 4)],
+}
+
+
+def kernel_calls(layers: list[Layer], setup: Setup, tokens: int, device: str
+                 ) -> dict[str, list[Callable[[], object]]]:
+    """Per kernel, the calls each layer (MixLoRA or DynMoLE) makes of it."""
+    calls: dict[str, list] = {"route": [], "experts": [], "expand": []}
+    for layer in layers:
+        for kernel, fn in _layer_calls(layer, setup, tokens, device):
+            calls[kernel].append(fn)
+    return calls
+
+
+def _layer_calls(layer: Layer, setup: Setup, tokens: int, device: str
+                 ) -> list[tuple[str, Callable[[], object]]]:
+    """(kernel, call) of one layer's MoLE launches, on inputs computed once (in-place
+    outputs are rewritten each call: timing only)."""
+    x = torch.randn(tokens, setup.hidden, device=device, dtype=setup.dtype)
+    slots = draw_slots(tokens, ADAPTERS, "uniform", device)
+    plan = plan_tokens(slots, num_slots(layer.stack), configs.BLOCK_M)
+    gate_up = F.linear(x, layer.gate_up)
+    g, u = gate_up.split(setup.intermediate, dim=1)
+    h = F.silu(g) * u
+    y = F.linear(h, layer.down)
+    ffn = layer.stack.ffn
+    if ffn is not None:
+        routing = mixlora_route(x, plan, ffn)
+        partials = mixlora_experts_(h.clone(), g, u, routing, plan, ffn)
+        return [("route", lambda: mixlora_route(x, plan, ffn)),
+                ("experts", lambda: mixlora_experts_(h, g, u, routing, plan, ffn)),
+                ("expand", lambda: mixlora_down_delta_(y, partials, routing, plan, ffn))]
+    down = GroupedLoRAStack.of([layer.stack.gated["down_proj"]])
+    calls = []
+    for group, inputs, out in ((layer.gate_up_group, x, gate_up), (down, h, y)):
+        route, expand = _gated_calls(group, inputs, out, plan)
+        calls += [("route", route), ("expand", expand)]
+    return calls
+
+
+def _gated_calls(group: GroupedLoRAStack, x: torch.Tensor, y: torch.Tensor, plan):
+    """The route and the expand launch of `gated_lora_`, apart."""
+    meta = (plan.sorted_tokens, plan.block_slot)
+    args = (x, group.router, group.a, group.routing, group.enabled, *meta, group.k_max)
+    ids, weights, shrink = torch.ops.mole_serve.route(*args)
+    return (lambda: torch.ops.mole_serve.route(*args),
+            lambda: torch.ops.mole_serve.routed_expand(
+                y, shrink[None], ids, weights, group.b, group.scaling, group.enabled, *meta,
+                list(group.out_sizes)))
+
+
+def time_with(tiles: Tiles, fns: list[Callable], device: str) -> float:
+    """Summed median seconds of `fns` with every op using `tiles`."""
+    default = ops.pick_tiles
+    ops.pick_tiles = lambda num_tokens: tiles
+    try:
+        return sum(median_seconds(fn, device, graph=True) for fn in fns)
+    finally:
+        ops.pick_tiles = default
+
+
+def tune(setup: Setup, candidates: dict[str, list], device: str, head: list
+         ) -> tuple[dict[int, Tiles], list[list]]:
+    """{tokens: fastest tiles} and every measurement's CSV row."""
+    table, rows = {}, []
+    layers = [Layer(setup, make_adapters(strategy, setup, ADAPTERS, DYNMOLE_TOP_P), device)
+              for strategy in ("top-2", "dynmole")]
+    for tokens in setup.tokens:
+        calls = kernel_calls(layers, setup, tokens, device)
+        default = configs.table_tiles(tokens)
+        best = {}
+        for kernel, options in candidates.items():
+            field = kernel  # the `Tiles` field this kernel's op reads
+            base_us = time_with(default, calls[kernel], device) * 1e6
+            timed = []
+            for option in options:
+                us = time_with(dataclasses.replace(default, **{field: option}), calls[kernel],
+                               device) * 1e6
+                timed.append((us, option))
+                rows.append(head + [tokens, kernel, _describe(option), f"{us:.1f}",
+                                    f"{base_us:.1f}"])
+            us, best[field] = min(timed, key=lambda pair: pair[0])
+            print(f"{tokens} tokens {kernel}: default {base_us:.1f} us, best {us:.1f} us "
+                  f"({_describe(best[field])})", flush=True)
+        table[tokens] = Tiles(**best)
+    return table, rows
+
+
+def _describe(option) -> str:
+    return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(option).items())
+
+
+def write(table: dict[int, Tiles], rows: list[list], head: list, out: pathlib.Path,
+          install: bool) -> pathlib.Path:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "tiles.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    name = configs.tuned_file_name(head[0])
+    document = {"device": head[0], "date": head[1], "commit": head[2],
+                "tiles": {str(t): tiles.to_json() for t, tiles in sorted(table.items())}}
+    text = json.dumps(document, indent=1) + "\n"
+    (out / name).write_text(text)
+    if install:
+        folder = pathlib.Path(os.environ.get("MOLE_SERVE_TUNED_CONFIG_FOLDER")
+                              or configs.TUNED_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+        print(f"installed {folder / name}")
+    return out / name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes on the CPU under the Triton interpreter")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="output folder (default: benchmarks/results; --smoke: a temp dir)")
+    parser.add_argument("--install", action="store_true",
+                        help="also write the table where the kernels read it")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no GPU: run with --smoke (interpreter, tiny sizes)")
+    if args.smoke and args.install:
+        sys.exit("--install writes a device's table: not from the interpreter")
+    out = args.out or (pathlib.Path(tempfile.mkdtemp()) if args.smoke
+                       else pathlib.Path(__file__).parent / "results")
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-triton-interpreter"
+    head = [gpu, datetime.date.today().isoformat(), commit()]
+    table, rows = tune(SMOKE if args.smoke else FULL,
+                       SMOKE_CANDIDATES if args.smoke else CANDIDATES, device, head)
+    print(write(table, rows, head, out, args.install))
+
+
+if __name__ == "__main__":
+    main()
