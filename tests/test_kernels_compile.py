@@ -9,12 +9,15 @@ Why each test exists:
   against real outputs, and registration for every op.
 - test_kernels_build_for_sm90: the interpreter accepts code the GPU compiler rejects, and
   says nothing about registers; this compiles every kernel with the default GPU tiles to an
-  sm_90 cubin with Triton's bundled ptxas (no GPU needed) and fails on register spills.
+  sm_90 cubin with Triton's bundled ptxas (no GPU needed) and fails on register spills; the
+  tile tuner's widest tiles must build and fit in shared memory (a GPU session must not
+  lose a call to a candidate that cannot launch).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -96,17 +99,20 @@ def test_opcheck_custom_ops(name):
 
 
 SM90_SCRIPT = r"""
-import os, re, subprocess, tempfile
+import dataclasses, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 import triton.backends.nvidia as nvidia
 from mole_serve.kernels import configs, expand, experts, route
+sys.path.insert(0, "benchmarks")
+from tune_tiles import CANDIDATES
 
 TOOLS = os.path.join(os.path.dirname(nvidia.__file__), "bin")
 # Arguments the launcher specialises as 16-aligned for Llama-7B shapes (so loads vectorise).
 ALIGNED = {"stride_x", "stride_g", "stride_u", "stride_h", "stride_y", "H", "I", "N", "R", "NR"}
 H, I, R, E = 4096, 11008, 16, 8
+SHARED_MEMORY = 232448  # bytes a block may use on sm_90
 
 
 def build(kernel, pointers, constexprs, num_warps, check_spills):
@@ -116,49 +122,64 @@ def build(kernel, pointers, constexprs, num_warps, check_spills):
              if signature[name].startswith("*") or name in ALIGNED}
     binary = compile(ASTSource(kernel, signature, constexprs, attrs),
                      target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    what = f"{kernel.fn.__name__} {constexprs} warps={num_warps}"
+    assert binary.metadata.shared <= SHARED_MEMORY, f"{what}: {binary.metadata.shared} B shared"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(binary.asm["cubin"])
     usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", f.name],
                            capture_output=True, text=True, check=True).stdout
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    assert stack == 0 or not check_spills, f"{kernel.fn.__name__} {constexprs}: {stack} B spilled"
+    assert stack == 0 or not check_spills, f"{what}: {stack} B spilled"
 
 
 ids = {"sorted_tokens_ptr": "*i32", "block_slot_ptr": "*i32", "ids_ptr": "*i32",
        "weights_ptr": "*fp32", "enabled_ptr": "*i1", "scaling_ptr": "*fp32"}
 split_i = configs.split_i_for(I)
+
+
+def build_all(tiles, dt, precision, k, serving, logits_modes):
+    common = dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK_M=configs.BLOCK_M,
+                  PRECISION=precision)
+    for logits in logits_modes:
+        build(route._route_kernel, {**ids, "x_ptr": f"*{dt}", "router_ptr": "*fp32",
+              "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
+              "counts_ptr": "*fp64", "bounds_ptr": "*fp32", "logits_ptr": "*fp32"},
+              dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
+                   BLOCK_H=tiles.route.block_h, COUNT=serving, NB=10, NB_PAD=16,
+                   LOGITS=logits),
+              tiles.route.num_warps, serving)
+    build(experts._experts_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
+          "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "gate_up_b_ptr": f"*{dt}",
+          "down_a_ptr": f"*{dt}", "partials_ptr": "*fp32"},
+          dict(common, R_PAD=configs.padded(R), BLOCK_I=tiles.experts.block_i, ACT=0,
+               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.experts.block_i), split_i)),
+          tiles.experts.num_warps, serving)
+    build(expand._expand_kernel, {**ids, "y_ptr": f"*{dt}", "partials_ptr": "*fp32",
+          "b_ptr": f"*{dt}"},
+          dict(common, R_PAD=configs.padded(R), BLOCK_N=tiles.expand.block_n,
+               P_CHUNK=expand.partials_per_load(configs.BLOCK_M, k, R, split_i),
+               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.expand.block_n),
+                                           tiles.expand.split_n)),
+          tiles.expand.num_warps, serving)
+
+
 for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
     # Serving (bf16, must not spill) with switch, top-2 and dynamic k; fp32 (the GPU tests'
-    # dtype, IEEE dots on CUDA cores) top-2 only has to build.
+    # dtype, IEEE dots on CUDA cores) top-2 only has to build. Serving counts routing metrics
+    # in the route kernel (fp64 atomics); under tensor parallelism a row-parallel router
+    # stores its partial logits, then routes from their sum.
     for dt, precision, k in (("bf16", "tf32", 1), ("bf16", "tf32", 2), ("bf16", "tf32", 8),
                              ("fp32", "ieee", 2)):
         serving = dt == "bf16"
-        common = dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK_M=configs.BLOCK_M,
-                      PRECISION=precision)
-        # Serving counts routing metrics in the route kernel (fp64 atomics); under tensor
-        # parallelism a row-parallel router stores its partial logits, then routes from
-        # their sum.
-        for logits in ((0, 1, 2) if serving and k == 2 else (0,)):
-            build(route._route_kernel, {**ids, "x_ptr": f"*{dt}", "router_ptr": "*fp32",
-                  "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
-                  "counts_ptr": "*fp64", "bounds_ptr": "*fp32", "logits_ptr": "*fp32"},
-                  dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
-                       BLOCK_H=tiles.route.block_h, COUNT=serving, NB=10, NB_PAD=16, LOGITS=logits),
-                  tiles.route.num_warps, serving)
-        build(experts._experts_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
-              "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "gate_up_b_ptr": f"*{dt}",
-              "down_a_ptr": f"*{dt}", "partials_ptr": "*fp32"},
-              dict(common, R_PAD=configs.padded(R), BLOCK_I=tiles.experts.block_i, ACT=0,
-                   TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.experts.block_i),
-                                               split_i)),
-              tiles.experts.num_warps, serving)
-        build(expand._expand_kernel, {**ids, "y_ptr": f"*{dt}", "partials_ptr": "*fp32",
-              "b_ptr": f"*{dt}"},
-              dict(common, R_PAD=configs.padded(R), BLOCK_N=tiles.expand.block_n,
-                   P_CHUNK=expand.partials_per_load(configs.BLOCK_M, k, R, split_i),
-                   TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.expand.block_n),
-                                               tiles.expand.split_n)),
-              tiles.expand.num_warps, serving)
+        build_all(tiles, dt, precision, k, serving, (0, 1, 2) if serving and k == 2 else (0,))
+# The tuner's largest tiles must build and fit in shared memory (spills are its to measure).
+default = configs.TILE_TABLE[0][1]
+for kernel, options in CANDIDATES.items():
+    widest = max(dataclasses.astuple(o)[0] for o in options)  # block_h / block_i / block_n
+    for option in options:
+        if dataclasses.astuple(option)[0] == widest:
+            build_all(dataclasses.replace(default, **{kernel: option}), "bf16", "tf32", 8,
+                      False, (0,))
 print("built")
 """
 
@@ -166,5 +187,6 @@ print("built")
 def test_kernels_build_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[1],
                           text=True, timeout=300)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
