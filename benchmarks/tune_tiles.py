@@ -123,19 +123,18 @@ def tune(setup: Setup, candidates: dict[str, list], device: str, head: list
         calls = kernel_calls(layers, setup, tokens, device)
         default = configs.table_tiles(tokens)
         best = {}
-        for kernel, options in candidates.items():
-            field = kernel  # the `Tiles` field this kernel's op reads
+        for kernel, options in candidates.items():  # kernel: the `Tiles` field its op reads
             base_us = time_with(default, calls[kernel], device) * 1e6
             timed = []
             for option in options:
-                us = time_with(dataclasses.replace(default, **{field: option}), calls[kernel],
+                us = time_with(dataclasses.replace(default, **{kernel: option}), calls[kernel],
                                device) * 1e6
                 timed.append((us, option))
                 rows.append(head + [tokens, kernel, _describe(option), f"{us:.1f}",
                                     f"{base_us:.1f}"])
-            us, best[field] = min(timed, key=lambda pair: pair[0])
+            us, best[kernel] = min(timed, key=lambda pair: pair[0])
             print(f"{tokens} tokens {kernel}: default {base_us:.1f} us, best {us:.1f} us "
-                  f"({_describe(best[field])})", flush=True)
+                  f"({_describe(best[kernel])})", flush=True)
         table[tokens] = Tiles(**best)
     return table, rows
 
