@@ -387,8 +387,10 @@ def plot(rows: list[list], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(parser: argparse.ArgumentParser
+               ) -> tuple[argparse.Namespace, str, pathlib.Path]:
+    """Adds --smoke and --out (shared with tune_tiles.py) and parses: (args, device, output
+    folder)."""
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes on the CPU under the Triton interpreter")
     parser.add_argument("--out", type=pathlib.Path, default=None,
@@ -401,6 +403,11 @@ def main() -> None:
         sys.exit("no GPU: run with --smoke (interpreter, tiny sizes)")
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
         sys.exit("--smoke on a GPU machine: set TRITON_INTERPRET=1 before starting")
+    return args, device, out
+
+
+def main() -> None:
+    args, device, out = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     path, all_match = run(SMOKE if args.smoke else FULL, device, out)
     print(path)
     if not all_match:

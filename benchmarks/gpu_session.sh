@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 # STEPs (default: all, in this order; each fits one 10-minute call):
 #   tune     benchmarks/tune_tiles.py      -> OUT_DIR/tiles.csv and the device's tuned table,
-#            also installed in $HOME/mole-tuned, which every later step (and call) reads
+#            also installed in $HOME/mole-tuned, which every later step (and call of the
+#            same warm lease) reads
 #   tests    kernel and served-layer tests on real bf16 hardware (test_kernels*, test_vllm_layers)
 #   kernels  benchmarks/bench_kernels.py   -> OUT_DIR/kernels.csv, kernels.png
 #   metrics  benchmarks/bench_metrics_overhead.py -> OUT_DIR/metrics_overhead.csv
@@ -39,8 +40,11 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1
 [ -d "$HOME/site/vllm" ] && export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} \
   PATH=$HOME/site/bin:$PATH
-# Tuned tiles survive between the calls of one lease ($HOME stays, the checkout is re-sent).
+# Tuned tiles survive between the calls of one warm lease ($HOME stays, the checkout is
+# re-sent); a fresh machine has none, and every step then runs on the untuned table.
 export MOLE_SERVE_TUNED_CONFIG_FOLDER=$HOME/mole-tuned
+echo "tuned tiles: $(ls "$MOLE_SERVE_TUNED_CONFIG_FOLDER" 2>/dev/null || echo none)" \
+  | tee -a "$OUT/gpu.txt"
 SERVING_ARGS=${SERVING_ARGS:---adapters 1,8,32 --rates 4,16 --num-requests 80}
 
 failed=0

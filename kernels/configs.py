@@ -74,14 +74,17 @@ BLOCK_M = 64 if INTERPRET else 16
 I_PER_PROGRAM = 1 << 30 if INTERPRET else 256
 
 
-def pick_tiles(num_tokens: int) -> Tiles:
+def pick_tiles(num_tokens: int, kernel: str, experts: int, width: int):
+    """`kernel`'s tiles ("route", "experts" or "expand": a `Tiles` field) for an op on
+    `num_tokens` tokens, `experts` experts and a rank-dim `width` (the route's shrink width,
+    else the rank). A tuned table serves sizes up to those it was tuned at (wider ones could
+    overflow shared memory with its tiles); others get the default table."""
     if INTERPRET:
-        return INTERPRETER_TILES
+        return getattr(INTERPRETER_TILES, kernel)
     tuned = tuned_tiles(_device_name())
-    if tuned:  # the smallest tuned token count >= num_tokens, else the largest
-        counts = sorted(tuned)
-        return tuned[next((c for c in counts if c >= num_tokens), counts[-1])]
-    return table_tiles(num_tokens)
+    if tuned is not None and tuned.covers(kernel, experts, width):
+        return getattr(tuned.pick(num_tokens), kernel)
+    return getattr(table_tiles(num_tokens), kernel)
 
 
 def table_tiles(num_tokens: int) -> Tiles:
@@ -89,20 +92,75 @@ def table_tiles(num_tokens: int) -> Tiles:
     return next(tiles for limit, tiles in TILE_TABLE if num_tokens <= limit)
 
 
+@dataclass(frozen=True)
+class TunedTable:
+    """A device's tuned tiles per token count, and the expert count and rank they were
+    tuned at (MixLoRA's route shrinks 2 x rank columns)."""
+
+    experts: int
+    rank: int
+    rows: tuple[tuple[int, Tiles], ...]  # by ascending token count
+
+    def covers(self, kernel: str, experts: int, width: int) -> bool:
+        """Whether an op is no wider than this table's tuning run: MixLoRA's route shrinks
+        2 x rank columns, the other kernels rank columns."""
+        tuned_width = 2 * self.rank if kernel == "route" else self.rank
+        return padded(experts) <= padded(self.experts) and padded(width) <= padded(tuned_width)
+
+    def pick(self, num_tokens: int) -> Tiles:
+        """The row of the smallest tuned token count >= num_tokens, else the largest."""
+        return next((tiles for count, tiles in self.rows if count >= num_tokens),
+                    self.rows[-1][1])
+
+    def to_json(self) -> dict:
+        return {"experts": self.experts, "rank": self.rank,
+                "tiles": {str(count): tiles.to_json() for count, tiles in self.rows}}
+
+    @classmethod
+    def parse(cls, text: str, source: object) -> "TunedTable":
+        """Checked: a table that could not launch fails here, naming `source`."""
+        try:
+            data = json.loads(text)
+            table = cls(int(data["experts"]), int(data["rank"]), tuple(sorted(
+                ((int(count), Tiles.from_json(tiles)) for count, tiles in data["tiles"].items()),
+                key=lambda row: row[0])))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{source}: not a tuned tile table ({error!r})") from None
+        if not table.rows or min(table.experts, table.rank) < 1:
+            raise ValueError(f"{source}: a tuned tile table needs rows, experts and rank")
+        for count, tiles in table.rows:
+            for part in (tiles.route, tiles.experts, tiles.expand):
+                for name, value in asdict(part).items():
+                    ok, rule = _tile_rule(name, value)
+                    if not ok:
+                        raise ValueError(f"{source}: {count} tokens: {name}={value!r} must be "
+                                         f"{rule}")
+        return table
+
+
+def _tile_rule(name: str, value: int) -> tuple[bool, str]:
+    if name in ("lanes", "split_n"):
+        return value >= 1, ">= 1"
+    power_of_two = value >= 1 and value & (value - 1) == 0
+    if name == "num_warps":
+        return power_of_two, "a power of two"
+    return power_of_two and value >= 16, "a power of two >= 16"  # tl.dot's minimum
+
+
 def tuned_file_name(device_name: str) -> str:
+    """`<device name>.json`, spaces and slashes as underscores."""
     return device_name.replace(" ", "_").replace("/", "_") + ".json"
 
 
 @functools.cache
-def tuned_tiles(device_name: str) -> dict[int, Tiles]:
-    """{token count: tiles} tuned on this device, {} without a file."""
+def tuned_tiles(device_name: str) -> TunedTable | None:
+    """This device's tuned table: $MOLE_SERVE_TUNED_CONFIG_FOLDER first, then `tuned/`."""
     folders = [os.environ.get("MOLE_SERVE_TUNED_CONFIG_FOLDER"), TUNED_DIR]
     for folder in filter(None, folders):
         path = pathlib.Path(folder) / tuned_file_name(device_name)
         if path.is_file():
-            return {int(count): Tiles.from_json(tiles)
-                    for count, tiles in json.loads(path.read_text())["tiles"].items()}
-    return {}
+            return TunedTable.parse(path.read_text(), path)
+    return None
 
 
 @functools.cache

@@ -38,7 +38,8 @@ def route(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Tensor,
                   x.new_empty((G, T, k_max, NR), dtype=torch.float32))
     if T > 0:
         launch_route(x, RouterWeights(router, shrink_a, routing_table, enabled, k_max),
-                     _plan(sorted_tokens, block_slot), out, pick_tiles(T).route,
+                     _plan(sorted_tokens, block_slot), out,
+                     pick_tiles(T, "route", router.shape[2], NR),
                      None if counts is None else RoutingCounts(counts, entropy_bounds), logits)
     return out.ids, out.weights, out.shrink
 
@@ -62,7 +63,7 @@ def router_logits(x: Tensor, router: Tensor, shrink_a: Tensor, routing_table: Te
     if x.shape[0] > 0:
         launch_router_logits(x, RouterWeights(router, shrink_a, routing_table, enabled, E),
                              _plan(sorted_tokens, block_slot), logits,
-                             pick_tiles(x.shape[0]).route)
+                             pick_tiles(x.shape[0], "route", E, shrink_a.shape[3]))
     return logits
 
 
@@ -83,8 +84,8 @@ def mixlora_experts(h: Tensor, g: Tensor, u: Tensor, shrink: Tensor, ids: Tensor
     if T > 0:
         launch_experts(g, u, h, Routing(ids, weights, shrink),
                        ExpertWeights(gate_up_b, down_a, scaling, enabled),
-                       _plan(sorted_tokens, block_slot), partials, pick_tiles(T).experts,
-                       act_fn)
+                       _plan(sorted_tokens, block_slot), partials,
+                       pick_tiles(T, "experts", down_a.shape[1], down_a.shape[2]), act_fn)
     return partials
 
 
@@ -105,7 +106,8 @@ def routed_expand(y: Tensor, partials: Tensor, ids: Tensor, weights: Tensor, b: 
     if y.shape[0] > 0:
         launch_expand(y, partials, ids, weights,
                       ExpandWeights(b, scaling, enabled, tuple(out_sizes)),
-                      _plan(sorted_tokens, block_slot), pick_tiles(y.shape[0]).expand)
+                      _plan(sorted_tokens, block_slot),
+                      pick_tiles(y.shape[0], "expand", b.shape[1], b.shape[3]))
 
 
 @routed_expand.register_fake

@@ -7,11 +7,11 @@ experts and the selection of every strategy of `mole_serve.routing` (0 top-k ren
 1 top-p incl. the crossing expert with temperature-divided probabilities, 2 switch top-1,
 3 DynMoLE: cumsum <= top-p, keep_top_k floor, all experts above the Tsallis entropy
 threshold); lane 0 writes `ids`/`weights` [T, K] sorted by probability (weight 0 = unused).
-Then each lane takes every `lanes`-th expert: for each of its experts some token of the block
-selected, `shrink[t, k] = A[slot, e] x_t` with tl.dot. The reductions over the input dim are
-serial within a program, so at decode sizes (one block or a few) lanes spread a block's
-selected experts over several SMs; the selection they all repeat is identical (same inputs,
-same code). Every output element is written once: base-model and disabled-slot tokens get
+Then the experts some token of the block selected are dealt out to the lanes in turn, and for
+each of its experts a lane computes `shrink[t, k] = A[slot, e] x_t` with tl.dot. Reductions
+over the input dim are serial within a program, so at decode sizes (one block or a few)
+lanes spread a block's selected experts over several SMs; the selection they all repeat is
+identical (same inputs, same code). Every output element is written once: base-model and disabled-slot tokens get
 id 0, weight 0 and a zero shrink, as do unused pairs. When the server keeps routing metrics,
 lane 0 adds the block's routing to the slot's counters (a few atomics per block): metrics
 cost no extra launch and no second pass over the router.
@@ -247,9 +247,14 @@ def _route_kernel(
         tl.store(weights_ptr + out_off, weights, mask=out_mask)
         tl.store(shrink_ptr + shrink_off, tl.zeros([BLOCK_M, K_PAD, NR_PAD], tl.float32),
                  mask=shrink_mask & ~used[:, :, None])
-    for e in range(lane, E, tl.num_programs(2)):
-        hit = used & (ids == e)
-        if tl.sum(hit.to(tl.int32)) > 0:
+    # The experts the block selected, numbered in id order: the j-th is lane j % lanes's.
+    picks = (used[:, :, None] & (ids[:, :, None] == cols[None, None, :])).to(tl.int32)
+    chosen = tl.sum(tl.sum(picks, axis=1), axis=0) > 0
+    order = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    mine = chosen & (order % tl.num_programs(2) == lane)
+    for e in range(E):
+        if tl.sum((mine & (cols == e)).to(tl.int32)) > 0:
+            hit = used & (ids == e)
             row_hit = tl.sum(hit.to(tl.int32), axis=1) > 0
             pos = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
             acc = tl.zeros([BLOCK_M, NR_PAD], tl.float32)

@@ -104,6 +104,13 @@ SMALL_TILES = kernel_configs.Tiles(kernel_configs.RouteTiles(block_h=32, lanes=3
                                    kernel_configs.ExpandTiles(block_n=32, split_n=2, num_warps=4))
 
 
+def use_tiles(monkeypatch, tiles) -> None:
+    """Every kernel op runs with `tiles`, on the interpreter and on a GPU alike."""
+    from mole_serve.kernels import ops
+    monkeypatch.setattr(ops, "pick_tiles",
+                        lambda num_tokens, kernel, experts, width: getattr(tiles, kernel))
+
+
 def make_adapters(configs: list[MoleConfig | None], seed: int):
     g = torch.Generator().manual_seed(seed)
     return [None if c is None else init_adapter(c, BASE, f"a{i}", generator=g, b_std=0.05,
@@ -237,12 +244,14 @@ def test_route_counts_the_routing_metrics_the_reference_counts():
 
 @pytest.mark.parametrize("lanes", [2, 3, 16])
 def test_route_lanes_change_nothing(lanes, monkeypatch):
-    """Lanes spread a block's experts over programs (for decode-size batches): ids, weights,
-    shrinks, metrics counts and the gated LoRA output equal the one-lane route's bit for bit,
-    for every strategy, with lane counts that do not divide the experts and more lanes than
-    experts."""
+    """Lanes spread a block's selected experts over programs (for decode-size batches): ids,
+    weights, shrinks, metrics counts and the gated LoRA output, also routed from given logits
+    (tensor parallelism), equal the one-lane route's bit for bit, for every strategy, with
+    lane counts that do not divide the experts and more lanes than experts."""
     from mole_serve.kernels import RoutingCounts
+    from mole_serve.kernels import router_logits as kernel_router_logits
     from mole_serve.layers import RoutingStats
+    from mole_serve.stack import GroupedLoRAStack
     configs = ZOO + [None]
     stack = make_stack(configs, seed=7)
     x, slots = tokens(70, len(configs), seed=7)
@@ -250,16 +259,17 @@ def test_route_lanes_change_nothing(lanes, monkeypatch):
     y0 = torch.randn(70, BASE.in_out("q_proj")[1], generator=torch.Generator().manual_seed(7))
 
     def run(route_lanes: int):
-        tiles = kernel_configs.INTERPRETER_TILES
-        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", dataclasses.replace(
-            tiles, route=dataclasses.replace(tiles.route, lanes=route_lanes)))
+        use_tiles(monkeypatch, dataclasses.replace(
+            SMALL_TILES, route=dataclasses.replace(SMALL_TILES.route, lanes=route_lanes)))
         stats = RoutingStats(len(configs), stack.ffn.router.shape[1], 0, ("ffn",)).to(DEVICE)
         mixed = mixlora_route(x, plan, stack.ffn, RoutingCounts(stats.counts,
                                                                 stats.entropy_bounds))
-        y = y0.to(DEVICE)
+        y, y_given = y0.to(DEVICE), y0.to(DEVICE)
         gated = gated_lora_(y, x, plan, stack.gated["q_proj"])
-        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", tiles)
-        return [*dataclasses.astuple(mixed), stats.counts, *dataclasses.astuple(gated), y]
+        logits = kernel_router_logits(x, plan, GroupedLoRAStack.of([stack.gated["q_proj"]]))
+        given = gated_lora_(y_given, x, plan, stack.gated["q_proj"], logits=logits)
+        return [*dataclasses.astuple(mixed), stats.counts, *dataclasses.astuple(gated), y,
+                *dataclasses.astuple(given), y_given]
 
     one, many = run(1), run(lanes)
     assert (one[1] > 0).sum(1).max() > 2, "blocks must select several experts"
@@ -367,7 +377,7 @@ def test_launch_budget(monkeypatch):
 
 def test_small_tiles_exercise_every_loop(monkeypatch):
     from mole_serve.kernels import expand, functional
-    monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", SMALL_TILES)
+    use_tiles(monkeypatch, SMALL_TILES)
     # I=200 in 7 tiles of 32 over 5 splits of 2 tiles: the 4th split ends past I, the 5th has
     # no tile inside I (its partials must still be zeros).
     monkeypatch.setattr(kernel_configs, "I_PER_PROGRAM", 40)
@@ -400,7 +410,7 @@ def test_grouped_projections_match_each_alone(tiles, monkeypatch):
     from mole_serve.kernels import functional
     from mole_serve.stack import GroupedLoRAStack
     if tiles == "small":
-        monkeypatch.setattr(kernel_configs, "INTERPRETER_TILES", SMALL_TILES)
+        use_tiles(monkeypatch, SMALL_TILES)
         monkeypatch.setattr(functional, "BLOCK_M", 16)
     projs = ("q_proj", "k_proj", "v_proj")
     configs = [dataclasses.replace(c, target_modules=projs) if c else None

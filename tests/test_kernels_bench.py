@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_kernels.py"
 
 
@@ -39,7 +41,8 @@ def test_tune_tiles_smoke_writes_a_table_the_kernels_pick(tmp_path, monkeypatch)
     """The tile tuner's `--smoke` run sweeps every kernel and writes tiles.csv and the
     device's JSON table; read back from $MOLE_SERVE_TUNED_CONFIG_FOLDER as the kernels read
     it, each token count gets the row of the smallest tuned count at or above it (else the
-    largest), and another device keeps the untuned table."""
+    largest); layers wider than the tuning run (more experts, a larger rank) and another
+    device keep the default table."""
     from mole_serve.kernels import configs
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "tune_tiles.py"), "--smoke",
@@ -54,17 +57,46 @@ def test_tune_tiles_smoke_writes_a_table_the_kernels_pick(tmp_path, monkeypatch)
     assert all(float(r["median_us"]) > 0 for r in rows)
     device = "cpu-triton-interpreter"
     tuned = tmp_path / configs.tuned_file_name(device)
-    smoke_row = configs.Tiles.from_json(json.loads(tuned.read_text())["tiles"]["6"])
-    big = dataclasses.replace(smoke_row, expand=configs.ExpandTiles(256, 4, 8))
-    document = {"device": device, "tiles": {"6": smoke_row.to_json(), "64": big.to_json()}}
-    tuned.write_text(json.dumps(document))
+    table = configs.TunedTable.parse(tuned.read_text(), tuned)
+    assert (table.experts, table.rank) == (4, 4) and [c for c, _ in table.rows] == [6]
+    small = table.rows[0][1]
+    big = dataclasses.replace(small, route=configs.RouteTiles(256, 8, 8),
+                              experts=configs.ExpertsTiles(128, 8),
+                              expand=configs.ExpandTiles(256, 4, 8))
+    tuned.write_text(json.dumps(configs.TunedTable(4, 4, ((6, small), (64, big))).to_json()))
     monkeypatch.setenv("MOLE_SERVE_TUNED_CONFIG_FOLDER", str(tmp_path))
     monkeypatch.setattr(configs, "INTERPRET", False)
     monkeypatch.setattr(configs, "_device_name", lambda: device)
     configs.tuned_tiles.cache_clear()
     try:
-        assert [configs.pick_tiles(t) for t in (1, 6, 7, 64, 5000)] == [smoke_row] * 2 + [big] * 3
+        assert [configs.pick_tiles(t, "expand", 4, 4) for t in (1, 6, 7, 64, 5000)] == \
+            [small.expand] * 2 + [big.expand] * 3
+        # Sizes are compared padded as the kernels pad them (to powers of two >= 16).
+        assert configs.pick_tiles(7, "route", 16, 2 * 8) == big.route
+        assert configs.pick_tiles(7, "experts", 3, 16) == big.experts
+        default = configs.table_tiles(7)
+        assert configs.pick_tiles(7, "route", 17, 8) == default.route  # more experts
+        assert configs.pick_tiles(7, "route", 4, 2 * 16) == default.route  # a larger rank
+        assert configs.pick_tiles(7, "experts", 4, 17) == default.experts
         monkeypatch.setattr(configs, "_device_name", lambda: "another GPU")
-        assert configs.pick_tiles(7) == configs.table_tiles(7) == configs.TILE_TABLE[0][1]
+        assert configs.pick_tiles(7, "expand", 4, 4) == configs.TILE_TABLE[0][1].expand
     finally:
         configs.tuned_tiles.cache_clear()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop("rank"), "not a tuned tile table"),
+    (lambda d: d["tiles"]["6"]["expand"].update(split_n=0), "split_n=0 must be >= 1"),
+    (lambda d: d["tiles"]["6"]["route"].update(block_h=48), "block_h=48 must be a power of two"),
+    (lambda d: d["tiles"]["6"]["experts"].update(block_i=8), "block_i=8 must be a power of two"),
+    (lambda d: d["tiles"]["6"]["route"].pop("lanes"), "not a tuned tile table"),
+    (lambda d: d.update(tiles={}), "needs rows"),
+])
+def test_tuned_table_that_could_not_launch_is_refused_naming_its_file(edit, message):
+    from mole_serve.kernels import configs
+    tiles = configs.table_tiles(1)
+    document = configs.TunedTable(8, 16, ((6, tiles),)).to_json()
+    configs.TunedTable.parse(json.dumps(document), "ok.json")
+    edit(document)
+    with pytest.raises(ValueError, match=f"bad.json.*{message}"):
+        configs.TunedTable.parse(json.dumps(document), "bad.json")

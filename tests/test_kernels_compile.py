@@ -174,12 +174,14 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
         build_all(tiles, dt, precision, k, serving, (0, 1, 2) if serving and k == 2 else (0,))
 # The tuner's largest tiles must build and fit in shared memory (spills are its to measure).
 default = configs.TILE_TABLE[0][1]
+WIDTH = {"route": "block_h", "experts": "block_i", "expand": "block_n"}
 for kernel, options in CANDIDATES.items():
-    widest = max(dataclasses.astuple(o)[0] for o in options)  # block_h / block_i / block_n
-    for option in options:
-        if dataclasses.astuple(option)[0] == widest:
-            build_all(dataclasses.replace(default, **{kernel: option}), "bf16", "tf32", 8,
-                      False, (0,))
+    widest = max(getattr(o, WIDTH[kernel]) for o in options)
+    for warps in sorted({o.num_warps for o in options if getattr(o, WIDTH[kernel]) == widest}):
+        option = next(o for o in options
+                      if getattr(o, WIDTH[kernel]) == widest and o.num_warps == warps)
+        build_all(dataclasses.replace(default, **{kernel: option}), "bf16", "tf32", 8, False,
+                  (0,))
 print("built")
 """
 
