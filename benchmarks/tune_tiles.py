@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
 import sys
 from typing import Callable
@@ -161,8 +160,7 @@ def write(table: TunedTable, rows: list[list], head: list, out: pathlib.Path,
     TunedTable.parse(text, "the tuned table")  # what the kernels will accept
     (out / name).write_text(text)
     if install:
-        folder = pathlib.Path(os.environ.get("MOLE_SERVE_TUNED_CONFIG_FOLDER")
-                              or configs.TUNED_DIR)
+        folder = configs.tuned_folders()[0]  # where the kernels look first
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
         print(f"installed {folder / name}")

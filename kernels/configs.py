@@ -152,12 +152,17 @@ def tuned_file_name(device_name: str) -> str:
     return device_name.replace(" ", "_").replace("/", "_") + ".json"
 
 
+def tuned_folders() -> list[pathlib.Path]:
+    """Where tuned tables are looked up, first match wins."""
+    folder = os.environ.get("MOLE_SERVE_TUNED_CONFIG_FOLDER")
+    return ([pathlib.Path(folder)] if folder else []) + [TUNED_DIR]
+
+
 @functools.cache
 def tuned_tiles(device_name: str) -> TunedTable | None:
     """This device's tuned table: $MOLE_SERVE_TUNED_CONFIG_FOLDER first, then `tuned/`."""
-    folders = [os.environ.get("MOLE_SERVE_TUNED_CONFIG_FOLDER"), TUNED_DIR]
-    for folder in filter(None, folders):
-        path = pathlib.Path(folder) / tuned_file_name(device_name)
+    for folder in tuned_folders():
+        path = folder / tuned_file_name(device_name)
         if path.is_file():
             return TunedTable.parse(path.read_text(), path)
     return None

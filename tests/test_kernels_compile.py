@@ -99,7 +99,7 @@ def test_opcheck_custom_ops(name):
 
 
 SM90_SCRIPT = r"""
-import dataclasses, os, re, subprocess, sys, tempfile
+import os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
@@ -137,30 +137,38 @@ ids = {"sorted_tokens_ptr": "*i32", "block_slot_ptr": "*i32", "ids_ptr": "*i32",
 split_i = configs.split_i_for(I)
 
 
-def build_all(tiles, dt, precision, k, serving, logits_modes):
-    common = dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK_M=configs.BLOCK_M,
-                  PRECISION=precision)
+def common(dt, precision, k):
+    return dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK_M=configs.BLOCK_M,
+                PRECISION=precision)
+
+
+def build_route(tiles, dt, precision, k, serving, logits_modes=(0,)):
     for logits in logits_modes:
         build(route._route_kernel, {**ids, "x_ptr": f"*{dt}", "router_ptr": "*fp32",
               "shrink_a_ptr": f"*{dt}", "table_ptr": "*fp32", "shrink_ptr": "*fp32",
               "counts_ptr": "*fp64", "bounds_ptr": "*fp32", "logits_ptr": "*fp32"},
-              dict(common, E_PAD=configs.padded(E), NR_PAD=configs.padded(2 * R),
-                   BLOCK_H=tiles.route.block_h, COUNT=serving, NB=10, NB_PAD=16,
-                   LOGITS=logits),
-              tiles.route.num_warps, serving)
+              dict(common(dt, precision, k), E_PAD=configs.padded(E),
+                   NR_PAD=configs.padded(2 * R), BLOCK_H=tiles.block_h, COUNT=serving, NB=10,
+                   NB_PAD=16, LOGITS=logits),
+              tiles.num_warps, serving)
+
+
+def build_experts(tiles, dt, precision, k, serving):
     build(experts._experts_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
           "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "gate_up_b_ptr": f"*{dt}",
           "down_a_ptr": f"*{dt}", "partials_ptr": "*fp32"},
-          dict(common, R_PAD=configs.padded(R), BLOCK_I=tiles.experts.block_i, ACT=0,
-               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.experts.block_i), split_i)),
-          tiles.experts.num_warps, serving)
+          dict(common(dt, precision, k), R_PAD=configs.padded(R), BLOCK_I=tiles.block_i,
+               ACT=0, TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.block_i), split_i)),
+          tiles.num_warps, serving)
+
+
+def build_expand(tiles, dt, precision, k, serving):
     build(expand._expand_kernel, {**ids, "y_ptr": f"*{dt}", "partials_ptr": "*fp32",
           "b_ptr": f"*{dt}"},
-          dict(common, R_PAD=configs.padded(R), BLOCK_N=tiles.expand.block_n,
+          dict(common(dt, precision, k), R_PAD=configs.padded(R), BLOCK_N=tiles.block_n,
                P_CHUNK=expand.partials_per_load(configs.BLOCK_M, k, R, split_i),
-               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.expand.block_n),
-                                           tiles.expand.split_n)),
-          tiles.expand.num_warps, serving)
+               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.block_n), tiles.split_n)),
+          tiles.num_warps, serving)
 
 
 for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
@@ -171,17 +179,19 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
     for dt, precision, k in (("bf16", "tf32", 1), ("bf16", "tf32", 2), ("bf16", "tf32", 8),
                              ("fp32", "ieee", 2)):
         serving = dt == "bf16"
-        build_all(tiles, dt, precision, k, serving, (0, 1, 2) if serving and k == 2 else (0,))
+        build_route(tiles.route, dt, precision, k, serving,
+                    (0, 1, 2) if serving and k == 2 else (0,))
+        build_experts(tiles.experts, dt, precision, k, serving)
+        build_expand(tiles.expand, dt, precision, k, serving)
 # The tuner's largest tiles must build and fit in shared memory (spills are its to measure).
-default = configs.TILE_TABLE[0][1]
+BUILDERS = {"route": build_route, "experts": build_experts, "expand": build_expand}
 WIDTH = {"route": "block_h", "experts": "block_i", "expand": "block_n"}
 for kernel, options in CANDIDATES.items():
     widest = max(getattr(o, WIDTH[kernel]) for o in options)
     for warps in sorted({o.num_warps for o in options if getattr(o, WIDTH[kernel]) == widest}):
         option = next(o for o in options
                       if getattr(o, WIDTH[kernel]) == widest and o.num_warps == warps)
-        build_all(dataclasses.replace(default, **{kernel: option}), "bf16", "tf32", 8, False,
-                  (0,))
+        BUILDERS[kernel](option, "bf16", "tf32", 8, False)
 print("built")
 """
 
