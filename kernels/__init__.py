@@ -1,7 +1,7 @@
 """Triton kernels for MoLE serving (import as `mole_serve.kernels`, never `kernels`).
 
 Layering (ScatterMoE style): `@triton.jit` kernels and their launchers (route.py,
-experts.py, expand.py; small dataclass arguments) -> `torch.library` custom ops with fake
+experts.py, expand.py, dynmole.py; small dataclass arguments) -> `torch.library` custom ops with fake
 impls (ops.py) -> the functions a layer calls (functional.py). Without CUDA the kernels run
 under Triton's interpreter (tests only: it is slow), which must be chosen before triton is
 imported.
@@ -16,12 +16,15 @@ if not torch.cuda.is_available():
 
 from .configs import BLOCK_M  # noqa: E402
 from .functional import (  # noqa: E402
-    as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_, mixlora_route,
+    as_gated, dynmole_down_delta_, dynmole_gate_up, dynmole_gate_up_route,
+    dynmole_intermediate_, gated_lora_, mixlora_down_delta_, mixlora_experts_, mixlora_route,
     mole_ffn_kernels, mole_projection_kernels, num_slots, router_logits)
 from .plan import TokenPlan, max_blocks, plan_tokens  # noqa: E402
+from .dynmole import DownPartials  # noqa: E402
 from .route import Routing, RoutingCounts  # noqa: E402
 
 __all__ = ["BLOCK_M", "TokenPlan", "Routing", "RoutingCounts", "max_blocks", "plan_tokens",
-           "num_slots", "mixlora_route",
-           "mixlora_experts_", "mixlora_down_delta_", "gated_lora_", "as_gated", "router_logits",
+           "num_slots", "mixlora_route", "mixlora_experts_", "mixlora_down_delta_",
+           "DownPartials", "dynmole_gate_up", "dynmole_gate_up_route", "dynmole_intermediate_",
+           "dynmole_down_delta_", "gated_lora_", "as_gated", "router_logits",
            "mole_projection_kernels", "mole_ffn_kernels"]

@@ -38,6 +38,18 @@ class ExpandWeights:
 
 
 @triton.jit
+def _add_expert(acc, z, hit, b_at, cols, col_ok, rr, r_ok, R, PRECISION: tl.constexpr):
+    """acc += (z summed over the block's pairs that hit the expert) @ B^T, when any did;
+    `b_at` points at the expert's B [columns, R], `cols` the columns of this tile."""
+    if tl.sum(hit.to(tl.int32)) > 0:
+        z_e = tl.sum(tl.where(hit[:, :, None], z, 0.0), axis=1)
+        b = tl.load(b_at + cols[None, :] * R + rr[:, None],
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(z_e, b, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _expand_kernel(
     y_ptr, stride_y, partials_ptr, ids_ptr, weights_ptr, b_ptr, scaling_ptr, enabled_ptr,
     sorted_tokens_ptr, block_slot_ptr,
@@ -85,12 +97,8 @@ def _expand_kernel(
         n_ok = nn < width
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for e in range(E):
-            hit = used & (ids == e)
-            if tl.sum(hit.to(tl.int32)) > 0:
-                z_e = tl.sum(tl.where(hit[:, :, None], z, 0.0), axis=1)
-                b = tl.load(b_ptr + ((s * E + e) * N + first + nn[None, :]) * R + rr[:, None],
-                            mask=(rr < R)[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(z_e, b, input_precision=PRECISION)
+            acc = _add_expert(acc, z, used & (ids == e), b_ptr + ((s * E + e) * N + first) * R,
+                              nn, n_ok, rr, rr < R, R, PRECISION)
         y_at = y_ptr + tok64[:, None] * stride_y + first + nn[None, :]
         y_mask = row_ok[:, None] & n_ok[None, :]
         y = tl.load(y_at, mask=y_mask, other=0.0).to(tl.float32)

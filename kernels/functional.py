@@ -13,8 +13,19 @@ merged gate_up and down linears) run the same pipeline:
     y = W_d h                                             # frozen GEMM 2
     mixlora_down_delta_(y, partials, routing, ...)        # launch 3: adapter rows of y
 
-A routed (DynMoLE) or plain LoRA projection is two launches on the frozen output, also for a
-group of projections that share x (q/k/v, gate/up: `GroupedLoRAStack`, y their fused output):
+DynMoLE's FFN (routed experts on gate, up and down) is three launches the same way, the
+gate/up deltas added inside the intermediate (down's router reads h, so its routing is
+reduced there and decided after the down GEMM; kernels/dynmole.py):
+
+    routing = dynmole_gate_up_route(x, plan, gate_up)     # launch 1 (gate and up)
+    h = act(g) * u                                        # the frozen SiLU·mul
+    partials = dynmole_intermediate_(h, g, u, routing, ...)  # launch 2: adapter rows of h
+    y = W_d h
+    dynmole_down_delta_(y, partials, plan, down)          # launch 3: adapter rows of y
+
+Any other routed (DynMoLE) or plain LoRA projection is two launches on the frozen output,
+also for a group of projections that share x (q/k/v: `GroupedLoRAStack`, y their fused
+output):
 
     y = W x;  gated_lora_(y, x, plan, stack.gated[proj])      # or as_gated(stack.lora[proj])
 
@@ -36,6 +47,7 @@ from mole_serve.stack import (GatedLoRAStack, GroupedLoRAStack, LayerStack, LoRA
 
 from . import ops  # noqa: F401  (registers torch.ops.mole_serve.*)
 from .configs import BLOCK_M, split_i_for
+from .dynmole import DownPartials
 from .plan import TokenPlan, plan_tokens
 from .route import Routing, RoutingCounts
 
@@ -95,6 +107,39 @@ def mixlora_down_delta_(y: torch.Tensor, partials: torch.Tensor, routing: Routin
                        plan.sorted_tokens, plan.block_slot, [stack.down_b.shape[2]])
 
 
+def dynmole_gate_up_route(x: torch.Tensor, plan: TokenPlan, gate_up: GroupedLoRAStack,
+                          counts: RoutingCounts | None = None) -> Routing:
+    """DynMoLE FFN launch 1: gate's and up's routing and shrink of x ([2, T, ...]; counts
+    [2, S, C]). Their deltas are added by `dynmole_intermediate_`, not into gate_up."""
+    assert len(gate_up.out_sizes) == 2 and gate_up.out_sizes[0] == gate_up.out_sizes[1]
+    return _route(x, plan, gate_up.router, gate_up.a, gate_up.routing, gate_up.enabled,
+                  gate_up.k_max, counts)
+
+
+def dynmole_intermediate_(h: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                          routing: Routing, plan: TokenPlan, gate_up: GroupedLoRAStack,
+                          down: GatedLoRAStack, act_fn: str = "silu") -> DownPartials:
+    """DynMoLE FFN launch 2: overwrite the rows of `h` of tokens with gate/up experts with
+    `act(g + dg) * (u + du)` (g, u: the frozen outputs); returns down's router logits and
+    every down expert's shrink as partial sums for `dynmole_down_delta_` (under tensor
+    parallelism: sum and all-reduce the logits first)."""
+    logits, shrink = _OPS.dynmole_intermediate(
+        h, g, u, routing.ids, routing.weights, routing.shrink, gate_up.b, gate_up.scaling,
+        gate_up.enabled, down.router, down.a, down.routing, down.enabled, plan.sorted_tokens,
+        plan.block_slot, act_fn, split_i_for(g.shape[1]))
+    return DownPartials(logits, shrink)
+
+
+def dynmole_down_delta_(y: torch.Tensor, partials: DownPartials, plan: TokenPlan,
+                        down: GatedLoRAStack, counts: RoutingCounts | None = None) -> None:
+    """DynMoLE FFN launch 3: route down from the summed logits and add the selected experts'
+    delta into the rows of `y = W_d h` of tokens with down experts (counts [S, C])."""
+    _OPS.dynmole_down(y, partials.logits, partials.shrink, down.b, down.scaling, down.routing,
+                      down.enabled, plan.sorted_tokens, plan.block_slot, down.k_max,
+                      None if counts is None else counts.counts,
+                      None if counts is None else counts.bounds)
+
+
 def gated_lora_(y: torch.Tensor, x: torch.Tensor, plan: TokenPlan,
                 stack: GatedLoRAStack | GroupedLoRAStack,
                 counts: RoutingCounts | None = None,
@@ -139,6 +184,18 @@ def mole_projection_kernels(x: torch.Tensor, weight: torch.Tensor, slots: torch.
     return y
 
 
+def dynmole_gate_up(stack: LayerStack) -> GroupedLoRAStack | None:
+    """The layer's gate and up experts as one group when its FFN can take DynMoLE's three
+    launches: gate, up and down all routed, gate and up alike in shape."""
+    gated = stack.gated
+    if not all(p in gated for p in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    gate, up = gated["gate_proj"], gated["up_proj"]
+    if gate.a.shape != up.a.shape or gate.k_max != up.k_max:
+        return None
+    return GroupedLoRAStack.of([gate, up])
+
+
 def mole_ffn_kernels(x: torch.Tensor, base: FrozenFFN, slots: torch.Tensor,
                      stack: LayerStack, plan: TokenPlan | None = None) -> torch.Tensor:
     """`reference.mole_ffn` on the kernels: [T, H] in, [T, H] out."""
@@ -146,14 +203,30 @@ def mole_ffn_kernels(x: torch.Tensor, base: FrozenFFN, slots: torch.Tensor,
     if count is None:
         return base(x)
     plan = plan if plan is not None else plan_tokens(slots, count, BLOCK_M)
-    g = mole_projection_kernels(x, base.gate, slots, "gate_proj", stack, plan)
-    u = mole_projection_kernels(x, base.up, slots, "up_proj", stack, plan)
+    g, u = F.linear(x, base.gate), F.linear(x, base.up)
+    gate_up = dynmole_gate_up(stack)
+    for proj, out in (("gate_proj", g), ("up_proj", u)):
+        if proj in stack.lora:
+            gated_lora_(out, x, plan, as_gated(stack.lora[proj]))
+        if proj in stack.gated and gate_up is None:
+            gated_lora_(out, x, plan, stack.gated[proj])
     h = base.act(g) * u
+    down = stack.gated.get("down_proj")
+    if gate_up is not None:
+        routing = dynmole_gate_up_route(x, plan, gate_up)
+        down_partials = dynmole_intermediate_(h, g, u, routing, plan, gate_up, down,
+                                              base.act_fn)
     ffn = stack.ffn
-    if ffn is None:
-        return mole_projection_kernels(h, base.down, slots, "down_proj", stack, plan)
-    routing = mixlora_route(x, plan, ffn)
-    partials = mixlora_experts_(h, g, u, routing, plan, ffn, base.act_fn)
-    y = mole_projection_kernels(h, base.down, slots, "down_proj", stack, plan)
-    mixlora_down_delta_(y, partials, routing, plan, ffn)
+    if ffn is not None:
+        ffn_routing = mixlora_route(x, plan, ffn)
+        ffn_partials = mixlora_experts_(h, g, u, ffn_routing, plan, ffn, base.act_fn)
+    y = F.linear(h, base.down)
+    if "down_proj" in stack.lora:
+        gated_lora_(y, h, plan, as_gated(stack.lora["down_proj"]))
+    if gate_up is not None:
+        dynmole_down_delta_(y, down_partials, plan, down)
+    elif down is not None:
+        gated_lora_(y, h, plan, down)
+    if ffn is not None:
+        mixlora_down_delta_(y, ffn_partials, ffn_routing, plan, ffn)
     return y

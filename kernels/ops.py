@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 from .configs import pick_tiles
+from .dynmole import (DownExpand, DownPartials, DownShrink, GateUpExperts, launch_down,
+                      launch_intermediate)
 from .expand import ExpandWeights, launch_expand
 from .experts import ExpertWeights, launch_experts
 from .plan import TokenPlan
@@ -113,4 +115,59 @@ def routed_expand(y: Tensor, partials: Tensor, ids: Tensor, weights: Tensor, b: 
 @routed_expand.register_fake
 def _expand_fake(y, partials, ids, weights, b, scaling, enabled, sorted_tokens, block_slot,
                  out_sizes):
+    return None
+
+
+@torch.library.custom_op("mole_serve::dynmole_intermediate", mutates_args=("h",))
+def dynmole_intermediate(h: Tensor, g: Tensor, u: Tensor, ids: Tensor, weights: Tensor,
+                         shrink: Tensor, gate_up_b: Tensor, gate_up_scaling: Tensor,
+                         gate_up_enabled: Tensor, down_router: Tensor, down_a: Tensor,
+                         down_routing: Tensor, down_enabled: Tensor, sorted_tokens: Tensor,
+                         block_slot: Tensor, act_fn: str, split_i: int
+                         ) -> tuple[Tensor, Tensor]:
+    """Overwrites the rows of h of tokens with gate/up experts (routing ids/weights/shrink
+    [2, T, K(, R)] of gate and up); -> the down router's logits [split_i, T, E] and every
+    down expert's shrink [split_i, T, E, R], partial sums over the intermediate dim."""
+    T, E, R = h.shape[0], down_a.shape[1], down_a.shape[2]
+    partials = DownPartials(h.new_empty((split_i, T, E), dtype=torch.float32),
+                            h.new_empty((split_i, T, E, R), dtype=torch.float32))
+    if T > 0:
+        launch_intermediate(
+            g, u, h, GateUpExperts(ids, weights, shrink, gate_up_b, gate_up_scaling,
+                                   gate_up_enabled),
+            DownShrink(down_router, down_a, down_routing, down_enabled),
+            _plan(sorted_tokens, block_slot), partials,
+            pick_tiles(T, "experts", max(E, gate_up_b.shape[1]), max(R, gate_up_b.shape[3])),
+            act_fn)
+    return partials.logits, partials.shrink
+
+
+@dynmole_intermediate.register_fake
+def _intermediate_fake(h, g, u, ids, weights, shrink, gate_up_b, gate_up_scaling,
+                       gate_up_enabled, down_router, down_a, down_routing, down_enabled,
+                       sorted_tokens, block_slot, act_fn, split_i):
+    T, E, R = h.shape[0], down_a.shape[1], down_a.shape[2]
+    return (h.new_empty((split_i, T, E), dtype=torch.float32),
+            h.new_empty((split_i, T, E, R), dtype=torch.float32))
+
+
+@torch.library.custom_op("mole_serve::dynmole_down", mutates_args=("y", "counts"))
+def dynmole_down(y: Tensor, logits: Tensor, shrink: Tensor, b: Tensor, scaling: Tensor,
+                 routing_table: Tensor, enabled: Tensor, sorted_tokens: Tensor,
+                 block_slot: Tensor, k_max: int, counts: Tensor | None = None,
+                 entropy_bounds: Tensor | None = None) -> None:
+    """y += the selected down experts' delta on the rows of tokens with down experts, routed
+    from the summed `logits` [PL, T, E] partials, expanded from the summed `shrink`
+    [P, T, E, R] ones; adds the routing to `counts` [S, C] (metrics) when given."""
+    if y.shape[0] > 0:
+        launch_down(y, DownPartials(logits, shrink),
+                    DownExpand(b, scaling, routing_table, enabled, k_max),
+                    _plan(sorted_tokens, block_slot),
+                    pick_tiles(y.shape[0], "expand", b.shape[1], b.shape[3]),
+                    None if counts is None else RoutingCounts(counts, entropy_bounds))
+
+
+@dynmole_down.register_fake
+def _down_fake(y, logits, shrink, b, scaling, routing_table, enabled, sorted_tokens,
+               block_slot, k_max, counts=None, entropy_bounds=None):
     return None

@@ -472,6 +472,55 @@ class FFNAdapters(ProjectionAdapters):
         if self.mixlora_stats is not None:
             self.mixlora_stats.reset_slot(slot, [uses])
 
+    # The FFN's adapter steps, in the order `model.MoleLlamaMLP` calls them around its frozen
+    # gate_up GEMM, SiLU·mul and down GEMM. On the kernels DynMoLE takes three launches: its
+    # gate/up deltas join the intermediate (where down's router reads them), not gate_up.
+    def adapt_gate_up(self, gate_up: torch.Tensor, x: torch.Tensor, batch: SlotBatch
+                      ) -> tuple[torch.Tensor, "FFNStep"]:
+        """Before the frozen SiLU·mul: the reference adds DynMoLE's gate/up deltas to the
+        fused gate_up output; the kernels only route gate and up (launch 1)."""
+        step = FFNStep()
+        if "gate_up" not in self.gated:
+            return gate_up, step
+        if not self.use_kernels:
+            return self.project(gate_up, x, batch, "gate_up"), step
+        stats = self.gated_stats["gate_up"] if "gate_up" in self.gated_stats else None
+        step.gate_up_routing = _kernels().dynmole_gate_up_route(
+            x, batch.plan, self.gated["gate_up"].stack(), _kernel_counts(stats))
+        return gate_up, step
+
+    def adapt_intermediate(self, h: torch.Tensor, gate_up: torch.Tensor, x: torch.Tensor,
+                           batch: SlotBatch, step: "FFNStep") -> torch.Tensor:
+        """After the frozen SiLU·mul (h = act(g) * u): DynMoLE tokens' rows of h get their
+        gate/up deltas (kernels: launch 2, which also reduces down's routing), MixLoRA
+        tokens' rows their experts' mix."""
+        g, u = gate_up.chunk(2, dim=-1)
+        if step.gate_up_routing is not None:
+            kernels = _kernels()
+            down = self.gated["down"]
+            partials = kernels.dynmole_intermediate_(h, g, u, step.gate_up_routing, batch.plan,
+                                                     self.gated["gate_up"].stack(),
+                                                     down.stack().member(0))
+            if down.routes_split_input:  # the ranks' logits of their slices, summed
+                logits = self.shard.all_reduce(partials.logits.sum(0, keepdim=True))
+                partials = kernels.DownPartials(logits, partials.shrink)
+            step.down_partials = partials
+        h, step.mixlora = self.mix_experts(h, g, u, x, batch)
+        return h
+
+    def adapt_output(self, y: torch.Tensor, h: torch.Tensor, batch: SlotBatch,
+                     step: "FFNStep") -> torch.Tensor:
+        """After the frozen down GEMM: DynMoLE's down delta (kernels: launch 3), MixLoRA's."""
+        if step.down_partials is not None:
+            stats = self.gated_stats["down"] if "down" in self.gated_stats else None
+            y = y.contiguous()  # the kernels add into rows in place
+            _kernels().dynmole_down_delta_(y, step.down_partials, batch.plan,
+                                           self.gated["down"].stack().member(0),
+                                           _kernel_counts(stats))
+        elif "down" in self.gated:
+            y = self.project(y, h, batch, "down")
+        return self.add_down_delta(y, batch, step.mixlora)
+
     def mix_experts(self, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
                     batch: SlotBatch) -> tuple[torch.Tensor, tuple | None]:
         """MixLoRA tokens get their experts' weight-mixed intermediate in place of `h`
@@ -510,6 +559,15 @@ class FFNAdapters(ProjectionAdapters):
         down_shrink, weights, ids, uses = routed
         delta = mixlora_down_delta(down_shrink, batch.slots, weights, ids, stack)
         return add_where(y, delta, uses)
+
+
+@dataclass
+class FFNStep:
+    """What one FFN forward carries between its adapter steps (kernels: launch outputs)."""
+
+    gate_up_routing: object | None = None   # DynMoLE gate/up `Routing` (launch 1)
+    down_partials: object | None = None     # DynMoLE down's `DownPartials` (launch 2)
+    mixlora: tuple | None = None            # MixLoRA's routing state for its down delta
 
 
 def _kernels():

@@ -69,13 +69,10 @@ class MoleLlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
         batch = self.mole.slot_batch(x.shape[0])
-        gate_up = self.mole.project(gate_up, x, batch, "gate_up")
-        h = self.act_fn(gate_up)
-        g, u = gate_up.chunk(2, dim=-1)
-        h, routed = self.mole.mix_experts(h, g, u, x, batch)
+        gate_up, step = self.mole.adapt_gate_up(gate_up, x, batch)
+        h = self.mole.adapt_intermediate(self.act_fn(gate_up), gate_up, x, batch, step)
         y, _ = self.down_proj(h)
-        y = self.mole.project(y, h, batch, "down")
-        return vllm_compat.tensor_parallel_all_reduce(self.mole.add_down_delta(y, batch, routed))
+        return vllm_compat.tensor_parallel_all_reduce(self.mole.adapt_output(y, h, batch, step))
 
 
 class MoleLlamaDecoderLayer(LlamaDecoderLayer):

@@ -10,7 +10,7 @@ Why each test exists:
 - test_kernels_build_for_sm90: the interpreter accepts code the GPU compiler rejects, and
   says nothing about registers; this compiles every kernel with the default GPU tiles to an
   sm_90 cubin with Triton's bundled ptxas (no GPU needed) and fails on register spills; the
-  tile tuner's widest tiles must build and fit in shared memory (a GPU session must not
+  tile tuner's widest tiles (for each kernel that uses them) must build and fit in shared memory (a GPU session must not
   lose a call to a candidate that cannot launch).
 """
 
@@ -27,6 +27,7 @@ import torch
 from mole_serve.kernels import mixlora_route, mole_ffn_kernels, plan_tokens
 from mole_serve.kernels.configs import BLOCK_M
 from mole_serve.layers import RoutingStats
+from mole_serve.stack import GroupedLoRAStack
 from test_kernels import ZOO, frozen, make_stack, tokens
 
 OPS = torch.ops.mole_serve
@@ -74,7 +75,21 @@ def op_samples():
     partials = OPS.mixlora_experts(h.clone(), g, u, routing.shrink, routing.ids,
                                    routing.weights, ffn.gate_up_b, ffn.down_a, ffn.scaling,
                                    ffn.enabled, *meta, "silu", 2)
+    gate, up, down = (stack.gated[p] for p in ("gate_proj", "up_proj", "down_proj"))
+    gate_up = GroupedLoRAStack.of([gate, up])
+    gate_up_routing = OPS.route(x, gate_up.router, gate_up.a, gate_up.routing, gate_up.enabled,
+                                *meta, gate_up.k_max)
+    intermediate_args = (h.clone(), g, u, *gate_up_routing, gate_up.b, gate_up.scaling,
+                         gate_up.enabled, down.router, down.a, down.routing, down.enabled,
+                         *meta, "silu", 2)
+    down_logits, down_shrink = OPS.dynmole_intermediate(*intermediate_args)
+    down_stats = RoutingStats(4, down.router.shape[1], 0, ("down",)).to(x.device)
     return {
+        "dynmole_intermediate": (OPS.dynmole_intermediate, intermediate_args),
+        "dynmole_down": (OPS.dynmole_down,
+                         (h @ base.down.T, down_logits, down_shrink, down.b, down.scaling,
+                          down.routing, down.enabled, *meta, down.k_max, down_stats.counts[0],
+                          down_stats.entropy_bounds)),
         "route": (OPS.route, (x, *grouped, *meta, ffn.k_max)),
         "route_counting": (OPS.route, (x, *grouped, *meta, ffn.k_max, counts, bounds)),
         "router_logits": (OPS.router_logits, (x, *grouped, *meta)),
@@ -92,7 +107,8 @@ def op_samples():
 
 
 @pytest.mark.parametrize("name", ["route", "route_counting", "router_logits",
-                                  "route_given_logits", "mixlora_experts", "routed_expand"])
+                                  "route_given_logits", "mixlora_experts", "routed_expand",
+                                  "dynmole_intermediate", "dynmole_down"])
 def test_opcheck_custom_ops(name):
     op, args = op_samples()[name]
     torch.library.opcheck(op, args)
@@ -104,7 +120,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 import triton.backends.nvidia as nvidia
-from mole_serve.kernels import configs, expand, experts, route
+from mole_serve.kernels import configs, dynmole, expand, experts, route
 sys.path.insert(0, "benchmarks")
 from tune_tiles import CANDIDATES
 
@@ -171,6 +187,29 @@ def build_expand(tiles, dt, precision, k, serving):
           tiles.num_warps, serving)
 
 
+def build_intermediate(tiles, dt, precision, k, serving):
+    build(dynmole._intermediate_kernel, {**ids, "g_ptr": f"*{dt}", "u_ptr": f"*{dt}",
+          "h_ptr": f"*{dt}", "shrink_ptr": "*fp32", "b_ptr": f"*{dt}", "router_ptr": "*fp32",
+          "down_a_ptr": f"*{dt}", "down_table_ptr": "*fp32", "down_enabled_ptr": "*i1",
+          "logits_ptr": "*fp32", "partials_ptr": "*fp32"},
+          dict(common(dt, precision, k), R_PAD=configs.padded(R), ED_PAD=configs.padded(E),
+               RD_PAD=configs.padded(R), BLOCK_I=tiles.block_i, ACT=0,
+               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(I, tiles.block_i), split_i)),
+          tiles.num_warps, serving)
+
+
+def build_down(tiles, dt, precision, k, serving):
+    build(dynmole._down_kernel, {**ids, "y_ptr": f"*{dt}", "logits_ptr": "*fp32",
+          "partials_ptr": "*fp32", "b_ptr": f"*{dt}", "table_ptr": "*fp32",
+          "counts_ptr": "*fp64", "bounds_ptr": "*fp32"},
+          dict(K=k, E_PAD=configs.padded(E), R_PAD=configs.padded(R), BLOCK_M=configs.BLOCK_M,
+               BLOCK_N=tiles.block_n, PRECISION=precision, COUNT=serving, NB=10, NB_PAD=16,
+               TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.block_n), tiles.split_n),
+               L_CHUNK=expand.partials_per_load(configs.BLOCK_M, E, 1, split_i),
+               P_CHUNK=expand.partials_per_load(configs.BLOCK_M, E, R, split_i)),
+          tiles.num_warps, serving)
+
+
 for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
     # Serving (bf16, must not spill) with switch, top-2 and dynamic k; fp32 (the GPU tests'
     # dtype, IEEE dots on CUDA cores) top-2 only has to build. Serving counts routing metrics
@@ -183,15 +222,21 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
                     (0, 1, 2) if serving and k == 2 else (0,))
         build_experts(tiles.experts, dt, precision, k, serving)
         build_expand(tiles.expand, dt, precision, k, serving)
+    # DynMoLE's FFN (k_max = E in a server): on the experts and expand tiles.
+    for dt, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        build_intermediate(tiles.experts, dt, precision, E, dt == "bf16")
+        build_down(tiles.expand, dt, precision, E, dt == "bf16")
 # The tuner's largest tiles must build and fit in shared memory (spills are its to measure).
-BUILDERS = {"route": build_route, "experts": build_experts, "expand": build_expand}
+BUILDERS = {"route": [build_route], "experts": [build_experts, build_intermediate],
+            "expand": [build_expand, build_down]}
 WIDTH = {"route": "block_h", "experts": "block_i", "expand": "block_n"}
 for kernel, options in CANDIDATES.items():
     widest = max(getattr(o, WIDTH[kernel]) for o in options)
     for warps in sorted({o.num_warps for o in options if getattr(o, WIDTH[kernel]) == widest}):
         option = next(o for o in options
                       if getattr(o, WIDTH[kernel]) == widest and o.num_warps == warps)
-        BUILDERS[kernel](option, "bf16", "tf32", 8, False)
+        for builder in BUILDERS[kernel]:
+            builder(option, "bf16", "tf32", 8, False)
 print("built")
 """
 

@@ -57,13 +57,13 @@ def served_layer(limits: SlotLimits, slots: torch.Tensor, use_kernels: bool):
 
 
 def ffn_step(ffn: FFNAdapters, frozen: FrozenFFN, x: torch.Tensor) -> torch.Tensor:
-    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers: gate/up deltas
-    added to the fused gate_up output, experts mixed, then the down deltas."""
+    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers, its adapter
+    steps around the frozen gate_up GEMM, SiLU·mul and down GEMM."""
     batch = ffn.slot_batch(x.shape[0])
-    gate_up = ffn.project(x @ torch.cat([frozen.gate, frozen.up]).T, x, batch, "gate_up")
+    gate_up, step = ffn.adapt_gate_up(x @ torch.cat([frozen.gate, frozen.up]).T, x, batch)
     g, u = gate_up.chunk(2, dim=-1)
-    h, routed = ffn.mix_experts(frozen.act(g) * u, g, u, x, batch)
-    return ffn.add_down_delta(ffn.project(h @ frozen.down.T, h, batch, "down"), batch, routed)
+    h = ffn.adapt_intermediate(frozen.act(g) * u, gate_up, x, batch, step)
+    return ffn.adapt_output(h @ frozen.down.T, h, batch, step)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
