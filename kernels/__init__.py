@@ -1,10 +1,10 @@
 """Triton kernels for MoLE serving (import as `mole_serve.kernels`, never `kernels`).
 
 Layering (ScatterMoE style): `@triton.jit` kernels and their launchers (route.py,
-experts.py, expand.py, dynmole.py; small dataclass arguments) -> `torch.library` custom ops with fake
-impls (ops.py) -> the functions a layer calls (functional.py). Without CUDA the kernels run
-under Triton's interpreter (tests only: it is slow), which must be chosen before triton is
-imported.
+experts.py, expand.py, dynmole.py; small dataclass arguments) -> `torch.library` custom ops
+with fake impls (ops.py) -> the functions a layer calls (functional.py). Without CUDA the
+kernels run under Triton's interpreter (tests only: it is slow), which must be chosen before
+triton is imported.
 """
 
 import os

@@ -11,10 +11,10 @@ Then the experts some token of the block selected are dealt out to the lanes in 
 each of its experts a lane computes `shrink[t, k] = A[slot, e] x_t` with tl.dot. Reductions
 over the input dim are serial within a program, so at decode sizes (one block or a few)
 lanes spread a block's selected experts over several SMs; the selection they all repeat is
-identical (same inputs, same code). Every output element is written once: base-model and disabled-slot tokens get
-id 0, weight 0 and a zero shrink, as do unused pairs. When the server keeps routing metrics,
-lane 0 adds the block's routing to the slot's counters (a few atomics per block): metrics
-cost no extra launch and no second pass over the router.
+identical (same inputs, same code). Every output element is written once: base-model and
+disabled-slot tokens get id 0, weight 0 and a zero shrink, as do unused pairs. When the
+server keeps routing metrics, lane 0 adds the block's routing to the slot's counters (a few
+atomics per block): metrics cost no extra launch and no second pass over the router.
 
 Under tensor parallelism a row-parallel projection's input (o_proj, down_proj) is split over
 ranks, and so is the router's reduction: the kernel then runs twice, first storing only each

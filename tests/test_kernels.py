@@ -15,7 +15,11 @@ Why each test exists:
   attention adapters, PEFT LoRA adapters) through the same two kernels.
 - test_row_parallel_*: tensor parallelism splits a row-parallel router's input; ranks route
   from the sum of their partial logits and their partial deltas add up.
-- test_launch_budget: at most 3 launches per MixLoRA FFN beyond the frozen FFN (DESIGN §5).
+- test_launch_budget: at most 3 launches per MixLoRA or DynMoLE FFN beyond the frozen FFN
+  (DESIGN §5).
+- test_dynmole_ffn_pieces_*: DynMoLE's FFN adds its gate/up deltas inside the intermediate
+  and routes down from partial sums over it; each launch against the reference pieces, for
+  adapters that route only some of gate, up and down.
 - test_route_lanes_*: at decode sizes the route spreads a block's experts over programs; that
   must not change a single bit of what it writes.
 - test_small_tiles_*: the default interpreter tiles cover the test sizes in one tile, so one
@@ -77,9 +81,9 @@ def mixlora(strategy: str, experts: int, rank: int, **routing) -> MoleConfig:
                       **routing)
 
 
-def dynmole(experts: int, rank: int, **routing) -> MoleConfig:
-    return MoleConfig("dynmole", experts, rank, 2 * rank, ("q_proj", "v_proj") + FFN,
-                      **routing)
+def dynmole(experts: int, rank: int, target_modules=("q_proj", "v_proj") + FFN,
+            **routing) -> MoleConfig:
+    return MoleConfig("dynmole", experts, rank, 2 * rank, target_modules, **routing)
 
 
 # Every strategy and the knobs that change k: top-k 1..E, top-p with and without
@@ -302,8 +306,10 @@ def check_ffn(configs, num_tokens: int, seed: int, dtype=torch.float32, toleranc
     (64, ZOO[2:5] + [None]),
     (200, ZOO),
     (50, [ZOO[8], None, ZOO[0]]),
+    (40, [dynmole(4, 8, top_p=0.6, target_modules=("gate_proj", "up_proj")), ZOO[2],
+          dynmole(6, 4, top_p=0.7, keep_top_k=2, target_modules=("up_proj", "down_proj"))]),
 ], ids=["T1-one-adapter", "T5-empty-slot", "T33-3-slots", "T64-dynmole-mix", "T200-9-slots",
-        "T50-plain-lora"])
+        "T50-plain-lora", "T40-dynmole-partial-targets"])
 def test_ffn_matches_reference(num_tokens, configs):
     check_ffn(configs, num_tokens, seed=num_tokens)
 
@@ -341,6 +347,69 @@ def test_ffn_pieces_match_reference_pieces():
     assert torch.equal(y[~uses], y_before[~uses])
 
 
+def test_dynmole_ffn_pieces_match_reference_pieces():
+    """DynMoLE's three FFN launches one by one, with the intermediate's adapter rows
+    poisoned: slots whose adapters route gate and up only, down only, up and down, all three,
+    and a MixLoRA slot the DynMoLE kernels must leave alone. The down kernel counts the routing
+    metrics of the summed logits."""
+    from mole_serve.kernels import (RoutingCounts, dynmole_down_delta_, dynmole_gate_up,
+                                    dynmole_gate_up_route, dynmole_intermediate_)
+    from mole_serve.layers import RoutingStats
+    configs = [dynmole(4, 8, top_p=0.6, target_modules=("gate_proj", "up_proj")),
+               dynmole(6, 4, top_p=0.7, keep_top_k=2, target_modules=("down_proj",)),
+               dynmole(5, 6, top_p=0.8, target_modules=("up_proj", "down_proj")),
+               ZOO[4], ZOO[0]]
+    stack, base = make_stack(configs, seed=47), frozen(47)
+    x, slots = tokens(70, len(configs), seed=47)
+    plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
+    slot = slots.clamp(min=0)
+    gated = stack.gated
+    rewritten = (slots >= 0) & (gated["gate_proj"].enabled | gated["up_proj"].enabled)[slot]
+    down_rows = (slots >= 0) & gated["down_proj"].enabled[slot]
+    assert (rewritten & ~down_rows).any() and (down_rows & ~rewritten).any()
+
+    g0, u0 = x @ base.gate.T, x @ base.up.T
+    routing = dynmole_gate_up_route(x, plan, dynmole_gate_up(stack))
+    h = base.act(g0) * u0
+    frozen_h = h.clone()
+    h[rewritten] = float("nan")
+    partials = dynmole_intermediate_(h, g0, u0, routing, plan, dynmole_gate_up(stack),
+                                     gated["down_proj"])
+    want_h = base.act(mole_projection(x, base.gate, slots, "gate_proj", stack)) \
+        * mole_projection(x, base.up, slots, "up_proj", stack)
+    assert rel_err(h[rewritten], want_h[rewritten]) <= TOLERANCE
+    assert torch.equal(h[~rewritten], frozen_h[~rewritten])
+    assert rel_err(partials.logits.sum(0)[down_rows],
+                   router_logits(h, slots, gated["down_proj"].router)[down_rows]) <= TOLERANCE
+
+    stats = RoutingStats(len(configs), gated["down_proj"].router.shape[1], 0, ("down",))
+    stats = stats.to(DEVICE)
+    y = h @ base.down.T
+    y_before = y.clone()
+    dynmole_down_delta_(y, partials, plan, gated["down_proj"],
+                        RoutingCounts(stats.counts, stats.entropy_bounds))
+    delta, uses = gated_lora_delta(h, slots, gated["down_proj"])
+    assert torch.equal(uses, down_rows)
+    assert rel_err(y[uses] - y_before[uses], delta[uses]) <= TOLERANCE
+    assert torch.equal(y[~uses], y_before[~uses])
+    capped = dataclasses.replace(gated["down_proj"], k_max=2)  # as the route kernel cuts
+    y_capped = y_before.clone()
+    dynmole_down_delta_(y_capped, partials, plan, capped)
+    delta_capped, _ = gated_lora_delta(h, slots, capped)
+    assert rel_err(y_capped[uses] - y_before[uses], delta_capped[uses]) <= TOLERANCE
+    assert rel_err(delta_capped[uses], delta[uses]) > 1e-2, "the cap must bite"
+    expected = RoutingStats(len(configs), gated["down_proj"].router.shape[1], 0, ("down",))
+    expected = expected.to(DEVICE)
+    expected.record(router_logits(h, slots, gated["down_proj"].router), slots,
+                    gated["down_proj"])
+    for counter in (stats, expected):
+        counter.routed_slots[0].update(range(len(configs)))
+    got, want = stats.take()["down"], expected.take()["down"]
+    for key in ("selections", "experts_per_token", "entropy_buckets"):
+        assert torch.equal(got[key], want[key]), key
+    assert got["selections"].sum() > 0
+
+
 @pytest.mark.parametrize("act_fn", ["relu", "gelu", "gelu_pytorch_tanh"])
 def test_ffn_other_activations(act_fn):
     stack = make_stack([ZOO[0], ZOO[2]], seed=11)
@@ -352,8 +421,9 @@ def test_ffn_other_activations(act_fn):
 
 
 def test_launch_budget(monkeypatch):
-    """A MixLoRA FFN costs 3 launches beyond the frozen FFN; a routed or plain LoRA
-    projection 2 (route + expand). The token plan is built once per batch, outside."""
+    """A MixLoRA or DynMoLE FFN costs 3 launches beyond the frozen FFN; any other routed or
+    plain LoRA projection 2 (route + expand). The token plan is built once per batch,
+    outside."""
     from mole_serve.kernels import ops
     launches = []
 
@@ -363,7 +433,8 @@ def test_launch_budget(monkeypatch):
             return launch(*args, **kwargs)
         return wrapper
 
-    for name in ("launch_route", "launch_experts", "launch_expand"):
+    for name in ("launch_route", "launch_experts", "launch_expand", "launch_intermediate",
+                 "launch_down"):
         monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
     x, slots = tokens(10, 2, seed=3)
     plan = plan_tokens(slots, 2, kernel_configs.BLOCK_M)
@@ -373,6 +444,10 @@ def test_launch_budget(monkeypatch):
     launches.clear()
     mole_projection_kernels(x, frozen(3).gate[:H], slots, "q_proj", mixlora_only, plan)
     assert launches == ["launch_route", "launch_expand"]
+    launches.clear()
+    dynmole_only = make_stack([ZOO[4], ZOO[7]], seed=3)
+    mole_ffn_kernels(x, frozen(3), slots, dynmole_only, plan)
+    assert launches == ["launch_route", "launch_intermediate", "launch_down"]
 
 
 def test_small_tiles_exercise_every_loop(monkeypatch):

@@ -10,8 +10,8 @@ Why each test exists:
 - test_kernels_build_for_sm90: the interpreter accepts code the GPU compiler rejects, and
   says nothing about registers; this compiles every kernel with the default GPU tiles to an
   sm_90 cubin with Triton's bundled ptxas (no GPU needed) and fails on register spills; the
-  tile tuner's widest tiles (for each kernel that uses them) must build and fit in shared memory (a GPU session must not
-  lose a call to a candidate that cannot launch).
+  tile tuner's widest tiles (for each kernel that uses them) must build and fit in shared
+  memory (a GPU session must not lose a call to a candidate that cannot launch).
 """
 
 from __future__ import annotations
