@@ -7,8 +7,7 @@ MixLoRA dynamic top-p and per-linear DynMoLE, both calibrated to the same mean e
 token as top-2) x impl:
 - `base`: merged gate/up GEMM + SiLU·mul + down GEMM (what a server without adapters runs);
 - `mole`: the layer as vLLM runs it: the same two GEMMs and SiLU·mul plus the kernels
-  (3 launches for MixLoRA; for DynMoLE 2 for gate+up together and 2 for down), token plan
-  prebuilt;
+  (3 launches for MixLoRA and for DynMoLE), token plan prebuilt;
 - `naive`: `reference.ffn_literal` per adapter on its tokens (host syncs; every selected expert
   runs the whole frozen FFN, as MoE-PEFT does).
 `median_us`: CUDA-graph replay (`do_bench_cudagraph`) where the impl is capturable, else
@@ -40,10 +39,12 @@ import torch.nn.functional as F
 
 from mole_serve.adapter import BaseShape, MoleAdapter, init_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.kernels import (BLOCK_M, Routing, configs, gated_lora_, mixlora_down_delta_,
-                                mixlora_experts_, mixlora_route, num_slots, plan_tokens)
+from mole_serve.kernels import (BLOCK_M, Routing, configs, dynmole_down_delta_,
+                                dynmole_gate_up, dynmole_gate_up_route, dynmole_intermediate_,
+                                gated_lora_, mixlora_down_delta_, mixlora_experts_,
+                                mixlora_route, num_slots, plan_tokens)
 from mole_serve.reference import FrozenFFN, ffn_literal
-from mole_serve.stack import GroupedLoRAStack, LayerStack, stack_layer
+from mole_serve.stack import LayerStack, stack_layer
 
 COLUMNS = ["gpu", "date", "commit", "tokens", "adapters", "popularity", "strategy", "impl",
            "median_us", "bytes_floor_us", "launches"]
@@ -138,10 +139,8 @@ class Layer:
         self.adapters = [_to_device(a, device) for a in adapters]
         self.stack: LayerStack = stack_layer(adapters, 0, shape_of(setup)).to(device,
                                                                                setup.dtype)
-        gated = self.stack.gated
-        # DynMoLE's gate and up share x: one grouped launch pair, as the served layer runs.
-        self.gate_up_group = (GroupedLoRAStack.of([gated["gate_proj"], gated["up_proj"]])
-                              if "gate_proj" in gated else None)
+        # DynMoLE's gate and up share x: one grouped route, as the served layer runs.
+        self.gate_up_group = dynmole_gate_up(self.stack)
         self.intermediate = I
 
     def base(self, x):
@@ -152,15 +151,16 @@ class Layer:
         """The pipeline a vLLM layer runs (kernels/functional.py docstring); `routings`
         collects each routing decision (for the bytes floor)."""
         record = routings.append if routings is not None else (lambda routing: None)
-        gate_up = F.linear(x, self.gate_up)
-        gated = self.stack.gated
+        g, u = F.linear(x, self.gate_up).split(self.intermediate, dim=1)
+        h = F.silu(g) * u
+        down = self.stack.gated.get("down_proj")
         if self.gate_up_group is not None:
-            grouped = gated_lora_(gate_up, x, plan, self.gate_up_group)
+            grouped = dynmole_gate_up_route(x, plan, self.gate_up_group)
             for index in range(2):  # gate, up
                 record(Routing(grouped.ids[index], grouped.weights[index],
                                grouped.shrink[index]))
-        g, u = gate_up.split(self.intermediate, dim=1)
-        h = F.silu(g) * u
+            down_partials = dynmole_intermediate_(h, g, u, grouped, plan, self.gate_up_group,
+                                                  down)
         ffn = self.stack.ffn
         if ffn is not None:
             routing = mixlora_route(x, plan, ffn)
@@ -169,8 +169,10 @@ class Layer:
         y = F.linear(h, self.down)
         if ffn is not None:
             mixlora_down_delta_(y, partials, routing, plan, ffn)
-        if "down_proj" in gated:
-            record(gated_lora_(y, h, plan, gated["down_proj"]))
+        if self.gate_up_group is not None:
+            dynmole_down_delta_(y, down_partials, plan, down)
+            if routings is not None:  # down's routing, for the bytes floor (untimed)
+                record(gated_lora_(y.clone(), h, plan, down))
         return y
 
     def naive(self, x, slots):

@@ -7,7 +7,7 @@ frozen GEMMs' noise does not enter; `triton.testing.do_bench` clears the L2 cach
 every call, as the frozen GEMMs' weight streaming does in a served layer (a replayed graph
 would time the adapters' weights from a warm L2). A candidate's time is the sum over the
 calls a layer makes of that kernel (MixLoRA: route, experts, down expand; DynMoLE: gate/up
-route + expand, down route + expand); it replaces the default only if at least
+route, intermediate, down: the experts and expand tiles serve both paths); it replaces the default only if at least
 `MIN_GAIN` faster (medians of ~46 candidates otherwise pick noise). `tiles.csv` keeps every
 measurement (`gpu,date,commit,tokens,kernel,tiles,median_us,default_us`): the per-kernel
 profile the kernel benchmark's notes cite. The table applies to layers with at most the
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from bench_kernels import (FULL, SMOKE, Layer, Setup, commit, draw_slots, make_adapters,
                            median_seconds, parse_args)
-from mole_serve.kernels import (configs, mixlora_down_delta_, mixlora_experts_, mixlora_route,
-                                num_slots, ops, plan_tokens)
+from mole_serve.kernels import (configs, dynmole_down_delta_, dynmole_gate_up_route,
+                                dynmole_intermediate_, mixlora_down_delta_, mixlora_experts_,
+                                mixlora_route, num_slots, ops, plan_tokens)
 from mole_serve.kernels.configs import ExpandTiles, ExpertsTiles, RouteTiles, Tiles, TunedTable
-from mole_serve.stack import GroupedLoRAStack
 
 ADAPTERS = 32
 DYNMOLE_TOP_P = 0.6
@@ -87,23 +87,12 @@ def _layer_calls(layer: Layer, setup: Setup, tokens: int, device: str
         return [("route", lambda: mixlora_route(x, plan, ffn)),
                 ("experts", lambda: mixlora_experts_(h, g, u, routing, plan, ffn)),
                 ("expand", lambda: mixlora_down_delta_(y, partials, routing, plan, ffn))]
-    down = GroupedLoRAStack.of([layer.stack.gated["down_proj"]])
-    calls = []
-    for group, inputs, out in ((layer.gate_up_group, x, gate_up), (down, h, y)):
-        route, expand = _gated_calls(group, inputs, out, plan)
-        calls += [("route", route), ("expand", expand)]
-    return calls
-
-
-def _gated_calls(group: GroupedLoRAStack, x: torch.Tensor, y: torch.Tensor, plan):
-    """The route and the expand launch of `gated_lora_`, apart."""
-    meta = (plan.sorted_tokens, plan.block_slot)
-    args = (x, group.router, group.a, group.routing, group.enabled, *meta, group.k_max)
-    ids, weights, shrink = torch.ops.mole_serve.route(*args)
-    return (lambda: torch.ops.mole_serve.route(*args),
-            lambda: torch.ops.mole_serve.routed_expand(
-                y, shrink[None], ids, weights, group.b, group.scaling, group.enabled, *meta,
-                list(group.out_sizes)))
+    group, down = layer.gate_up_group, layer.stack.gated["down_proj"]
+    routing = dynmole_gate_up_route(x, plan, group)
+    partials = dynmole_intermediate_(h.clone(), g, u, routing, plan, group, down)
+    return [("route", lambda: dynmole_gate_up_route(x, plan, group)),
+            ("experts", lambda: dynmole_intermediate_(h, g, u, routing, plan, group, down)),
+            ("expand", lambda: dynmole_down_delta_(y, partials, plan, down))]
 
 
 def time_with(tiles: Tiles, fns: list[Callable], device: str) -> float:
