@@ -2,8 +2,9 @@
 
 Per-linear routing puts a router on down_proj whose input is the intermediate itself, so
 routing down needs the whole of `h = act(g + dg) * (u + du)`, a reduction over the
-intermediate dim that the programs of a block share. Done as two more projections' route
-and expand (4 launches), the gate/up delta is one launch and down's routing another. Here:
+intermediate dim that several programs share. As two routed projections (gate/up, then
+down; route + expand each) the FFN takes 4 launches; here the gate/up expand and the
+reductions down's routing needs share one:
 
 - intermediate kernel (replaces SiLU·mul on DynMoLE tokens): adds the gate and up experts'
   deltas to the frozen `g`, `u`, writes `h` over the token's row (rounded as the frozen path
@@ -17,8 +18,8 @@ and expand (4 launches), the gate/up delta is one launch and down's routing anot
   `sum_e w_e s B_d,e shrink_e` to the token's row of y, skipping experts no token of the
   block kept. Grid: (plan blocks, split_n).
 
-Reading every down expert's A factor instead of the selected ones costs E·r·I more bytes per
-block (0.7 % of the 7B FFN's weights at E=8, r=16), the price of the saved launch.
+Reading every down expert's A factor, not only the selected ones, costs up to E·r·I·2 B per
+slot a batch touches (1 % of the 7B FFN's weights at E=8, r=16): the price of the launch.
 Under tensor parallelism down's input is split over ranks: the caller sums the logits
 partials, all-reduces them and passes them as one partial; the shrink stays this rank's.
 """
@@ -307,9 +308,10 @@ def launch_down(y: torch.Tensor, partials: DownPartials, down: DownExpand, plan:
         down.enabled, plan.sorted_tokens, plan.block_slot,
         unused if counts is None else counts.counts, unused if counts is None else counts.bounds,
         T, N, E, R, PL, P,
-        K=down.k_max, E_PAD=padded(E), R_PAD=padded(R), BLOCK_M=plan.block_m,
+        # No dot runs over the experts here: E_PAD need not reach tl.dot's 16.
+        K=down.k_max, E_PAD=triton.next_power_of_2(E), R_PAD=padded(R), BLOCK_M=plan.block_m,
         BLOCK_N=tiles.block_n, TILES_PER_SPLIT=triton.cdiv(n_tiles, split_n),
-        L_CHUNK=partials_per_load(plan.block_m, E, 1, PL),
+        L_CHUNK=partials_per_load(plan.block_m, 1, E, PL),
         P_CHUNK=partials_per_load(plan.block_m, E, R, P), PRECISION=dot_precision(y.dtype),
         COUNT=counts is not None, NB=NB, NB_PAD=triton.next_power_of_2(max(NB, 1)),
         num_warps=tiles.num_warps)

@@ -34,7 +34,7 @@ from .routing import (NUM_COLUMNS, NUM_EXPERTS, masked_softmax, one_expert_routi
 from .stack import GatedLoRAStack, GroupedLoRAStack, MixLoRAStack
 
 if TYPE_CHECKING:
-    from .kernels import TokenPlan
+    from .kernels import DownPartials, Routing, TokenPlan
 
 
 @dataclass(frozen=True)
@@ -565,9 +565,9 @@ class FFNAdapters(ProjectionAdapters):
 class FFNStep:
     """What one FFN forward carries between its adapter steps (kernels: launch outputs)."""
 
-    gate_up_routing: object | None = None   # DynMoLE gate/up `Routing` (launch 1)
-    down_partials: object | None = None     # DynMoLE down's `DownPartials` (launch 2)
-    mixlora: tuple | None = None            # MixLoRA's routing state for its down delta
+    gate_up_routing: Routing | None = None       # DynMoLE's gate/up routing (launch 1)
+    down_partials: DownPartials | None = None    # DynMoLE down's partial sums (launch 2)
+    mixlora: tuple | None = None                 # MixLoRA's routing state for its down delta
 
 
 def _kernels():

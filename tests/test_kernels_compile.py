@@ -202,10 +202,11 @@ def build_down(tiles, dt, precision, k, serving):
     build(dynmole._down_kernel, {**ids, "y_ptr": f"*{dt}", "logits_ptr": "*fp32",
           "partials_ptr": "*fp32", "b_ptr": f"*{dt}", "table_ptr": "*fp32",
           "counts_ptr": "*fp64", "bounds_ptr": "*fp32"},
-          dict(K=k, E_PAD=configs.padded(E), R_PAD=configs.padded(R), BLOCK_M=configs.BLOCK_M,
-               BLOCK_N=tiles.block_n, PRECISION=precision, COUNT=serving, NB=10, NB_PAD=16,
+          dict(K=k, E_PAD=triton.next_power_of_2(E), R_PAD=configs.padded(R),
+               BLOCK_M=configs.BLOCK_M, BLOCK_N=tiles.block_n, PRECISION=precision,
+               COUNT=serving, NB=10, NB_PAD=16,
                TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.block_n), tiles.split_n),
-               L_CHUNK=expand.partials_per_load(configs.BLOCK_M, E, 1, split_i),
+               L_CHUNK=expand.partials_per_load(configs.BLOCK_M, 1, E, split_i),
                P_CHUNK=expand.partials_per_load(configs.BLOCK_M, E, R, split_i)),
           tiles.num_warps, serving)
 
