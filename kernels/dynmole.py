@@ -35,11 +35,11 @@ import triton.language as tl
 from mole_serve import routing as table
 
 from .configs import ExpandTiles, ExpertsTiles, padded
-from .expand import _add_expert, partials_per_load
+from .expand import _add_expert, _sum_partials, partials_per_load
 from .experts import ACTIVATION_CODES, _activation
 from .plan import TokenPlan
-from .route import (EMPTY, NUM_COLUMNS, NUM_EXPERTS, RoutingCounts, _count_routing, _select,
-                    dot_precision)
+from .route import (EMPTY, NUM_COLUMNS, NUM_EXPERTS, RoutingCounts, _block_rows,
+                    _count_routing, _select, dot_precision)
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,7 @@ def _intermediate_kernel(
     slot = tl.load(block_slot_ptr + block)
     if slot == EMPTY:
         return
-    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = tok >= 0
-    tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    tok64, row_ok = _block_rows(sorted_tokens_ptr, block, BLOCK_M)
     s = tl.maximum(slot, 0).to(tl.int64)
     has_slot = slot >= 0
     gate_on = has_slot & (tl.load(enabled_ptr + s) != 0)
@@ -206,19 +204,12 @@ def _down_kernel(
     s = slot.to(tl.int64)
     if tl.load(enabled_ptr + s) == 0:
         return
-    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = tok >= 0
-    tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    tok64, row_ok = _block_rows(sorted_tokens_ptr, block, BLOCK_M)
     ee = tl.arange(0, E_PAD)
     rr = tl.arange(0, R_PAD)
     logits_mask = row_ok[:, None] & (ee < E)[None, :]
-    logits = tl.zeros([BLOCK_M, E_PAD], tl.float32)
-    for p0 in range(0, PL, L_CHUNK):
-        pp = p0 + tl.arange(0, L_CHUNK)
-        chunk = tl.load(logits_ptr + (pp[:, None, None] * T + tok64[None, :, None]) * E
-                        + ee[None, None, :],
-                        mask=(pp < PL)[:, None, None] & logits_mask[None], other=0.0)
-        logits += tl.sum(chunk, axis=0)
+    logits = _sum_partials(logits_ptr + tok64[:, None] * E + ee[None, :], T * E, logits_mask,
+                           PL, L_CHUNK)
     rank, weight, probs = _select(logits, table_ptr + s * NUM_COLUMNS, E_PAD)
     weight = tl.where(row_ok[:, None] & (rank < K), weight, 0.0)  # the route's k_max cut
     if COUNT:
@@ -229,12 +220,7 @@ def _down_kernel(
     kept = weight > 0.0
     z_off = (tok64[:, None, None] * E + ee[None, :, None]) * R + rr[None, None, :]
     z_mask = kept[:, :, None] & (rr < R)[None, None, :]
-    z = tl.zeros([BLOCK_M, E_PAD, R_PAD], tl.float32)
-    for p0 in range(0, P, P_CHUNK):  # P_CHUNK partials per load: few dependent steps
-        pp = p0 + tl.arange(0, P_CHUNK)
-        chunk = tl.load(partials_ptr + pp[:, None, None, None] * (T * E * R) + z_off[None],
-                        mask=(pp < P)[:, None, None, None] & z_mask[None], other=0.0)
-        z += tl.sum(chunk, axis=0)
+    z = _sum_partials(partials_ptr + z_off, T * E * R, z_mask, P, P_CHUNK)
     z = z * (weight * tl.load(scaling_ptr + s))[:, :, None]
 
     for t in range(TILES_PER_SPLIT):

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .configs import ExpandTiles, padded
 from .plan import TokenPlan
-from .route import dot_precision
+from .route import _block_rows, dot_precision
 
 PARTIAL_ELEMENTS = 4096  # register budget of one partial-sum load (elements)
 
@@ -35,6 +35,18 @@ class ExpandWeights:
     scaling: torch.Tensor          # [G, S] fp32
     enabled: torch.Tensor          # [G, S] bool
     out_sizes: tuple[int, ...]     # G output widths
+
+
+@triton.jit
+def _sum_partials(at, stride, mask, P, CHUNK: tl.constexpr):
+    """Sum of the P partial sums `at + p * stride` (fp32, `mask`ed), CHUNK loads in flight at
+    a time (unrolled, independent): few dependent memory round trips."""
+    total = tl.zeros(mask.shape, tl.float32)
+    for p0 in range(0, P, CHUNK):
+        for c in tl.static_range(CHUNK):
+            p = tl.full(mask.shape, p0 + c, tl.int32)  # as a tensor, for the interpreter
+            total += tl.load(at + (p0 + c) * stride, mask=mask & (p < P), other=0.0)
+    return total
 
 
 @triton.jit
@@ -72,9 +84,7 @@ def _expand_kernel(
     width = tl.where(group == 0, N0, tl.where(group == 1, N1, N2))
     first = tl.where(group == 0, 0, tl.where(group == 1, N0, N0 + N1))
     G = tl.num_programs(2)
-    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = tok >= 0
-    tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    tok64, row_ok = _block_rows(sorted_tokens_ptr, block, BLOCK_M)
     in_row = group.to(tl.int64) * T + tok64  # rows of the [G, T, ...] routing and partials
     kk = tl.arange(0, K_PAD)
     pair_ok = row_ok[:, None] & (kk < K)[None, :]
@@ -84,12 +94,7 @@ def _expand_kernel(
     rr = tl.arange(0, R_PAD)
     z_off = (in_row[:, None, None] * K + kk[None, :, None]) * R + rr[None, None, :]
     z_mask = used[:, :, None] & (rr < R)[None, None, :]
-    z = tl.zeros([BLOCK_M, K_PAD, R_PAD], tl.float32)
-    for p0 in range(0, P, P_CHUNK):  # P_CHUNK partials per load: few dependent steps
-        pp = p0 + tl.arange(0, P_CHUNK)
-        chunk = tl.load(partials_ptr + pp[:, None, None, None] * (G * T * K * R) + z_off[None],
-                        mask=(pp < P)[:, None, None, None] & z_mask[None], other=0.0)
-        z += tl.sum(chunk, axis=0)
+    z = _sum_partials(partials_ptr + z_off, G * T * K * R, z_mask, P, P_CHUNK)
     z = z * (weights * tl.load(scaling_ptr + sg))[:, :, None]
 
     for t in range(TILES_PER_SPLIT):

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .configs import ExpertsTiles, padded
 from .plan import TokenPlan
-from .route import EMPTY, Routing, dot_precision
+from .route import EMPTY, Routing, _block_rows, dot_precision
 
 ACTIVATION_CODES = {"silu": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}
 
@@ -62,9 +62,7 @@ def _experts_kernel(
     slot = tl.load(block_slot_ptr + block)
     if slot == EMPTY:
         return
-    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = tok >= 0
-    tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    tok64, row_ok = _block_rows(sorted_tokens_ptr, block, BLOCK_M)
     kk = tl.arange(0, K_PAD)
     pair_ok = row_ok[:, None] & (kk < K)[None, :]
     ids = tl.load(ids_ptr + tok64[:, None] * K + kk[None, :], mask=pair_ok, other=-1)

@@ -91,6 +91,14 @@ class RoutingCounts:
 
 
 @triton.jit
+def _block_rows(sorted_tokens_ptr, block, BLOCK_M: tl.constexpr):
+    """A plan block's tokens (int64; 0 on padding rows) and which rows hold one."""
+    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = tok >= 0
+    return tl.where(row_ok, tok, 0).to(tl.int64), row_ok
+
+
+@triton.jit
 def _normalised_tsallis(p, valid, n_exp, q, eps):
     """S_q(p) / S_q(uniform) per row; Shannon when q == 1; 0 for a single expert."""
     shannon = tl.abs(q - 1.0) < 1e-6
@@ -188,9 +196,7 @@ def _route_kernel(
     slot = tl.load(block_slot_ptr + block)
     if slot == EMPTY:
         return
-    tok = tl.load(sorted_tokens_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = tok >= 0
-    tok64 = tl.where(row_ok, tok, 0).to(tl.int64)
+    tok64, row_ok = _block_rows(sorted_tokens_ptr, block, BLOCK_M)
     # Per-(projection, slot) weights are [G * S, ...] and outputs [G * T, ...] row-major.
     s = group * S + tl.maximum(slot, 0).to(tl.int64)
     out_row = group * T + tok64
