@@ -8,7 +8,7 @@ reductions down's routing needs share one:
 
 - intermediate kernel (replaces SiLU·mul on DynMoLE tokens): adds the gate and up experts'
   deltas to the frozen `g`, `u`, writes `h` over the token's row (rounded as the frozen path
-  rounds: `g`, `u` and `h` in the serving dtype), and reduces over its slice of the
+  rounds: `g`, `u`, `act(g)` and `h` in the serving dtype), and reduces over its slice of the
   intermediate dim the down router's logits and the shrink `A_d,e h` of *every* down expert
   (selection needs the whole intermediate): partial sums `logits[split, t]`,
   `shrink[split, t, e]`, one per program (deterministic, no atomics). Grid: (plan blocks,
@@ -146,10 +146,12 @@ def _intermediate_kernel(
                                 R, PRECISION)
                 u = _add_expert(u, z_u, used_u & (ids_u == e), expert_b + I * R, ii, i_ok,
                                 rr, r_ok, R, PRECISION)
-            # Rounded where the frozen path stores them: g + dg and u + du, then h.
+            # Rounded where the frozen path rounds: g + dg and u + du (stored), act(g) (vLLM's
+            # SiLU·mul and torch round it before the product), then h.
+            dtype = h_ptr.dtype.element_ty
             g = g.to(g_ptr.dtype.element_ty).to(tl.float32)
             u = u.to(u_ptr.dtype.element_ty).to(tl.float32)
-            h = (_activation(g, ACT) * u).to(h_ptr.dtype.element_ty)
+            h = (_activation(g, ACT).to(dtype).to(tl.float32) * u).to(dtype)
             tl.store(h_ptr + tok64[:, None] * stride_h + ii[None, :], h, mask=io_mask)
         tl.debug_barrier()  # the rows stored above are re-read by other threads below
 

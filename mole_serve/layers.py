@@ -143,8 +143,8 @@ class RoutingStats(nn.Module):
     """Routing counters of the routers of one launch (one, or a group of projections that
     share their input), per slot, kept on the device.
 
-    On the kernels the route kernel adds to `counts` itself (a few atomics per block, no
-    extra launch); on the reference backend `record` does, ending in a single scatter-add
+    On the kernels the routing launch adds to `counts` itself (the route kernel; DynMoLE's
+    down router: the down kernel; a few atomics per block, no extra launch); on the reference backend `record` does, ending in a single scatter-add
     into the same fixed-size buffer. Either way: no host sync, no data-dependent shapes
     (CUDA-graph and compile safe). `take` runs outside the forward (step boundary, slot
     change) and returns what was added since its last call; the device counters only grow

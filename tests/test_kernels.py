@@ -347,11 +347,23 @@ def test_ffn_pieces_match_reference_pieces():
     assert torch.equal(y[~uses], y_before[~uses])
 
 
-def test_dynmole_ffn_pieces_match_reference_pieces():
+def check_added(after, before, delta, rows, dtype, tolerance):
+    """after = before + delta on `rows`: relative to the delta in fp32; in bf16 relative to
+    y, whose own rounding dwarfs a small delta."""
+    if dtype == torch.float32:
+        assert rel_err(after[rows] - before[rows], delta[rows]) <= tolerance
+    else:
+        assert rel_err(after[rows], before[rows].float() + delta[rows]) <= tolerance
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, TOLERANCE),
+                                             (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_dynmole_ffn_pieces_match_reference_pieces(dtype, tolerance):
     """DynMoLE's three FFN launches one by one, with the intermediate's adapter rows
     poisoned: slots whose adapters route gate and up only, down only, up and down, all three,
     and a MixLoRA slot the DynMoLE kernels must leave alone. The down kernel counts the routing
-    metrics of the summed logits."""
+    metrics of the summed logits. bf16 runs the serving dtype's loads, casts and stores (the
+    interpreter truncates to bf16 where a GPU rounds to nearest, hence the bf16 bound only)."""
     from mole_serve.kernels import (RoutingCounts, dynmole_down_delta_, dynmole_gate_up,
                                     dynmole_gate_up_route, dynmole_intermediate_)
     from mole_serve.layers import RoutingStats
@@ -359,8 +371,8 @@ def test_dynmole_ffn_pieces_match_reference_pieces():
                dynmole(6, 4, top_p=0.7, keep_top_k=2, target_modules=("down_proj",)),
                dynmole(5, 6, top_p=0.8, target_modules=("up_proj", "down_proj")),
                ZOO[4], ZOO[0]]
-    stack, base = make_stack(configs, seed=47), frozen(47)
-    x, slots = tokens(70, len(configs), seed=47)
+    stack, base = make_stack(configs, seed=47, dtype=dtype), frozen(47, dtype)
+    x, slots = tokens(70, len(configs), seed=47, dtype=dtype)
     plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
     slot = slots.clamp(min=0)
     gated = stack.gated
@@ -377,7 +389,7 @@ def test_dynmole_ffn_pieces_match_reference_pieces():
                                      gated["down_proj"])
     want_h = base.act(mole_projection(x, base.gate, slots, "gate_proj", stack)) \
         * mole_projection(x, base.up, slots, "up_proj", stack)
-    assert rel_err(h[rewritten], want_h[rewritten]) <= TOLERANCE
+    assert rel_err(h[rewritten], want_h[rewritten]) <= tolerance
     assert torch.equal(h[~rewritten], frozen_h[~rewritten])
     assert rel_err(partials.logits.sum(0)[down_rows],
                    router_logits(h, slots, gated["down_proj"].router)[down_rows]) <= TOLERANCE
@@ -390,14 +402,14 @@ def test_dynmole_ffn_pieces_match_reference_pieces():
                         RoutingCounts(stats.counts, stats.entropy_bounds))
     delta, uses = gated_lora_delta(h, slots, gated["down_proj"])
     assert torch.equal(uses, down_rows)
-    assert rel_err(y[uses] - y_before[uses], delta[uses]) <= TOLERANCE
+    check_added(y, y_before, delta, uses, dtype, tolerance)
     assert torch.equal(y[~uses], y_before[~uses])
     capped = dataclasses.replace(gated["down_proj"], k_max=2)  # as the route kernel cuts
     y_capped = y_before.clone()
     dynmole_down_delta_(y_capped, partials, plan, capped)
     delta_capped, _ = gated_lora_delta(h, slots, capped)
-    assert rel_err(y_capped[uses] - y_before[uses], delta_capped[uses]) <= TOLERANCE
-    assert rel_err(delta_capped[uses], delta[uses]) > 1e-2, "the cap must bite"
+    check_added(y_capped, y_before, delta_capped, uses, dtype, tolerance)
+    assert rel_err(delta_capped[uses], delta[uses]) > 5e-2, "the cap must bite"
     expected = RoutingStats(len(configs), gated["down_proj"].router.shape[1], 0, ("down",))
     expected = expected.to(DEVICE)
     expected.record(router_logits(h, slots, gated["down_proj"].router), slots,

@@ -198,16 +198,16 @@ def build_intermediate(tiles, dt, precision, k, serving):
           tiles.num_warps, serving)
 
 
-def build_down(tiles, dt, precision, k, serving):
+def build_down(tiles, dt, precision, k, serving, experts=E):
     build(dynmole._down_kernel, {**ids, "y_ptr": f"*{dt}", "logits_ptr": "*fp32",
           "partials_ptr": "*fp32", "b_ptr": f"*{dt}", "table_ptr": "*fp32",
           "counts_ptr": "*fp64", "bounds_ptr": "*fp32"},
-          dict(K=k, E_PAD=triton.next_power_of_2(E), R_PAD=configs.padded(R),
+          dict(K=k, E_PAD=triton.next_power_of_2(experts), R_PAD=configs.padded(R),
                BLOCK_M=configs.BLOCK_M, BLOCK_N=tiles.block_n, PRECISION=precision,
                COUNT=serving, NB=10, NB_PAD=16,
                TILES_PER_SPLIT=triton.cdiv(triton.cdiv(H, tiles.block_n), tiles.split_n),
-               L_CHUNK=expand.partials_per_load(configs.BLOCK_M, 1, E, split_i),
-               P_CHUNK=expand.partials_per_load(configs.BLOCK_M, E, R, split_i)),
+               L_CHUNK=expand.partials_per_load(configs.BLOCK_M, 1, experts, split_i),
+               P_CHUNK=expand.partials_per_load(configs.BLOCK_M, experts, R, split_i)),
           tiles.num_warps, serving)
 
 
@@ -223,10 +223,12 @@ for tiles in {tiles for _, tiles in configs.TILE_TABLE}:
                     (0, 1, 2) if serving and k == 2 else (0,))
         build_experts(tiles.experts, dt, precision, k, serving)
         build_expand(tiles.expand, dt, precision, k, serving)
-    # DynMoLE's FFN (k_max = E in a server): on the experts and expand tiles.
+    # DynMoLE's FFN (k_max = E in a server): on the experts and expand tiles; a server of
+    # one-expert adapters selects over a single column.
     for dt, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         build_intermediate(tiles.experts, dt, precision, E, dt == "bf16")
         build_down(tiles.expand, dt, precision, E, dt == "bf16")
+    build_down(tiles.expand, "bf16", "tf32", 1, True, experts=1)
 # The tuner's largest tiles must build and fit in shared memory (spills are its to measure).
 BUILDERS = {"route": [build_route], "experts": [build_experts, build_intermediate],
             "expand": [build_expand, build_down]}
