@@ -144,8 +144,9 @@ class RoutingStats(nn.Module):
     share their input), per slot, kept on the device.
 
     On the kernels the routing launch adds to `counts` itself (the route kernel; DynMoLE's
-    down router: the down kernel; a few atomics per block, no extra launch); on the reference backend `record` does, ending in a single scatter-add
-    into the same fixed-size buffer. Either way: no host sync, no data-dependent shapes
+    down router: the down kernel; a few atomics per block, no extra launch); on the
+    reference backend `record` does, ending in a single scatter-add into the same
+    fixed-size buffer. Either way: no host sync, no data-dependent shapes
     (CUDA-graph and compile safe). `take` runs outside the forward (step boundary, slot
     change) and returns what was added since its last call; the device counters only grow
     (until `reset_slot`), so nothing in the forward waits for the host. float64 holds the
