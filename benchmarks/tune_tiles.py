@@ -7,10 +7,11 @@ frozen GEMMs' noise does not enter; `triton.testing.do_bench` clears the L2 cach
 every call, as the frozen GEMMs' weight streaming does in a served layer (a replayed graph
 would time the adapters' weights from a warm L2). A candidate's time is the sum over the
 calls a layer makes of that kernel (MixLoRA: route, experts, down expand; DynMoLE: gate/up
-route, intermediate, down: the experts and expand tiles serve both paths); it replaces the default only if at least
-`MIN_GAIN` faster (medians of ~46 candidates otherwise pick noise). `tiles.csv` keeps every
-measurement (`gpu,date,commit,tokens,kernel,tiles,median_us,default_us`): the per-kernel
-profile the kernel benchmark's notes cite. The table applies to layers with at most the
+route, intermediate, down: the experts and expand tiles serve both paths); it replaces the
+default only if at least `MIN_GAIN` faster (medians of ~46 candidates otherwise pick
+noise). `tiles.csv` keeps every measurement
+(`gpu,date,commit,tokens,kernel,tiles,median_us,default_us`): the per-kernel profile the
+kernel benchmark's notes cite. The table applies to layers with at most the
 tuned expert count and rank (`configs.TunedTable.covers`).
 
 Usage: python benchmarks/tune_tiles.py [--out DIR] [--install]   (GPU, bf16)

@@ -286,7 +286,8 @@ class GroupedLoRABuffers(nn.Module):
     one projection alone), `GroupedLoRAStack` layout: per projection, a DynMoLE adapter's
     routed experts, or a MixLoRA adapter's plain LoRA (attention) as a one-expert stack (zero
     router; switch routing over one expert gives weight exactly 1). One route and one expand
-    launch per group, whatever each slot holds."""
+    launch per group, whatever each slot holds (the FFN's gate/up and down groups: DynMoLE's
+    three launches, `FFNAdapters.adapt_*`)."""
 
     def __init__(self, limits: SlotLimits, dims: list["ShardDims"], projs: tuple[str, ...]):
         super().__init__()

@@ -218,28 +218,40 @@ def test_route_matches_reference_dynmole_with_entropy_broadcast():
     assert (everything & uses).any() and (~everything & uses).any(), "broadcast and not"
 
 
+def counter_pair(num_slots: int, experts: int, router: str):
+    """Routing counters of one router for the kernels and for the reference
+    (`RoutingStats.record`), both reporting every slot (empty ones included)."""
+    from mole_serve.layers import RoutingStats
+    pair = [RoutingStats(num_slots, experts, 0, (router,)).to(DEVICE) for _ in range(2)]
+    for stats in pair:
+        stats.routed_slots[0].update(range(num_slots))
+    return pair
+
+
+def take_equal_counts(kernel_stats, reference_stats, router: str):
+    """What both counters added since their last take, the integer counts checked equal."""
+    got, want = kernel_stats.take()[router], reference_stats.take()[router]
+    for key in ("selections", "experts_per_token", "entropy_buckets"):
+        assert torch.equal(got[key], want[key]), key
+    return got, want
+
+
 def test_route_counts_the_routing_metrics_the_reference_counts():
     """With metrics on, the route kernel adds each block's routing to the per-slot counters
     (selections, experts kept, entropy buckets, entropy sum): the same counts as
     `RoutingStats.record` (the reference backend's counter) for every strategy, twice over
     (counters accumulate), nothing for base tokens and empty slots."""
-    from mole_serve.layers import RoutingStats
     from mole_serve.kernels import RoutingCounts
     configs = [c for c in ZOO if c.has_ffn_experts] + [None]
     stack = make_stack(configs, seed=5).ffn
     x, slots = tokens(130, len(configs), seed=6)
     plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
-    kernel_stats, reference_stats = (RoutingStats(len(configs), stack.router.shape[1], 0,
-                                                  ("ffn",)).to(DEVICE) for _ in range(2))
-    for stats in (kernel_stats, reference_stats):
-        stats.routed_slots[0].update(range(len(configs)))  # report every slot, the empty one
+    kernel_stats, reference_stats = counter_pair(len(configs), stack.router.shape[1], "ffn")
     for _ in range(2):
         mixlora_route(x, plan, stack, RoutingCounts(kernel_stats.counts,
                                                     kernel_stats.entropy_bounds))
         reference_stats.record(router_logits(x, slots, stack.router), slots, stack)
-    got, want = kernel_stats.take()["ffn"], reference_stats.take()["ffn"]
-    for key in ("selections", "experts_per_token", "entropy_buckets"):
-        assert torch.equal(got[key], want[key]), key
+    got, want = take_equal_counts(kernel_stats, reference_stats, "ffn")
     torch.testing.assert_close(got["entropy_sum"], want["entropy_sum"], rtol=1e-5, atol=1e-6)
     assert got["experts_per_token"][:-1].sum() == 2 * (slots >= 0).sum().item() - 2 * (
         slots == len(configs) - 1).sum().item()
@@ -366,7 +378,6 @@ def test_dynmole_ffn_pieces_match_reference_pieces(dtype, tolerance):
     interpreter truncates to bf16 where a GPU rounds to nearest, hence the bf16 bound only)."""
     from mole_serve.kernels import (RoutingCounts, dynmole_down_delta_, dynmole_gate_up,
                                     dynmole_gate_up_route, dynmole_intermediate_)
-    from mole_serve.layers import RoutingStats
     configs = [dynmole(4, 8, top_p=0.6, target_modules=("gate_proj", "up_proj")),
                dynmole(6, 4, top_p=0.7, keep_top_k=2, target_modules=("down_proj",)),
                dynmole(5, 6, top_p=0.8, target_modules=("up_proj", "down_proj")),
@@ -394,8 +405,7 @@ def test_dynmole_ffn_pieces_match_reference_pieces(dtype, tolerance):
     assert rel_err(partials.logits.sum(0)[down_rows],
                    router_logits(h, slots, gated["down_proj"].router)[down_rows]) <= TOLERANCE
 
-    stats = RoutingStats(len(configs), gated["down_proj"].router.shape[1], 0, ("down",))
-    stats = stats.to(DEVICE)
+    stats, expected = counter_pair(len(configs), gated["down_proj"].router.shape[1], "down")
     y = h @ base.down.T
     y_before = y.clone()
     dynmole_down_delta_(y, partials, plan, gated["down_proj"],
@@ -410,15 +420,9 @@ def test_dynmole_ffn_pieces_match_reference_pieces(dtype, tolerance):
     delta_capped, _ = gated_lora_delta(h, slots, capped)
     check_added(y_capped, y_before, delta_capped, uses, dtype, tolerance)
     assert rel_err(delta_capped[uses], delta[uses]) > 5e-2, "the cap must bite"
-    expected = RoutingStats(len(configs), gated["down_proj"].router.shape[1], 0, ("down",))
-    expected = expected.to(DEVICE)
     expected.record(router_logits(h, slots, gated["down_proj"].router), slots,
                     gated["down_proj"])
-    for counter in (stats, expected):
-        counter.routed_slots[0].update(range(len(configs)))
-    got, want = stats.take()["down"], expected.take()["down"]
-    for key in ("selections", "experts_per_token", "entropy_buckets"):
-        assert torch.equal(got[key], want[key]), key
+    got, _ = take_equal_counts(stats, expected, "down")
     assert got["selections"].sum() > 0
 
 
@@ -525,7 +529,6 @@ def test_row_parallel_ranks_route_from_summed_logits():
     whole delta, and the metrics count the routing of the summed logits."""
     from mole_serve.kernels import RoutingCounts
     from mole_serve.kernels import router_logits as kernel_router_logits
-    from mole_serve.layers import RoutingStats
     from mole_serve.stack import GroupedLoRAStack
     stack = make_stack(ZOO, seed=43).gated["down_proj"]
     x, slots = tokens(50, len(ZOO), seed=43, width=I)
@@ -540,7 +543,7 @@ def test_row_parallel_ranks_route_from_summed_logits():
     whole = router_logits(x, slots, stack.router)
     assert rel_err(summed[0][uses], whole[uses]) <= TOLERANCE
     assert (summed[0][~uses] == 0).all()
-    stats = RoutingStats(len(ZOO), stack.router.shape[1], 0, ("down",)).to(DEVICE)
+    stats, reference_stats = counter_pair(len(ZOO), stack.router.shape[1], "down")
     deltas, routings = [], []
     for x_part, rank in zip(inputs, ranks):
         y = torch.zeros(50, H, device=DEVICE)
@@ -552,12 +555,8 @@ def test_row_parallel_ranks_route_from_summed_logits():
     want, _ = gated_lora_delta(x, slots, stack, summed[0])
     assert rel_err((deltas[0] + deltas[1])[uses], want[uses]) <= TOLERANCE
     assert (deltas[0][~uses] == 0).all() and (deltas[1][~uses] == 0).all()
-    reference_stats = RoutingStats(len(ZOO), stack.router.shape[1], 0, ("down",)).to(DEVICE)
     reference_stats.record(summed[0], slots, stack)
-    for counter in (stats, reference_stats):
-        counter.routed_slots[0].update(range(len(ZOO)))
-    got, expected = stats.take()["down"], reference_stats.take()["down"]
-    assert torch.equal(got["selections"], expected["selections"])
+    got, _ = take_equal_counts(stats, reference_stats, "down")
     assert got["selections"].sum() > 0
 
 
