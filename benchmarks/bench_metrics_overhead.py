@@ -70,11 +70,12 @@ class ServedLayer:
         batch = self.ffn.slot_batch(x.shape[0])
         for group, fan_out in self.attention_outputs.items():  # deltas onto a zero output
             self.attention.project(x.new_zeros(x.shape[0], fan_out), x, batch, group)
-        gate_up = self.ffn.project(x @ self.gate_up.T, x, batch, "gate_up")
+        # The FFN's three adapter steps around the frozen GEMMs, as `model.MoleLlamaMLP`.
+        gate_up, step = self.ffn.adapt_gate_up(x @ self.gate_up.T, x, batch)
         g, u = gate_up.chunk(2, dim=-1)
-        h, routed = self.ffn.mix_experts(torch.nn.functional.silu(g) * u, g, u, x, batch)
-        y = self.ffn.project(h @ self.down.T, h, batch, "down")
-        return self.ffn.add_down_delta(y, batch, routed)
+        h = self.ffn.adapt_intermediate(torch.nn.functional.silu(g) * u, gate_up, x, batch,
+                                        step)
+        return self.ffn.adapt_output(h @ self.down.T, h, batch, step)
 
     def export(self) -> None:
         """What the model does at a step boundary: take the counts, update Prometheus."""
@@ -115,7 +116,7 @@ def main() -> None:
             (16, 256, 4096), 8, 50
     else:
         # The CPU reference path is slow (~2 s per layer at 256 tokens): decode-sized only.
-        base, tokens, num_slots, repeats = BaseShape(512, 1376, 1, 8, 8, 64), (16, 64), 4, 10
+        base, tokens, num_slots, repeats = BaseShape(512, 1376, 1, 8, 8, 64), (16, 64), 4, 40
 
     rows = []
     for num_tokens in tokens:

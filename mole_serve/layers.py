@@ -27,7 +27,7 @@ from torch import nn
 
 from .adapter import BaseShape, MoleAdapter, MoleLayer
 from .metrics import ENTROPY_BUCKETS
-from .reference import (add_where, gated_lora_delta, mixlora_down_delta,
+from .reference import (add_where, gated_lora_delta, gated_route, mixlora_down_delta,
                         mixlora_experts, mixlora_route, router_logits)
 from .routing import (NUM_COLUMNS, NUM_EXPERTS, masked_softmax, one_expert_routing_row, route,
                       routing_row)
@@ -440,9 +440,11 @@ class ProjectionAdapters(nn.Module):
             logits = router_logits(x, batch.slots, member.router)
             if buffers.routes_split_input:
                 logits = self.shard.all_reduce(logits)
+            routed = gated_route(logits, batch.slots, member)
             if stats is not None:
-                stats.record(logits, batch.slots, member, router=index)
-            outputs.append(add_where(part, *gated_lora_delta(x, batch.slots, member, logits)))
+                stats.record(logits, batch.slots, member, routed, router=index)
+            outputs.append(add_where(part, *gated_lora_delta(x, batch.slots, member, logits,
+                                                             routed)))
         return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
 
     def routing_stats(self) -> list[RoutingStats]:

@@ -197,19 +197,30 @@ def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: 
 
 
 def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack,
-                     logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     logits: torch.Tensor | None = None,
+                     routed: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-linear routed LoRA delta [T, out] fp32 and the mask of tokens it applies to.
     `logits`: the tokens' `router_logits` when the caller has them (tensor parallelism: the
-    sum over ranks; x and the A factors are then this rank's slices, the delta its part)."""
+    sum over ranks; x and the A factors are then this rank's slices, the delta its part);
+    `routed`: their `gated_route` when the caller has that too (the metrics count it)."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    if logits is None:
-        logits = router_logits(x, slots, stack.router)
-    weights, ids = route(logits, stack.routing[slot], stack.k_max)
+    if routed is None:
+        if logits is None:
+            logits = router_logits(x, slots, stack.router)
+        routed = gated_route(logits, slots, stack)
+    weights, ids = routed
     coef = torch.where(uses[:, None], weights * stack.scaling[slot][:, None], 0.0)
     shrink = torch.einsum("ti,tkri->tkr", x.float(), _gather(stack.a, slot, ids))
     delta = torch.einsum("tkr,tkor->to", shrink * coef[..., None], _gather(stack.b, slot, ids))
     return delta, uses
+
+
+def gated_route(logits: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's routing (weights, ids) [T, k_max] through its slot's row of `stack`."""
+    return route(logits, stack.routing[slots.clamp(min=0)], stack.k_max)
 
 
 def lora_stack_delta(x: torch.Tensor, slots: torch.Tensor, stack: LoRAStack
