@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import pathlib
 import statistics
 import subprocess
@@ -99,6 +100,7 @@ def measure(impl: str, shape: dict, batch: int, length: int, steps: int, dtype, 
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     del trainable, optimizer
+    gc.collect()  # the training wrappers point back at their model: a cycle, freed by gc only
     if device == "cuda":
         torch.cuda.empty_cache()
     return batch * length / statistics.median(times), peak

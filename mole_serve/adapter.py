@@ -87,34 +87,45 @@ class MoleAdapter:
 
 
 def init_adapter(config: MoleConfig, base: BaseShape, name: str = "adapter", *,
-                 generator: torch.Generator | None = None, router_std: float | None = None,
+                 generator: torch.Generator | None = None,
+                 router_init_range: float | None = None, router_std: float | None = None,
                  b_std: float = 0.0) -> MoleAdapter:
     """A fresh adapter initialised as MoE-PEFT does.
 
-    Router N(0, 0.02) for MixLoRA (DynMoLE: Kaiming-uniform, like nn.Linear), A
-    Kaiming-uniform(a=sqrt(5)), B zeros. Tests pass `b_std`/`router_std` to make the adapter
-    change outputs and routing visibly.
+    Routers read `router_init_range` as MoE-PEFT does: MixLoRA's FFN router N(0, range)
+    (default 0.02; 1.0 for switch routing), DynMoLE's per-linear routers Kaiming-uniform with
+    a = sqrt(range) (default 5.0: nn.Linear's init). A Kaiming-uniform(a=sqrt(5)), B zeros.
+    Tests pass `router_std` (every router N(0, std)) and `b_std` to make the adapter change
+    outputs and routing visibly.
     """
-    def kaiming(*shape: int) -> torch.Tensor:
-        bound = 1.0 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)) on [.., fan_in]
+    def kaiming(*shape: int, a_squared: float = 5.0) -> torch.Tensor:
+        bound = math.sqrt(6.0 / (1.0 + a_squared)) / math.sqrt(shape[-1])  # kaiming_uniform_
         return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
     def normal(std: float, *shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator) * std
+
+    def router(*shape: int) -> torch.Tensor:
+        if router_std is not None:
+            return normal(router_std, *shape)
+        if config.is_per_linear:
+            return kaiming(*shape, a_squared=5.0 if router_init_range is None
+                           else router_init_range)
+        default = 1.0 if config.routing_strategy == "mixlora-switch" else 0.02
+        return normal(default if router_init_range is None else router_init_range, *shape)
 
     E, r = config.num_experts, config.r
     layers = []
     for _ in range(base.num_layers):
         layer = MoleLayer()
         if config.has_ffn_experts:
-            layer.router = normal(0.02 if router_std is None else router_std, E, base.hidden)
+            layer.router = router(E, base.hidden)
         expert_projs = config.target_modules if config.is_per_linear else (
             config.ffn_targets if config.has_ffn_experts else ())
         for proj in expert_projs:
             fan_in, fan_out = base.in_out(proj)
             if config.is_per_linear:
-                layer.routers[proj] = (normal(router_std, E, fan_in) if router_std is not None
-                                       else kaiming(E, fan_in))
+                layer.routers[proj] = router(E, fan_in)
             layer.experts[proj] = ExpertLoRAs(kaiming(E, r, fan_in), normal(b_std, E, fan_out, r))
         for proj in config.lora_targets:
             fan_in, fan_out = base.in_out(proj)

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base-model", help="local transformers Llama-family checkpoint dir")
     run.add_argument("--output-dir")
     run.add_argument("--dtype", choices=["float32", "bfloat16"])
+    run.add_argument("--device", help="torch device for the base and adapters (default: cuda "
+                     "when available, else cpu)")
     run.add_argument("--gradient-checkpointing", action="store_true", default=None)
     run.add_argument("--cutoff-len", type=int)
     run.add_argument("--train-on-inputs", action="store_true", default=None,

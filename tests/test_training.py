@@ -213,10 +213,19 @@ def test_data_errors(world, tmp_path):
     with pytest.raises(DataError, match=r"row 1: missing text field\(s\) \['output'\]"):
         tokenize(load_records(bad), tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
                  source="bad.jsonl")
-    long = [{"instruction": "reverse: " + "red " * 40, "output": "x"}] * 3
-    examples, truncated = tokenize(long, tokenizer, cutoff=16, train_on_inputs=False,
-                                   add_eos=True, source="long")
-    assert truncated == 3 and all(len(e.input_ids) == 16 for e in examples)
+    long_answer = {"instruction": "reverse", "output": "red " * 40}
+    long_prompt = {"instruction": "reverse: " + "red " * 40, "output": "x"}
+    tokenized = tokenize([long_answer, long_prompt, long_answer], tokenizer, cutoff=120,
+                         train_on_inputs=False, add_eos=True, source="long")
+    assert (tokenized.truncated, tokenized.dropped) == (2, 1)
+    assert all(len(e.input_ids) == 120 and e.labels[-1] != -100 for e in tokenized.examples)
+    with pytest.raises(DataError, match="no row keeps an answer token within cutoff_len=120"):
+        tokenize([long_prompt], tokenizer, cutoff=120, train_on_inputs=False, add_eos=True,
+                 source="long")
+    with pytest.raises(DataError, match="list of objects ending with an assistant turn"):
+        tokenize([{"messages": [{"role": "user", "content": "x"}, "hi"]}], tokenizer,
+                 cutoff=48, train_on_inputs=False, add_eos=True, source="chat")
+    long = [long_answer]
     tokenizer.pad_token = None
     with pytest.raises(DataError, match="no pad token"):
         tokenize(long, tokenizer, cutoff=16, train_on_inputs=False, add_eos=True, source="x")
@@ -228,8 +237,8 @@ def test_chat_rows_need_a_chat_template(world):
     tokenizer = AutoTokenizer.from_pretrained(world / "base")
     rows = [{"messages": [{"role": "user", "content": "red cat"},
                           {"role": "assistant", "content": "cat red"}]}]
-    examples, _ = tokenize(rows, tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
-                           source="chat")
+    examples = tokenize(rows, tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
+                        source="chat").examples
     assert examples and any(label != -100 for label in examples[0].labels)
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="chat rows need a tokenizer with a chat template"):
@@ -267,18 +276,18 @@ def test_bf16_base_ffn_only_rslora_adapter(world, tmp_path):
 def test_prompt_is_masked_unless_train_on_inputs(world):
     tokenizer = AutoTokenizer.from_pretrained(world / "base")
     rows = task_rows("upper", 2, seed=3)
-    masked, _ = tokenize(rows, tokenizer, cutoff=128, train_on_inputs=False, add_eos=True,
-                         source="t")
-    full, _ = tokenize(rows, tokenizer, cutoff=128, train_on_inputs=True, add_eos=True,
-                       source="t")
+    masked = tokenize(rows, tokenizer, cutoff=128, train_on_inputs=False, add_eos=True,
+                      source="t").examples
+    full = tokenize(rows, tokenizer, cutoff=128, train_on_inputs=True, add_eos=True,
+                    source="t").examples
     answer = tokenizer(rows[0]["output"], add_special_tokens=False)["input_ids"]
     labelled = [t for t in masked[0].labels if t != -100]
     assert labelled == answer + [tokenizer.eos_token_id]
     assert full[0].labels == full[0].input_ids
     chat = [{"messages": [{"role": "user", "content": "hi"},
                           {"role": "assistant", "content": "red dog"}]}]
-    example, _ = tokenize(chat, tokenizer, cutoff=128, train_on_inputs=False, add_eos=False,
-                          source="chat")
+    example = tokenize(chat, tokenizer, cutoff=128, train_on_inputs=False, add_eos=False,
+                       source="chat").examples
     assert tokenizer.decode([t for t in example[0].labels if t != -100]) == "red dog\n"
 
 
@@ -293,7 +302,7 @@ def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path, capsys):
         f"  - {{name: rev, data: {world / 'reverse.jsonl'}, strategy: mixlora, num_experts: 4,"
         f" r: 4, lora_alpha: 8, steps: 2, batch_size: 4, eval_data: {world / 'reverse.jsonl'}}}\n"
         f"  - {{name: up, data: {world / 'upper.jsonl'}, strategy: dynmole, num_experts: 3,"
-        f" r: 4, lora_alpha: 8, steps: 2, batch_size: 4}}\n")
+        f" r: 4, lora_alpha: 8, steps: 2, batch_size: 4, lr: 2e-4}}\n")  # YAML: lr as text
     assert main(["--config", str(config)]) == 0
     out = tmp_path / "out"
     for name in ("rev", "up"):
@@ -319,7 +328,7 @@ def test_choice_accuracy_scores_label_tokens_at_the_last_prompt_position(world):
     """MoE-PEFT's rule: argmax over the logits of ' A', ' B', ... at the last prompt token."""
     import contextlib
 
-    from mole_serve.training.evaluate import choice_accuracy, label_token
+    from mole_serve.training.evaluate import choice_accuracy, choice_items, label_token
 
     tokenizer = AutoTokenizer.from_pretrained(world / "base")
     favourite = label_token(tokenizer, "B")
@@ -344,12 +353,19 @@ def test_choice_accuracy_scores_label_tokens_at_the_last_prompt_position(world):
     rows = [{"instruction": "pick", "choices": ["A", "B", "C"], "answer": "B"},
             {"instruction": "pick", "choices": ["A", "B", "C"], "answer": "A"},
             {"instruction": "pick", "input": "x", "choices": ["A", "B"], "answer": "B"},
-            {"instruction": "pick", "choices": ["A", "C"], "answer": "C"}]
+            {"instruction": "pick", "choices": ["A", "C"], "answer": "C"},
+            # chat rows: the conversation up to the question, with the generation prompt
+            {"messages": [{"role": "user", "content": "pick"}], "choices": ["A", "B"],
+             "answer": "B"}]
     stub = Stub()
-    assert choice_accuracy(stub, "rev", tokenizer, rows) == 0.5
-    assert stub.seen == [["rev"]] * 4
+    assert choice_accuracy(stub, "rev", choice_items(rows, tokenizer)) == 0.6
+    assert stub.seen == [["rev"]] * 5
+    chat_prompt = tokenizer.apply_chat_template(rows[-1]["messages"], tokenize=False,
+                                                add_generation_prompt=True)
+    assert choice_items(rows[-1:], tokenizer)[0].prompt_ids == tokenizer(chat_prompt)[
+        "input_ids"]
     with pytest.raises(DataError, match="needs 'choices'"):
-        choice_accuracy(stub, "rev", tokenizer, [{"instruction": "x", "answer": "A"}])
+        choice_items([{"instruction": "x", "answer": "A"}], tokenizer)
 
 
 def test_module_entry_point_with_flags(world, tmp_path):
@@ -362,7 +378,7 @@ def test_module_entry_point_with_flags(world, tmp_path):
          "--data", str(world / "reverse.jsonl"), "--name", "math", "--strategy", "mixlora",
          "--num-experts", "4", "--r", "4", "--lora-alpha", "8", "--top-k", "2", "--steps", "2",
          "--batch-size", "4", "--output-dir", str(tmp_path / "out"), "--write-bin",
-         "--no-progress"], capture_output=True, text=True, timeout=300)
+         "--no-progress", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "adapter 'math' written to" in done.stdout
     adapter = load_adapter(tmp_path / "out" / "math", "math")
@@ -385,3 +401,129 @@ def test_console_script_reports_bad_data_without_a_traceback(world, tmp_path):
     assert "mole-train: " in done.stderr and "missing text field(s) ['output']" in done.stderr
     assert "Traceback" not in done.stderr
 
+
+
+def test_resume_through_train_logs_each_micro_step_once(world, tmp_path):
+    """A run cut after micro-step 3 with a checkpoint at 2, resumed with `train()`: the
+    re-run micro-step 3 is logged once, and a checkpoint cut off while saving (no state
+    file) is passed over."""
+    options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path),
+                           adapters=[spec(world, "rev", "mixlora", steps=4)], progress=False,
+                           save_every=2)
+    first = Trainer(options)
+    for _ in range(3):
+        first.step()
+        if first.micro_step % 2 == 0:
+            first.save_checkpoint()
+    first.log.close()
+    (tmp_path / "checkpoint-3" / "rev").mkdir(parents=True)  # cut off before its state
+    resumed = Trainer(dataclasses.replace(options, resume=True))
+    assert resumed.micro_step == 2
+    resumed.train()
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4]
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_bad_eval_data_fails_before_training_and_adapters_are_saved_first(world, tmp_path,
+                                                                         monkeypatch):
+    bad_choices = write_jsonl(tmp_path / "choices.jsonl", [{"instruction": "x", "answer": "A"}])
+    with pytest.raises(DataError, match="choice data row 1: needs 'choices'"):
+        run(world, tmp_path / "a", spec(world, "rev", "mixlora", choice_data=str(bad_choices)))
+    with pytest.raises(DataError, match="no such file"):
+        run(world, tmp_path / "b", spec(world, "rev", "mixlora",
+                                        eval_data=str(tmp_path / "missing.jsonl")))
+    options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path / "c"),
+                           adapters=[spec(world, "rev", "mixlora", steps=1)], progress=False)
+    trainer = Trainer(options)
+
+    def failing_evaluation():
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(trainer, "evaluate", failing_evaluation)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.train()
+    load_adapter(tmp_path / "c" / "rev", "rev")  # the trained adapter is on disk already
+
+
+def test_run_file_values_are_typed(world):
+    """YAML reads `lr: 2e-4` as text: numbers written as text become numbers, other type
+    errors name the option."""
+    from mole_serve.training.options import options_from_dict
+
+    raw = {"base_model": "b", "output_dir": "o", "warmup_steps": "2", "adapters": [
+        {"name": "a", "data": "d", "lr": "2e-4", "balance_coef": "1e-3", "top_p": None,
+         "target_modules": ["q_proj", "up_proj"]}]}
+    options = options_from_dict(raw)
+    assert options.warmup_steps == 2 and options.adapters[0].lr == 2e-4
+    assert options.adapters[0].balance_coef == 1e-3 and options.adapters[0].top_p is None
+    for key, value in (("lr", "fast"), ("steps", 2.5), ("attention", "yes"),
+                       ("target_modules", "q_proj")):
+        with pytest.raises(ValueError, match=f"adapter 'a': {key} must be"):
+            options_from_dict({**raw, "adapters": [{"name": "a", "data": "d", key: value}]})
+    with pytest.raises(ValueError, match="run: seed must be int"):
+        options_from_dict({**raw, "seed": "x"})
+
+
+def test_device_option(world, monkeypatch):
+    from mole_serve.training.trainer import training_device
+
+    options = TrainOptions(base_model="b", output_dir="o",
+                           adapters=[AdapterSpec(name="a", data="d")])
+    assert training_device(options) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device(options) == torch.device("cuda")  # the GPU when there is one
+    assert training_device(dataclasses.replace(options, device="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda:0': this torch sees no CUDA device"):
+        dataclasses.replace(options, device="cuda:0").validate()
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        dataclasses.replace(options, device="gpu0").validate()
+
+
+def test_one_bos_and_one_eos_when_the_chat_template_writes_them(world):
+    """Llama-style tokenizers add BOS and chat templates write BOS/EOS themselves: the
+    trained sequence must hold each once."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = AutoTokenizer.from_pretrained(world / "base")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat = {"messages": [{"role": "user", "content": "red cat"},
+                         {"role": "assistant", "content": "cat red"}]}
+    alpaca = {"instruction": "reverse", "input": "red cat", "output": "cat red"}
+    for row in (chat, alpaca):
+        ids = tokenize([row], tokenizer, cutoff=256, train_on_inputs=False, add_eos=True,
+                       source="t").examples[0].input_ids
+        assert ids[0] == bos and ids.count(bos) == 1, row
+        assert ids.count(eos) == 1, row
+        assert ids[-1] == eos or tokenizer.decode(ids[ids.index(eos) + 1:]).strip() == "", row
+
+
+def test_router_init_range_reads_as_moe_peft_does():
+    """MixLoRA's FFN router N(0, range) (switch: 1.0 by default); DynMoLE's per-linear
+    routers Kaiming-uniform with a = sqrt(range), nn.Linear's init at the default 5.0."""
+    from mole_serve.adapter import BaseShape, init_adapter
+    from mole_serve.config import MoleConfig
+
+    base = BaseShape(256, 512, 1, 4, 4, 64)
+    g = torch.Generator().manual_seed(0)
+
+    def router_std(strategy, proj=None, **kw):
+        config = MoleConfig(strategy, num_experts=8, r=4, lora_alpha=8,
+                            target_modules=("gate_proj", "up_proj", "down_proj"))
+        layer = init_adapter(config, base, generator=g, **kw).layers[0]
+        return float((layer.routers[proj] if proj else layer.router).std())
+
+    assert router_std("mixlora") == pytest.approx(0.02, rel=0.1)
+    assert router_std("mixlora", router_init_range=0.5) == pytest.approx(0.5, rel=0.1)
+    assert router_std("mixlora-switch") == pytest.approx(1.0, rel=0.1)
+    bound = 1 / math.sqrt(256)  # uniform(-bound, bound): std = bound / sqrt(3)
+    assert router_std("dynmole", "gate_proj") == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert router_std("dynmole", "gate_proj", router_init_range=0.0) == pytest.approx(
+        math.sqrt(6 / 256) / math.sqrt(3), rel=0.1)

@@ -76,8 +76,10 @@ def prompt_and_answer(row: dict[str, Any], tokenizer, where: str) -> tuple[str, 
     if "messages" in row:
         messages = row["messages"]
         if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) for m in messages)
                 or messages[-1].get("role") != "assistant"):
-            raise DataError(f"{where}: 'messages' must be a list ending with an assistant turn")
+            raise DataError(f"{where}: 'messages' must be a list of objects ending with an "
+                            "assistant turn")
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: chat rows need a tokenizer with a chat template")
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
@@ -96,26 +98,58 @@ def prompt_and_answer(row: dict[str, Any], tokenizer, where: str) -> tuple[str, 
         row["output"]
 
 
+def choice_prompt(row: dict[str, Any], tokenizer, where: str) -> str:
+    """The prompt of a multiple-choice row: alpaca fields, or chat `messages` up to the
+    question (a trailing assistant turn is taken as the answer and left out)."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") != "assistant":
+        row = dict(row, messages=messages + [{"role": "assistant", "content": ""}])
+    return prompt_and_answer(dict(row, output=row.get("output", "")), tokenizer, where)[0]
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids with the tokenizer's BOS, unless the text (a chat template's rendering)
+    already starts with it: one BOS either way."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos))
+                     )["input_ids"]
+
+
+@dataclass
+class Tokenized:
+    examples: list[Example]
+    truncated: int   # rows cut to `cutoff` that still keep answer tokens
+    dropped: int     # rows whose prompt alone fills `cutoff`: nothing left to learn
+
+
 def tokenize(rows: list[dict[str, Any]], tokenizer, *, cutoff: int, train_on_inputs: bool,
-             add_eos: bool, source: str) -> tuple[list[Example], int]:
-    """Token ids and labels per row; returns (examples, number of truncated rows)."""
+             add_eos: bool, source: str) -> Tokenized:
+    """Token ids and labels per row, cut to `cutoff` tokens."""
     if tokenizer.pad_token_id is None:
         raise DataError("the tokenizer has no pad token: set one (e.g. --pad-token '<pad>' or "
                         "tokenizer.pad_token = tokenizer.eos_token) before training")
-    examples, truncated = [], 0
+    result = Tokenized([], 0, 0)
+    eos = tokenizer.eos_token_id
     for number, row in enumerate(rows, start=1):
         prompt, answer = prompt_and_answer(row, tokenizer, f"{source}: row {number}")
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        prompt_ids = encode_prompt(tokenizer, prompt)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if add_eos and tokenizer.eos_token_id is not None:
-            answer_ids = answer_ids + [tokenizer.eos_token_id]
+        if add_eos and eos is not None and answer_ids[-1:] != [eos]:  # templates may end in it
+            answer_ids = answer_ids + [eos]
         ids = prompt_ids + answer_ids
         labels = ids if train_on_inputs else [IGNORE] * len(prompt_ids) + answer_ids
         if len(ids) > cutoff:
-            truncated += 1
             ids, labels = ids[:cutoff], labels[:cutoff]
-        examples.append(Example(list(ids), list(labels)))
-    return examples, truncated
+            if all(label == IGNORE for label in labels[1:]):  # the loss reads labels[1:]
+                result.dropped += 1
+                continue
+            result.truncated += 1
+        result.examples.append(Example(list(ids), list(labels)))
+    if not result.examples:
+        raise DataError(f"{source}: no row keeps an answer token within cutoff_len={cutoff} "
+                        "(every prompt fills it)")
+    return result
 
 
 def batches(examples: list[Example], batch_size: int, seed: int, *, shuffle: bool = True

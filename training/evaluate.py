@@ -4,12 +4,13 @@ does (the logits of the answer-label tokens at the last prompt position, argmax)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, Example, DataError, collate, prompt_and_answer
+from .data import IGNORE, DataError, Example, choice_prompt, collate, encode_prompt
 
 
 @torch.no_grad()
@@ -42,23 +43,39 @@ def label_token(tokenizer, label: str) -> int:
     return ids[-1]
 
 
+@dataclass
+class ChoiceItem:
+    prompt_ids: list[int]
+    label_ids: list[int]   # one scored token per choice
+    answer: int            # index of the right choice
+
+
+def choice_items(rows: list[dict[str, Any]], tokenizer) -> list[ChoiceItem]:
+    """Multiple-choice rows, checked and tokenized before training starts. Rows: alpaca or
+    chat prompt fields plus `choices` (labels, e.g. ["A", "B"]) and `answer`."""
+    items = []
+    for number, row in enumerate(rows, start=1):
+        where = f"choice data row {number}"
+        choices = row.get("choices") if isinstance(row, dict) else None
+        answer = row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(choices, list) or answer not in choices:
+            raise DataError(f"{where}: needs 'choices' (a list of labels) and an 'answer' "
+                            "among them")
+        items.append(ChoiceItem(encode_prompt(tokenizer, choice_prompt(row, tokenizer, where)),
+                                [label_token(tokenizer, str(c)) for c in choices],
+                                choices.index(answer)))
+    return items
+
+
 @torch.no_grad()
-def choice_accuracy(model, adapter: str, tokenizer, rows: list[dict[str, Any]]) -> float:
-    """Rows: alpaca/chat prompt fields plus `choices` (labels, e.g. ["A", "B"]) and `answer`."""
+def choice_accuracy(model, adapter: str, items: list[ChoiceItem]) -> float:
+    """Share of rows whose right label has the highest logit at the last prompt position."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for number, row in enumerate(rows, start=1):
-        where = f"choice data row {number}"
-        choices, answer = row.get("choices"), row.get("answer")
-        if not isinstance(choices, list) or answer not in (choices or []):
-            raise DataError(f"{where}: needs 'choices' (a list of labels) and an 'answer' "
-                            "among them")
-        prompt, _ = prompt_and_answer(dict(row, output=row.get("output", "")), tokenizer, where)
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]],
-                           device=device)
+    for item in items:
         with model.rows([adapter]):
-            logits = model(input_ids=ids).logits[0, -1]
-        candidates = torch.tensor([label_token(tokenizer, c) for c in choices], device=device)
-        correct += int(choices[int(logits[candidates].argmax())] == answer)
-    return correct / len(rows)
+            logits = model(input_ids=torch.tensor([item.prompt_ids], device=device)).logits[0, -1]
+        scores = logits[torch.tensor(item.label_ids, device=device)]
+        correct += int(int(scores.argmax()) == item.answer)
+    return correct / len(items)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import typing
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class TrainOptions:
     write_bin: bool = False
     pad_token: str | None = None
     progress: bool = True
+    device: str | None = None      # None: "cuda" when available, else "cpu"
 
     def validate(self) -> None:
         if not self.adapters:
@@ -102,6 +104,8 @@ class TrainOptions:
             raise ValueError(f"adapter names must be unique, got {names}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.device is not None:
+            _check_device(self.device)
         if self.scheduler not in ("constant", "cosine"):
             raise ValueError(f"scheduler must be constant or cosine, got {self.scheduler!r}")
         for spec in self.adapters:
@@ -111,6 +115,16 @@ class TrainOptions:
             if spec.batch_size < 1 or spec.accumulation < 1:
                 raise ValueError(f"adapter {spec.name!r}: batch_size and accumulation must "
                                  "be >= 1")
+
+
+def _check_device(name: str) -> None:
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch sees no CUDA device")
 
 
 def load_options_file(path: str | pathlib.Path) -> dict[str, Any]:
@@ -135,7 +149,44 @@ def options_from_dict(raw: dict[str, Any]) -> TrainOptions:
         bad = sorted(set(item) - adapter_fields)
         if bad:
             raise ValueError(f"unknown adapter option(s) {bad}; known: {sorted(adapter_fields)}")
-        specs.append(AdapterSpec(**item))
-    options = TrainOptions(**{**raw, "adapters": specs})
+        specs.append(AdapterSpec(**_typed(AdapterSpec, item, f"adapter {item.get('name')!r}")))
+    run = _typed(TrainOptions, {k: v for k, v in raw.items() if k != "adapters"}, "run")
+    options = TrainOptions(**run, adapters=specs)
     options.validate()
     return options
+
+
+def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` checked against `cls`'s field types. Numbers written as text become numbers
+    (YAML reads `lr: 2e-4` as a string); anything else of the wrong type is refused here,
+    not deep inside the first training step."""
+    hints = typing.get_type_hints(cls)
+    typed = {}
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if value is None and type(None) in allowed:
+            typed[key] = value
+            continue
+        kind = next(t for t in allowed if t is not type(None))
+        typed[key] = _as(kind, value, f"{where}: {key}")
+    return typed
+
+
+def _as(kind: Any, value: Any, where: str) -> Any:
+    if kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is int and not isinstance(value, (bool, float)):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    elif typing.get_origin(kind) is list and isinstance(value, list) and all(
+            isinstance(v, str) for v in value):
+        return value
+    expected = getattr(kind, "__name__", str(kind))
+    raise ValueError(f"{where} must be {expected}, got {value!r}")

@@ -20,6 +20,14 @@ class RunLog:
                                  if resume and path.exists() else [])
         self.jsonl = open(path, "a" if resume else "w")
 
+    def keep_until(self, micro_step: int) -> None:
+        """Resuming from `micro_step`: forget later rows (that run's steps are re-run)."""
+        self.rows = [row for row in self.rows if row["step"] <= micro_step]
+        self.jsonl.seek(0)
+        self.jsonl.truncate()
+        self.jsonl.writelines(json.dumps(row) + "\n" for row in self.rows)
+        self.jsonl.flush()
+
     def start(self, total: int, initial: int = 0) -> None:
         if self.progress:
             from tqdm import tqdm

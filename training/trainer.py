@@ -21,7 +21,7 @@ from mole_serve.checkpoint import load_adapter, save_adapter
 from mole_serve.routing import route_config, router_loss
 
 from .data import IGNORE, Example, batches, collate, load_records, tokenize
-from .evaluate import choice_accuracy, heldout_loss
+from .evaluate import ChoiceItem, choice_accuracy, choice_items, heldout_loss
 from .modules import MoleTrainingModel
 from .options import AdapterSpec, TrainOptions
 from .report import RunLog
@@ -43,6 +43,8 @@ class AdapterRun:
     batches_taken: int = 0
     stream: object = None
     history: list[float] = field(default_factory=list)
+    eval_examples: list[Example] | None = None    # read before training: a bad eval file
+    choices: list[ChoiceItem] | None = None       # must not cost a finished run
 
     @property
     def done(self) -> bool:
@@ -62,7 +64,14 @@ def load_base(options: TrainOptions):
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False})
-    return model, tokenizer
+    return model.to(training_device(options)), tokenizer
+
+
+def training_device(options: TrainOptions) -> torch.device:
+    """The run's device: `options.device` (checked by `validate`), else the GPU if any."""
+    if options.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(options.device)
 
 
 def _schedule(options: TrainOptions, total: int):
@@ -91,17 +100,15 @@ class Trainer:
             config = spec.mole_config(options.base_model)
             generator = torch.Generator().manual_seed(options.seed + spec.seed_offset)
             adapters.append(init_adapter(config, base, spec.name, generator=generator,
-                                         router_std=spec.router_init_range))
-            rows = load_records(spec.data)
-            examples, truncated = tokenize(rows, tokenizer, cutoff=options.cutoff_len,
-                                           train_on_inputs=options.train_on_inputs,
-                                           add_eos=options.add_eos, source=spec.data)
-            if truncated:
-                print(f"warning: adapter {spec.name!r}: {truncated} of {len(examples)} rows "
-                      f"were longer than cutoff_len={options.cutoff_len} and were truncated")
+                                         router_init_range=spec.router_init_range))
+            examples = self._examples(spec.name, spec.data)
             per_step = spec.batch_size * spec.accumulation
             total = spec.steps or max(1, math.ceil(spec.epochs * len(examples) / per_step))
-            self.runs[spec.name] = AdapterRun(spec, examples, total)
+            run = self.runs[spec.name] = AdapterRun(spec, examples, total)
+            if spec.eval_data:
+                run.eval_examples = self._examples(spec.name, spec.eval_data)
+            if spec.choice_data:
+                run.choices = choice_items(load_records(spec.choice_data), tokenizer)
         device = next(model.parameters()).device
         self.model = MoleTrainingModel(
             model, adapters, [options.seed + s.seed_offset for s in options.adapters]).to(device)
@@ -117,6 +124,21 @@ class Trainer:
         self.log = RunLog(self.output, progress=options.progress, resume=options.resume)
         if options.resume:
             self._resume()
+            self.log.keep_until(self.micro_step)  # re-run micro-steps are logged again
+
+    def _examples(self, name: str, source: str) -> list[Example]:
+        options = self.options
+        tokenized = tokenize(load_records(source), self.tokenizer, cutoff=options.cutoff_len,
+                             train_on_inputs=options.train_on_inputs, add_eos=options.add_eos,
+                             source=source)
+        kept = len(tokenized.examples) + tokenized.dropped
+        if tokenized.truncated:
+            print(f"warning: adapter {name!r}, {source}: {tokenized.truncated} of {kept} rows "
+                  f"were longer than cutoff_len={options.cutoff_len} and were truncated")
+        if tokenized.dropped:
+            print(f"warning: adapter {name!r}, {source}: {tokenized.dropped} of {kept} rows "
+                  f"were left out: their prompt alone fills cutoff_len={options.cutoff_len}")
+        return tokenized.examples
 
     # -- one micro-step --------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -192,10 +214,10 @@ class Trainer:
             if self.options.save_every and self.micro_step % self.options.save_every == 0:
                 self.save_checkpoint()
         self.log.close()
+        paths = {name: self.save_adapter(name, self.output / name) for name in self.runs}
         results = self.evaluate()
         for name, values in results.items():
             print(f"eval {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
-        paths = {name: self.save_adapter(name, self.output / name) for name in self.runs}
         self.log.finish(results)
         return paths
 
@@ -203,16 +225,11 @@ class Trainer:
         results = {}
         for name, run in self.runs.items():
             values = {}
-            if run.spec.eval_data:
-                rows = load_records(run.spec.eval_data)
-                examples, _ = tokenize(rows, self.tokenizer, cutoff=self.options.cutoff_len,
-                                       train_on_inputs=self.options.train_on_inputs,
-                                       add_eos=self.options.add_eos, source=run.spec.eval_data)
-                values.update(heldout_loss(self.model, name, examples,
+            if run.eval_examples is not None:
+                values.update(heldout_loss(self.model, name, run.eval_examples,
                                            self.tokenizer.pad_token_id))
-            if run.spec.choice_data:
-                values["accuracy"] = choice_accuracy(self.model, name, self.tokenizer,
-                                                     load_records(run.spec.choice_data))
+            if run.choices is not None:
+                values["accuracy"] = choice_accuracy(self.model, name, run.choices)
             if values:
                 results[name] = values
         return results
@@ -240,7 +257,9 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        checkpoints = sorted(self.output.glob("checkpoint-*"),
+        # the state file is written last: a checkpoint without it was cut off while saving
+        checkpoints = sorted((p for p in self.output.glob("checkpoint-*")
+                              if (p / STATE_NAME).is_file()),
                              key=lambda p: int(p.name.split("-")[1]))
         if not checkpoints:
             print(f"resume: no checkpoint in {self.output}, starting fresh")
