@@ -165,7 +165,8 @@ class RoutingStats(nn.Module):
         columns = 2 * experts + 1 + len(ENTROPY_BUCKETS) + 1 + 1
         self.register_buffer("counts", _zeros(len(routers), slots, columns,
                                               dtype=torch.float64), persistent=False)
-        self.register_buffer("entropy_bounds", torch.tensor(ENTROPY_BUCKETS), persistent=False)
+        self.register_buffer("entropy_bounds", torch.tensor(ENTROPY_BUCKETS, dtype=torch.float32),
+                             persistent=False)  # fp32 whatever the default dtype (vLLM: bf16)
         self._exported: torch.Tensor | None = None
         # Per router: slots whose adapter routes there (a one-expert LoRA is counted, not
         # reported).

@@ -293,16 +293,18 @@ def install_adapter_hooks() -> None:
     @functools.wraps(load)
     def load_with_mole(self, lora_request):
         model = self._adapter_manager.model
+        if not hasattr(model, "set_mole_slot"):  # not our model: stock vLLM, no metrics
+            return load(self, lora_request)
         path = get_adapter_absolute_path(lora_request.lora_path)
         start = time.perf_counter()
-        if not (hasattr(model, "set_mole_slot") and is_mole_adapter_dir(path)):
+        if not is_mole_adapter_dir(path):
             loaded, strategy = load(self, lora_request), "lora"
         else:
             adapter = model.load_mole_adapter(path, lora_request.lora_name)
             loaded = LoRAModel(lora_request.lora_int_id, adapter.config.r, loras={})
             setattr(loaded, _MOLE_ATTRIBUTE, adapter)
             strategy = adapter.config.routing_strategy
-        if getattr(model, "mole_reports_metrics", True):
+        if model.mole_reports_metrics:
             metrics.adapter_loaded(lora_request.lora_name, strategy,
                                    time.perf_counter() - start)
         setattr(loaded, _NAME_ATTRIBUTE, lora_request.lora_name)
