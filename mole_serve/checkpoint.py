@@ -14,12 +14,12 @@ import re
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer, is_attention
-from .config import (CONFIG_NAME, MOE_PEFT_ORDER, PEFT_TYPE_OF, PLAIN_LORA, AdapterLimits,
-                     LEGACY_PROJS, MoleConfig, read_config_json)
+from .config import (ALL_PROJS, CONFIG_NAME, LEGACY_PROJS, MOE_PEFT_ORDER, PEFT_TYPE_OF,
+                     PLAIN_LORA, AdapterLimits, MoleConfig, read_config_json)
 from .errors import AdapterError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -129,6 +129,51 @@ def served_as_mole(path: str, adapter: str) -> bool:
         return False
     raise AdapterError(adapter, f"{CONFIG_NAME}:peft_type",
                        f"one of {sorted(MOLE_PEFT_TYPES | {'LORA'})}", repr(declared))
+
+
+_PLAIN_LORA_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])"
+                             r"(?:\.\w+)?\.weight$")
+
+
+def check_plain_lora(adapter_dir: pathlib.Path, adapter: str, base: BaseShape, max_rank: int
+                     ) -> None:
+    """The faults of a plain PEFT LoRA dir that vLLM's loader reports as a bare 500, as an
+    AdapterError naming them: a rank over the server's, factors that do not fit the base.
+    Whatever else the dir holds stays vLLM's to judge."""
+    config = read_config_json(adapter_dir, adapter)
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    too_large = [r for r in ranks if isinstance(r, int) and r > max_rank]
+    if too_large:
+        raise AdapterError(adapter, f"{CONFIG_NAME}:r", f"<= the server's max rank {max_rank}",
+                           str(max(too_large)))
+    for key, shape in _tensor_shapes(adapter_dir, adapter).items():
+        match = _PLAIN_LORA_KEY.search(key)
+        if match is None or match[2] not in ALL_PROJS:
+            continue
+        layer, (fan_in, fan_out) = int(match[1]), base.in_out(match[2])
+        rank = shape[0] if match[3] == "A" else shape[-1]
+        expected = [rank, fan_in] if match[3] == "A" else [fan_out, rank]
+        if layer >= base.num_layers:
+            raise AdapterError(adapter, key, f"a layer below the base's {base.num_layers}",
+                               f"layer {layer}")
+        if list(shape) != expected:
+            raise AdapterError(adapter, key, f"shape {expected}", f"shape {list(shape)}")
+        if rank > max_rank:
+            raise AdapterError(adapter, key, f"rank <= the server's max rank {max_rank}",
+                               f"rank {rank}")
+
+
+def _tensor_shapes(adapter_dir: pathlib.Path, adapter: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of an adapter dir; from the safetensors header alone when it has one."""
+    st = adapter_dir / SAFETENSORS_NAME
+    if st.is_file():
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(adapter, st.name, "a readable weights file",
+                               f"{type(exc).__name__}: {exc}") from None
+    return {key: tuple(t.shape) for key, t in read_tensors(adapter_dir, adapter).items()}
 
 
 def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Tensor]:

@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import logging
 import os
+import pathlib
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -60,7 +61,7 @@ import torch
 
 from . import metrics
 from .adapter import BaseShape, MoleAdapter
-from .checkpoint import is_mole_adapter_dir, load_adapter, served_as_mole
+from .checkpoint import check_plain_lora, is_mole_adapter_dir, load_adapter, served_as_mole
 from .config import CONFIG_NAME, FAMILIES, AdapterLimits
 from .errors import AdapterError
 from .layers import TensorShard
@@ -177,6 +178,24 @@ def load_served_adapter(path: str, name: str, vllm_config: Any) -> MoleAdapter:
 
 
 # -- architectures -----------------------------------------------------------------------------
+def _apply_overrides(target: Any, overrides: dict, top: bool = True) -> None:
+    """`--hf-overrides` as vLLM applies a dict: at the top a dict value updates a nested
+    config key by key and replaces anything else (a dict attribute included); inside a
+    nested config dicts are updated key by key too."""
+    from transformers import PretrainedConfig
+
+    for key, value in overrides.items():
+        current = target.get(key) if isinstance(target, dict) else getattr(target, key, None)
+        nested = isinstance(current, PretrainedConfig) or (
+            not top and (isinstance(current, dict) or hasattr(current, "__dict__")))
+        if isinstance(value, dict) and nested:
+            _apply_overrides(current, value, top=False)
+        elif isinstance(target, dict):
+            target[key] = value
+        else:
+            setattr(target, key, value)
+
+
 def register_model() -> None:
     from vllm import ModelRegistry
     if MOLE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
@@ -194,12 +213,7 @@ class UseMoleArchitecture:
         if callable(self.user_overrides):
             hf_config = self.user_overrides(hf_config)
         else:
-            for key, value in self.user_overrides.items():
-                current = getattr(hf_config, key, None)
-                if isinstance(value, dict) and hasattr(current, "update"):
-                    current.update(value)
-                else:
-                    setattr(hf_config, key, value)
+            _apply_overrides(hf_config, self.user_overrides)
         architectures = hf_config.architectures or []
         if "Qwen2ForCausalLM" in architectures:
             hf_config.qkv_bias = True
@@ -504,9 +518,14 @@ def install_api_validation() -> None:
 
 
 def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
-    """Raise AdapterError for a bad local path or MoLE dir; plain LoRA is vLLM's to check."""
+    """Raise AdapterError for a bad local path, a bad MoLE dir, or a plain LoRA dir whose
+    rank or shapes do not fit (vLLM would answer 500 without saying why)."""
+    local = os.path.expanduser(path)
     if served_as_mole(path, name):
-        load_served_adapter(os.path.expanduser(path), name, vllm_config)
+        load_served_adapter(local, name, vllm_config)
+    elif os.path.isdir(local):
+        check_plain_lora(pathlib.Path(local), name, base_shape(vllm_config),
+                         slot_capacity(vllm_config)[1])
 
 
 def tensor_parallel_shard() -> TensorShard:

@@ -162,3 +162,22 @@ def test_cpu_lora_ops_leave_no_adapter_rows_alone():
     bgmv_expand(shrunk, b, y, slots, add_inputs=True)
     assert torch.equal(y[1], torch.ones(8))
     torch.testing.assert_close(y[0], 1 + b[0, 0] @ shrunk[0])
+
+
+def test_hf_overrides_apply_as_vllm_applies_them():
+    """With the flag our `hf_overrides` callable wraps the user's dict: a dict attribute is
+    replaced, a nested config updated key by key, as stock vLLM does."""
+    from transformers import LlamaConfig, PretrainedConfig
+
+    config = PretrainedConfig(architectures=["LlamaForCausalLM"], hidden_size=64,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    config.text_config = LlamaConfig(hidden_size=64, rope_parameters={"rope_type": "default",
+                                                                      "rope_theta": 1e4})
+    overrides = {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "hidden_size": 96,
+                 "text_config": {"hidden_size": 96, "rope_parameters": {"factor": 2.0}}}
+    config = vllm_compat.UseMoleArchitecture(overrides)(config)
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0}
+    assert config.hidden_size == 96 and config.text_config.hidden_size == 96
+    assert config.text_config.rope_parameters["factor"] == 2.0
+    assert config.text_config.rope_parameters["rope_theta"] == 1e4
+    assert config.architectures == ["MoleLlamaForCausalLM"]

@@ -159,6 +159,12 @@ def bad_adapter(root: pathlib.Path, case: str) -> pathlib.Path:
                           BaseShape(hidden=96, intermediate=256, num_layers=2, num_heads=4,
                                     num_kv_heads=2, head_dim=24), seed=1)
         return path
+    if case.startswith("lora-"):  # plain PEFT LoRA: vLLM alone would answer a bare 500
+        hidden = 128 if case == "lora-rank" else 96
+        make_peft_lora(path, BaseShape(hidden=hidden, intermediate=256, num_layers=2,
+                                       num_heads=4, num_kv_heads=2, head_dim=hidden // 4),
+                       seed=2, rank=16 if case == "lora-rank" else 8)
+        return path
     edits = {"rank": ('"r": 4', '"r": 16'), "experts": ('"num_experts": 3', '"num_experts": 9')}
     return variant_of_late(root, path.name, *edits.get(case, ("", "")),
                            nan_tensor=case == "nan")
@@ -166,7 +172,8 @@ def bad_adapter(root: pathlib.Path, case: str) -> pathlib.Path:
 
 REFUSALS = {"missing": "does not exist", "not-json": "adapter_config.json: expected valid JSON",
             "rank": "max rank 8", "experts": "max experts 4", "shape": "expected shape",
-            "nan": "NaN/Inf"}
+            "nan": "NaN/Inf", "lora-rank": "max rank 8, found 16",
+            "lora-shape": "down_proj.lora_B.weight: expected shape [128, 8], found shape [96, 8]"}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
