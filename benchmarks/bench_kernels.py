@@ -28,7 +28,6 @@ import csv
 import datetime
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from mole_serve.kernels import (BLOCK_M, Routing, configs, dynmole_down_delta_,
                                 mixlora_route, num_slots, plan_tokens)
 from mole_serve.reference import FrozenFFN, ffn_literal
 from mole_serve.stack import LayerStack, stack_layer
+from provenance import commit
 
 COLUMNS = ["gpu", "date", "commit", "tokens", "adapters", "popularity", "strategy", "impl",
            "median_us", "bytes_floor_us", "launches"]
@@ -256,17 +256,6 @@ def count_launches(fn, device: str) -> int | str:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=pathlib.Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "kernels"], capture_output=True,
-                               text=True, cwd=pathlib.Path(__file__).parent.parent).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def replays_in_cuda_graph(fn) -> bool:
     """Capture `fn` in a CUDA graph, replay it, compare with an eager call (same kernels,
     same inputs, no atomics in the output: bit-identical)."""
@@ -315,12 +304,14 @@ def measure(layer: Layer, setup: Setup, device: str, bandwidth: float, tokens: i
 
 
 def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:
-    """Write kernels.csv, plan.csv and kernels.png; returns the CSV's path and whether every
-    batch's kernel output matched the naive loop (bf16: 3e-2, fp32: 1e-4 relative) and
-    replayed exactly in a CUDA graph."""
+    """Write kernels.csv, plan.csv (after every layer, so a run cut off keeps its rows) and
+    kernels.png; returns the CSV's path and whether every batch's kernel output matched the
+    naive loop and replayed exactly in a CUDA graph. The match is a guard against wrong
+    experts or rows (errors of order 1), not a precision test (the kernel tests do that
+    against fp32): fp32 1e-4 relative, bf16 5e-2, as both sides round to bf16 differently."""
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-triton-interpreter"
     head = [gpu, datetime.date.today().isoformat(), commit()]
-    tolerance = 1e-4 if setup.dtype == torch.float32 else 3e-2
+    tolerance = 1e-4 if setup.dtype == torch.float32 else 5e-2
     bandwidth = copy_bandwidth(device)
     print(f"{gpu}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     tuned = device == "cuda" and configs.tuned_tiles(gpu)
@@ -348,18 +339,19 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
                     for tok, ads, pop, impl, *values in measured:
                         rows.append(head + [tok, ads, pop, strategy, impl, *values])
                         print(",".join(map(str, rows[-1][3:])), flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "kernels.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
-    with (out_dir / "plan.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS[:6] + ["median_us"])
-        writer.writerows(plan_rows)
+            path = write_csv(out_dir / "kernels.csv", COLUMNS, rows)
+            write_csv(out_dir / "plan.csv", COLUMNS[:6] + ["median_us"], plan_rows)
     plot(rows, out_dir / "kernels.png")
     return path, all_match
+
+
+def write_csv(path: pathlib.Path, columns: list[str], rows: list[list]) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
 
 
 def plot(rows: list[list], path: pathlib.Path) -> None:

@@ -29,7 +29,6 @@ import os
 import pathlib
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import save_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.demo.server import VllmServer, default_env
+from provenance import commit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -126,8 +126,11 @@ def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]
         return common + extra
     if config == "lora":
         return common + ["--enable-lora"] + slots + extra
+    # MixLoRA adapters only: the DynMoLE family's layers (launches, slot buffers) are not built
+    families = [] if "--additional-config" in extra else [
+        "--additional-config", '{"mole": {"families": ["mixlora"]}}']
     return common + ["--enable-mole-adapters", "--max-mole-experts", str(args.experts)] \
-        + slots + extra
+        + families + slots + extra
 
 
 # -- load generation ------------------------------------------------------------------------
@@ -217,14 +220,6 @@ def warm_up(url: str, models: list[str]) -> None:
 
 def device_name() -> str:
     return torch.cuda.get_device_name(0) if ON_GPU else f"cpu-{os.cpu_count()}core"
-
-
-def commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip()
-                   else "")
 
 
 def write_rows(out: pathlib.Path, rows: list[dict]) -> pathlib.Path:

@@ -21,7 +21,6 @@ import datetime
 import gc
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.reference import FrozenFFN, mixlora_ffn_literal
 from mole_serve.training.modules import MoleTrainingModel
+from provenance import commit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -128,12 +128,10 @@ def main() -> None:
         batch, length, steps = args.batch, args.length, args.steps
         out = args.out or REPO / "benchmarks" / "results"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip() or "unknown"
     rows = []
     for impl in ("mole", "literal"):
         tokens_per_s, peak = measure(impl, shape, batch, length, steps, dtype, device)
-        rows.append({"gpu": gpu, "date": datetime.date.today().isoformat(), "commit": commit,
+        rows.append({"gpu": gpu, "date": datetime.date.today().isoformat(), "commit": commit(),
                      "impl": impl, "tokens_per_s": round(tokens_per_s, 1),
                      "peak_mem_gb": round(peak, 2)})
         print(rows[-1], flush=True)

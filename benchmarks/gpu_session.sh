@@ -19,9 +19,12 @@
 #            (auto backend = the Triton kernels, plus the reference backend)
 #   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
 #            $SERVING_ARGS (default: N = 1, 8, 32 adapters, rates 4 and 16, 80 requests a
-#            point; rows are written as they are measured, so a cut-off run keeps them)
+#            point, every config; three cold 7B servers do not fit one 10-minute call: give
+#            `--configs mole` in one call and `--configs base,lora` in the next; rows are
+#            written as they are measured, so a cut-off run keeps them)
 # Every step's log goes to OUT_DIR/STEP.log; the script goes on after a failing step and
-# exits non-zero if any failed. Copy the CSVs to benchmarks/results/ and the figures to
+# exits non-zero if any failed. The checkout sent to the host has no .git: run it as
+# `MOLE_SERVE_COMMIT=<short sha> bash benchmarks/gpu_session.sh ...` so the CSVs name the commit. Copy the CSVs to benchmarks/results/ and the figures to
 # benchmarks/RESULTS.md (with the GPU, the date and the commit) back on the CPU box.
 set -uo pipefail
 OUT=${1:?usage: gpu_session.sh OUT_DIR [tune|tests|kernels|metrics|train ...]}
@@ -32,14 +35,24 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The image has torch, triton, pytest, prometheus-client, safetensors, transformers; only our
 # package is missing (its kernels/ dir maps to mole_serve.kernels, hence an install).
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+export MOLE_SERVE_COMMIT=${MOLE_SERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+echo "commit ${MOLE_SERVE_COMMIT:-unknown}" | tee -a "$OUT/gpu.txt"
 
 # vLLM (installed by the `vllm` step of this call or of an earlier call of the same lease)
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1
-[ -d "$HOME/site/vllm" ] && export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} \
-  PATH=$HOME/site/bin:$PATH
+# $HOME/site precedes the editable install on the path: refresh our copy there from this
+# call's checkout, or a fix sent between calls of one lease would not run.
+install_site_copy() {
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade \
+    --target "$HOME/site" . || echo "== could not refresh $HOME/site: steps run an older copy"
+}
+if [ -d "$HOME/site/vllm" ]; then
+  export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} PATH=$HOME/site/bin:$PATH
+  install_site_copy
+fi
+export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$HOME/vllm-cache}  # compiled graphs, across calls
 # Tuned tiles survive between the calls of one warm lease ($HOME stays, the checkout is
 # re-sent); a fresh machine has none, and every step then runs on the untuned table.
 export MOLE_SERVE_TUNED_CONFIG_FOLDER=$HOME/mole-tuned
@@ -53,7 +66,7 @@ for step in $STEPS; do
     stage)   cmd=(bash .gpu-bundle/stage.sh .gpu-bundle) ;;
     vllm)    cmd=(bash -c 'bash .gpu-bundle/install.sh .gpu-bundle &&
                   python3 -m pip install -q --no-deps --no-index --no-build-isolation \
-                    --target "$HOME/site" . && mkdir -p "$HOME/site/bin" &&
+                    --upgrade --target "$HOME/site" . && mkdir -p "$HOME/site/bin" &&
                   printf "#!/bin/sh\nexec python3 -m vllm.entrypoints.cli.main \"\$@\"\n" \
                     > "$HOME/site/bin/vllm" && chmod +x "$HOME/site/bin/vllm" &&
                   PYTHONPATH=$HOME/site python3 -c \

@@ -34,12 +34,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_kernels import (FULL, SMOKE, Layer, Setup, commit, draw_slots, make_adapters,
-                           median_seconds, parse_args)
+from bench_kernels import (FULL, SMOKE, Layer, Setup, draw_slots, make_adapters, median_seconds,
+                           parse_args)
 from mole_serve.kernels import (configs, dynmole_down_delta_, dynmole_gate_up_route,
                                 dynmole_intermediate_, mixlora_down_delta_, mixlora_experts_,
                                 mixlora_route, num_slots, ops, plan_tokens)
 from mole_serve.kernels.configs import ExpandTiles, ExpertsTiles, RouteTiles, Tiles, TunedTable
+from provenance import commit
 
 ADAPTERS = 32
 DYNMOLE_TOP_P = 0.6
@@ -106,9 +107,10 @@ def time_with(tiles: Tiles, fns: list[Callable], device: str) -> float:
         ops.pick_tiles = default
 
 
-def tune(setup: Setup, candidates: dict[str, list], device: str, head: list
-         ) -> tuple[TunedTable, list[list]]:
-    """The tuned table and every measurement's CSV row."""
+def tune(setup: Setup, candidates: dict[str, list], device: str, head: list,
+         save: Callable[[TunedTable, list[list]], object]) -> None:
+    """Sweep every token count; after each, `save` the table so far (the kernels read the
+    nearest token count's tiles) and every measurement's CSV row: a run cut off keeps them."""
     table, rows = {}, []
     layers = [Layer(setup, make_adapters(strategy, setup, ADAPTERS, DYNMOLE_TOP_P), device)
               for strategy in ("top-2", "dynmole")]
@@ -130,7 +132,7 @@ def tune(setup: Setup, candidates: dict[str, list], device: str, head: list
             print(f"{tokens} tokens {kernel}: default {base_us:.1f} us, fastest {us:.1f} us "
                   f"({_describe(option)}); kept {_describe(best[kernel])}", flush=True)
         table[tokens] = Tiles(**best)
-    return TunedTable(setup.experts, setup.rank, tuple(sorted(table.items()))), rows
+        save(TunedTable(setup.experts, setup.rank, tuple(sorted(table.items()))), rows)
 
 
 def _describe(option) -> str:
@@ -166,9 +168,8 @@ def main() -> None:
         sys.exit("--install writes a device's table: not from the interpreter")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-triton-interpreter"
     head = [gpu, datetime.date.today().isoformat(), commit()]
-    table, rows = tune(SMOKE if args.smoke else FULL,
-                       SMOKE_CANDIDATES if args.smoke else CANDIDATES, device, head)
-    print(write(table, rows, head, out, args.install))
+    tune(SMOKE if args.smoke else FULL, SMOKE_CANDIDATES if args.smoke else CANDIDATES,
+         device, head, lambda table, rows: print(write(table, rows, head, out, args.install)))
 
 
 if __name__ == "__main__":

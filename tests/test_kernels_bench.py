@@ -17,12 +17,14 @@ SCRIPT = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_kernels.py
 
 
 def test_bench_kernels_smoke(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # also on a GPU machine
+    # A checkout on the GPU host has no .git: the commit comes from the environment.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOLE_SERVE_COMMIT": "abc1234"}
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     with (tmp_path / "kernels.csv").open() as f:
         rows = list(csv.DictReader(f))
+    assert {r["commit"] for r in rows} == {"abc1234"}
     assert list(rows[0]) == ["gpu", "date", "commit", "tokens", "adapters", "popularity",
                              "strategy", "impl", "median_us", "bytes_floor_us", "launches"]
     assert {r["impl"] for r in rows} == {"base", "mole", "naive"}
