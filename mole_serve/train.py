@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("lora-dropout", float), ("top-k", int), ("top-p", float),
                        ("temperature", float), ("keep-top-k", int),
                        ("entropy-threshold", float), ("entropy-index", float), ("lr", float),
-                       ("weight-decay", float), ("batch-size", int), ("accumulation", int),
+                       ("weight-decay", float), ("max-grad-norm", float),
+                       ("batch-size", int), ("accumulation", int),
                        ("steps", int), ("epochs", float), ("balance-coef", float),
                        ("entropy-coef", float)):
         one.add_argument(f"--{flag}", type=kind)

@@ -209,6 +209,9 @@ def test_data_errors(world, tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="no rows"):
         load_records(empty)
+    (tmp_path / "empty.json").write_text("\n")
+    with pytest.raises(DataError, match=r"empty.json: empty file"):
+        load_records(tmp_path / "empty.json")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
     with pytest.raises(DataError, match=r"row 1: missing text field\(s\) \['output'\]"):
         tokenize(load_records(bad), tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
@@ -527,3 +530,12 @@ def test_router_init_range_reads_as_moe_peft_does():
     assert router_std("dynmole", "gate_proj") == pytest.approx(bound / math.sqrt(3), rel=0.1)
     assert router_std("dynmole", "gate_proj", router_init_range=0.0) == pytest.approx(
         math.sqrt(6 / 256) / math.sqrt(3), rel=0.1)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
+def test_gradient_clipping_is_an_option(world, tmp_path, monkeypatch, max_grad_norm):
+    clipped = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, norm: clipped.append(norm))
+    run(world, tmp_path, spec(world, "rev", "mixlora", steps=2, max_grad_norm=max_grad_norm))
+    assert clipped == ([max_grad_norm] * 2 if max_grad_norm else [])

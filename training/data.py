@@ -57,6 +57,8 @@ def load_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid JSON ({exc})") from None
+    elif not path.read_text().strip():
+        raise DataError(f"{path}: empty file (no rows)")
     else:
         try:
             rows = json.loads(path.read_text())

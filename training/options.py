@@ -44,6 +44,7 @@ class AdapterSpec:
     router_init_range: float | None = None
     lr: float = 2e-4
     weight_decay: float = 0.01
+    max_grad_norm: float = 1.0      # gradient clipping per optimizer step; 0 turns it off
     batch_size: int = 8
     accumulation: int = 1
     steps: int | None = None

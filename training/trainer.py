@@ -191,8 +191,9 @@ class Trainer:
             run.micro_steps += 1
             run.history.append(metrics[run.spec.name]["loss"])
             if run.micro_steps % run.spec.accumulation == 0:
-                torch.nn.utils.clip_grad_norm_(self.model.adapters[run.spec.name].parameters(),
-                                               1.0)
+                if run.spec.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        self.model.adapters[run.spec.name].parameters(), run.spec.max_grad_norm)
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
