@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("num-experts", int), ("r", int), ("lora-alpha", int),
                        ("lora-dropout", float), ("top-k", int), ("top-p", float),
                        ("temperature", float), ("keep-top-k", int),
-                       ("entropy-threshold", float), ("entropy-index", float), ("lr", float),
+                       ("entropy-threshold", float), ("entropy-index", float),
+                       ("router-init-range", float), ("lr", float),
                        ("weight-decay", float), ("max-grad-norm", float),
                        ("batch-size", int), ("accumulation", int),
                        ("steps", int), ("epochs", float), ("balance-coef", float),
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument(f"--{flag}", type=kind)
     one.add_argument("--no-attention", dest="attention", action="store_false", default=None,
                      help="adapt the FFN only")
+    one.add_argument("--target-modules", nargs="+", metavar="PROJ",
+                     help="projections to adapt (default: all seven, or the FFN's three with "
+                          "--no-attention)")
     one.add_argument("--rslora", dest="use_rslora", action="store_true", default=None)
     one.add_argument("--eval-data")
     one.add_argument("--choice-data", help="JSONL with choices/answer for accuracy")

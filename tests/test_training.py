@@ -381,11 +381,14 @@ def test_module_entry_point_with_flags(world, tmp_path):
          "--data", str(world / "reverse.jsonl"), "--name", "math", "--strategy", "mixlora",
          "--num-experts", "4", "--r", "4", "--lora-alpha", "8", "--top-k", "2", "--steps", "2",
          "--batch-size", "4", "--output-dir", str(tmp_path / "out"), "--write-bin",
-         "--no-progress", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+         "--no-progress", "--device", "cpu", "--target-modules", "q_proj", "gate_proj",
+         "up_proj", "down_proj", "--router-init-range", "0.05"],
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "adapter 'math' written to" in done.stdout
     adapter = load_adapter(tmp_path / "out" / "math", "math")
     assert adapter.config.top_k == 2 and adapter.config.num_experts == 4
+    assert set(adapter.config.target_modules) == {"q_proj", "gate_proj", "up_proj", "down_proj"}
     assert (tmp_path / "out" / "math" / "adapter_model.bin").exists()
 
 
