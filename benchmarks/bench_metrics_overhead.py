@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import pathlib
 import statistics
 import time
@@ -31,9 +32,10 @@ from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters
                                TokenSlots)
 from mole_serve.metrics import routing_observed
 from bench_kernels import median_seconds
+from provenance import commit
 
-COLUMNS = ["device", "tokens", "strategy", "metrics", "median_us", "overhead_pct",
-           "export_us"]
+COLUMNS = ["device", "date", "commit", "tokens", "strategy", "metrics", "median_us",
+           "overhead_pct", "export_us"]
 ALL_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STRATEGIES = {
     "top-2": MoleConfig("mixlora", num_experts=8, r=16, lora_alpha=32, top_k=2,
@@ -120,6 +122,8 @@ def main() -> None:
         # The CPU reference path is slow (~2 s per layer at 256 tokens): decode-sized only.
         base, tokens, num_slots, repeats = BaseShape(512, 1376, 1, 8, 8, 64), (16, 64), 4, 40
 
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    stamp = {"device": name, "date": datetime.date.today().isoformat(), "commit": commit()}
     rows = []
     for num_tokens in tokens:
         g = torch.Generator().manual_seed(num_tokens)
@@ -138,7 +142,7 @@ def main() -> None:
             off = statistics.median(times[False])
             for on in (True, False):
                 median = statistics.median(times[on])
-                rows.append({"device": device.type, "tokens": num_tokens, "strategy": strategy,
+                rows.append({**stamp, "tokens": num_tokens, "strategy": strategy,
                              "metrics": "on" if on else "off", "median_us": round(median, 1),
                              "overhead_pct": round(100 * (median / off - 1), 2),
                              "export_us": round(export, 1) if on else ""})

@@ -127,7 +127,7 @@ def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]
     if config == "lora":
         return common + ["--enable-lora"] + slots + extra
     # MixLoRA adapters only: the DynMoLE family's layers (launches, slot buffers) are not built
-    families = [] if "--additional-config" in extra else [
+    families = [] if any(a.startswith("--additional-config") for a in extra) else [
         "--additional-config", '{"mole": {"families": ["mixlora"]}}']
     return common + ["--enable-mole-adapters", "--max-mole-experts", str(args.experts)] \
         + families + slots + extra

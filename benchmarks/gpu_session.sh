@@ -24,8 +24,9 @@
 #            written as they are measured, so a cut-off run keeps them)
 # Every step's log goes to OUT_DIR/STEP.log; the script goes on after a failing step and
 # exits non-zero if any failed. The checkout sent to the host has no .git: run it as
-# `MOLE_SERVE_COMMIT=<short sha> bash benchmarks/gpu_session.sh ...` so the CSVs name the commit. Copy the CSVs to benchmarks/results/ and the figures to
-# benchmarks/RESULTS.md (with the GPU, the date and the commit) back on the CPU box.
+# `MOLE_SERVE_COMMIT=<short sha> bash benchmarks/gpu_session.sh ...` (the CSVs name it).
+# Copy the CSVs to benchmarks/results/ and the figures to benchmarks/RESULTS.md (with the
+# GPU, the date and the commit) back on the CPU box.
 set -uo pipefail
 OUT=${1:?usage: gpu_session.sh OUT_DIR [tune|tests|kernels|metrics|train ...]}
 shift
@@ -35,19 +36,24 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The image has torch, triton, pytest, prometheus-client, safetensors, transformers; only our
 # package is missing (its kernels/ dir maps to mole_serve.kernels, hence an install).
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-export MOLE_SERVE_COMMIT=${MOLE_SERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-echo "commit ${MOLE_SERVE_COMMIT:-unknown}" | tee -a "$OUT/gpu.txt"
+echo "commit $(cd benchmarks && python3 -c 'import provenance; print(provenance.commit())')" \
+  | tee -a "$OUT/gpu.txt"
 
 # vLLM (installed by the `vllm` step of this call or of an earlier call of the same lease)
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1
 # $HOME/site precedes the editable install on the path: refresh our copy there from this
 # call's checkout, or a fix sent between calls of one lease would not run.
+# pip --upgrade --target replaces $HOME/site/bin (our console script): write vLLM's CLI again.
 install_site_copy() {
   python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade \
     --target "$HOME/site" . || echo "== could not refresh $HOME/site: steps run an older copy"
+  mkdir -p "$HOME/site/bin" &&
+    printf '#!/bin/sh\nexec python3 -m vllm.entrypoints.cli.main "$@"\n' > "$HOME/site/bin/vllm" &&
+    chmod +x "$HOME/site/bin/vllm"
 }
+export -f install_site_copy
 if [ -d "$HOME/site/vllm" ]; then
   export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} PATH=$HOME/site/bin:$PATH
   install_site_copy
@@ -64,11 +70,7 @@ failed=0
 for step in $STEPS; do
   case $step in
     stage)   cmd=(bash .gpu-bundle/stage.sh .gpu-bundle) ;;
-    vllm)    cmd=(bash -c 'bash .gpu-bundle/install.sh .gpu-bundle &&
-                  python3 -m pip install -q --no-deps --no-index --no-build-isolation \
-                    --upgrade --target "$HOME/site" . && mkdir -p "$HOME/site/bin" &&
-                  printf "#!/bin/sh\nexec python3 -m vllm.entrypoints.cli.main \"\$@\"\n" \
-                    > "$HOME/site/bin/vllm" && chmod +x "$HOME/site/bin/vllm" &&
+    vllm)    cmd=(bash -c 'bash .gpu-bundle/install.sh .gpu-bundle && install_site_copy &&
                   PYTHONPATH=$HOME/site python3 -c \
                     "import vllm, mole_serve.kernels; print(vllm.__version__)"')
              export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} PATH=$HOME/site/bin:$PATH ;;

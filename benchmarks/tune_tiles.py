@@ -108,9 +108,9 @@ def time_with(tiles: Tiles, fns: list[Callable], device: str) -> float:
 
 
 def tune(setup: Setup, candidates: dict[str, list], device: str, head: list,
-         save: Callable[[TunedTable, list[list]], object]) -> None:
-    """Sweep every token count; after each, `save` the table so far (the kernels read the
-    nearest token count's tiles) and every measurement's CSV row: a run cut off keeps them."""
+         save: Callable[[TunedTable, list[list], bool], object]) -> None:
+    """Sweep every token count; after each, `save` the table so far, every measurement's CSV
+    row and whether the sweep is complete: a run cut off keeps what it measured."""
     table, rows = {}, []
     layers = [Layer(setup, make_adapters(strategy, setup, ADAPTERS, DYNMOLE_TOP_P), device)
               for strategy in ("top-2", "dynmole")]
@@ -132,7 +132,8 @@ def tune(setup: Setup, candidates: dict[str, list], device: str, head: list,
             print(f"{tokens} tokens {kernel}: default {base_us:.1f} us, fastest {us:.1f} us "
                   f"({_describe(option)}); kept {_describe(best[kernel])}", flush=True)
         table[tokens] = Tiles(**best)
-        save(TunedTable(setup.experts, setup.rank, tuple(sorted(table.items()))), rows)
+        save(TunedTable(setup.experts, setup.rank, tuple(sorted(table.items()))), rows,
+             tokens == setup.tokens[-1])
 
 
 def _describe(option) -> str:
@@ -168,8 +169,11 @@ def main() -> None:
         sys.exit("--install writes a device's table: not from the interpreter")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-triton-interpreter"
     head = [gpu, datetime.date.today().isoformat(), commit()]
+    # Installed only when complete: a partial table would serve its largest token count's
+    # tiles to every larger batch.
     tune(SMOKE if args.smoke else FULL, SMOKE_CANDIDATES if args.smoke else CANDIDATES,
-         device, head, lambda table, rows: print(write(table, rows, head, out, args.install)))
+         device, head, lambda table, rows, complete: print(
+             write(table, rows, head, out, args.install and complete)))
 
 
 if __name__ == "__main__":

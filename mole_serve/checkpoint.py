@@ -135,11 +135,12 @@ _PLAIN_LORA_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.l
                              r"(?:\.\w+)?\.weight$")
 
 
-def check_plain_lora(adapter_dir: pathlib.Path, adapter: str, base: BaseShape, max_rank: int
-                     ) -> None:
+def check_plain_lora_fits(adapter_dir: pathlib.Path, adapter: str, base: BaseShape,
+                          max_rank: int) -> None:
     """The faults of a plain PEFT LoRA dir that vLLM's loader reports as a bare 500, as an
-    AdapterError naming them: a rank over the server's, factors that do not fit the base.
-    Whatever else the dir holds stays vLLM's to judge."""
+    AdapterError naming them: a rank over the server's, factors of the base's layers that do
+    not fit them. Whatever else the dir holds (other modules or layers, which vLLM skips, a
+    weights format we do not read) stays vLLM's to judge."""
     config = read_config_json(adapter_dir, adapter)
     ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
     too_large = [r for r in ranks if isinstance(r, int) and r > max_rank]
@@ -150,12 +151,11 @@ def check_plain_lora(adapter_dir: pathlib.Path, adapter: str, base: BaseShape, m
         match = _PLAIN_LORA_KEY.search(key)
         if match is None or match[2] not in ALL_PROJS:
             continue
-        layer, (fan_in, fan_out) = int(match[1]), base.in_out(match[2])
+        if int(match[1]) >= base.num_layers:
+            continue
+        fan_in, fan_out = base.in_out(match[2])
         rank = shape[0] if match[3] == "A" else shape[-1]
         expected = [rank, fan_in] if match[3] == "A" else [fan_out, rank]
-        if layer >= base.num_layers:
-            raise AdapterError(adapter, key, f"a layer below the base's {base.num_layers}",
-                               f"layer {layer}")
         if list(shape) != expected:
             raise AdapterError(adapter, key, f"shape {expected}", f"shape {list(shape)}")
         if rank > max_rank:
@@ -164,8 +164,11 @@ def check_plain_lora(adapter_dir: pathlib.Path, adapter: str, base: BaseShape, m
 
 
 def _tensor_shapes(adapter_dir: pathlib.Path, adapter: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of an adapter dir; from the safetensors header alone when it has one."""
+    """Tensor shapes of an adapter dir (from the safetensors header alone when it has one);
+    none for a weights file we do not read."""
     st = adapter_dir / SAFETENSORS_NAME
+    if not (st.is_file() or (adapter_dir / BIN_NAME).is_file()):
+        return {}
     if st.is_file():
         try:
             with safe_open(str(st), framework="pt") as f:

@@ -61,7 +61,8 @@ import torch
 
 from . import metrics
 from .adapter import BaseShape, MoleAdapter
-from .checkpoint import check_plain_lora, is_mole_adapter_dir, load_adapter, served_as_mole
+from .checkpoint import (check_plain_lora_fits, is_mole_adapter_dir, load_adapter,
+                         served_as_mole)
 from .config import CONFIG_NAME, FAMILIES, AdapterLimits
 from .errors import AdapterError
 from .layers import TensorShard
@@ -523,9 +524,10 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
     local = os.path.expanduser(path)
     if served_as_mole(path, name):
         load_served_adapter(local, name, vllm_config)
-    elif os.path.isdir(local):
-        check_plain_lora(pathlib.Path(local), name, base_shape(vllm_config),
-                         slot_capacity(vllm_config)[1])
+    elif os.path.isdir(local) and MOLE_ARCHITECTURE in (
+            vllm_config.model_config.architectures or []):  # a base whose shapes we know
+        check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
+                              slot_capacity(vllm_config)[1])
 
 
 def tensor_parallel_shard() -> TensorShard:

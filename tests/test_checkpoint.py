@@ -219,7 +219,7 @@ def test_plain_lora_check_names_rank_and_shape_faults_only(tmp_path, weights):
     """What the server refuses with a 400 before vLLM's own loader would answer a bare 500;
     a LoRA that fits passes (whatever else it holds is vLLM's to judge)."""
     from mole_serve.adapter import init_adapter
-    from mole_serve.checkpoint import check_plain_lora
+    from mole_serve.checkpoint import check_plain_lora_fits
     from mole_serve.config import MoleConfig
 
     base = BaseShape(128, 256, 2, 4, 2, 32)
@@ -231,14 +231,17 @@ def test_plain_lora_check_names_rank_and_shape_faults_only(tmp_path, weights):
         return save_adapter(init_adapter(config, shape, "p"), tmp_path / path,
                             bin=weights == "bin", safetensors=weights == "safetensors")
 
-    check_plain_lora(plain("fits", base, 8), "p", base, max_rank=8)
+    check_plain_lora_fits(plain("fits", base, 8), "p", base, max_rank=8)
     with pytest.raises(AdapterError, match=r"adapter_config.json:r: expected <= the server's "
                                            r"max rank 8, found 16"):
-        check_plain_lora(plain("rank", base, 16), "p", base, max_rank=8)
-    deeper = BaseShape(128, 256, 3, 4, 2, 32)
-    with pytest.raises(AdapterError, match=r"layers\.2\..*expected a layer below the base's 2"):
-        check_plain_lora(plain("deep", deeper, 8), "p", base, max_rank=8)
+        check_plain_lora_fits(plain("rank", base, 16), "p", base, max_rank=8)
+    deeper = BaseShape(128, 256, 3, 4, 2, 32)  # layers the base lacks: vLLM skips them
+    check_plain_lora_fits(plain("deep", deeper, 8), "p", base, max_rank=8)
+    (tmp_path / "pt").mkdir()  # weights we do not read (adapter_model.pt): vLLM's to judge
+    (tmp_path / "pt" / "adapter_config.json").write_text(
+        (tmp_path / "fits" / "adapter_config.json").read_text())
+    check_plain_lora_fits(tmp_path / "pt", "p", base, max_rank=8)
     wider = BaseShape(128, 320, 2, 4, 2, 32)
     with pytest.raises(AdapterError, match=r"mlp\.\w+_proj\.lora_[AB]\.weight: expected shape "
                                            r"\[(8, 256|256, 8)\], found shape \[(8, 320|320, 8)"):
-        check_plain_lora(plain("wide", wider, 8), "p", base, max_rank=8)
+        check_plain_lora_fits(plain("wide", wider, 8), "p", base, max_rank=8)

@@ -463,7 +463,7 @@ def test_run_file_values_are_typed(world):
     options = options_from_dict(raw)
     assert options.warmup_steps == 2 and options.adapters[0].lr == 2e-4
     assert options.adapters[0].balance_coef == 1e-3 and options.adapters[0].top_p is None
-    for key, value in (("lr", "fast"), ("steps", 2.5), ("attention", "yes"),
+    for key, value in (("lr", "fast"), ("lr", "nan"), ("steps", 2.5), ("attention", "yes"),
                        ("target_modules", "q_proj")):
         with pytest.raises(ValueError, match=f"adapter 'a': {key} must be"):
             options_from_dict({**raw, "adapters": [{"name": "a", "data": "d", key: value}]})
@@ -476,6 +476,7 @@ def test_device_option(world, monkeypatch):
 
     options = TrainOptions(base_model="b", output_dir="o",
                            adapters=[AdapterSpec(name="a", data="d")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training_device(options) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert training_device(options) == torch.device("cuda")  # the GPU when there is one
@@ -498,17 +499,20 @@ def test_one_bos_and_one_eos_when_the_chat_template_writes_them(world):
         single="<s> $A", special_tokens=[("<s>", bos)])
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}")
     chat = {"messages": [{"role": "user", "content": "red cat"},
                          {"role": "assistant", "content": "cat red"}]}
     alpaca = {"instruction": "reverse", "input": "red cat", "output": "cat red"}
-    for row in (chat, alpaca):
-        ids = tokenize([row], tokenizer, cutoff=256, train_on_inputs=False, add_eos=True,
-                       source="t").examples[0].input_ids
-        assert ids[0] == bos and ids.count(bos) == 1, row
-        assert ids.count(eos) == 1, row
-        assert ids[-1] == eos or tokenizer.decode(ids[ids.index(eos) + 1:]).strip() == "", row
+    ids = {}
+    for kind, row in (("chat", chat), ("alpaca", alpaca)):
+        ids[kind] = tokenize([row], tokenizer, cutoff=256, train_on_inputs=False, add_eos=True,
+                             source="t").examples[0].input_ids
+        assert ids[kind][0] == bos and ids[kind].count(bos) == 1, kind
+        assert ids[kind].count(eos) == 1, kind
+    assert ids["alpaca"][-1] == eos
+    after_eos = ids["chat"][ids["chat"].index(eos) + 1:]  # the template's end of turn
+    assert tokenizer.decode(after_eos) == "\n"
 
 
 def test_router_init_range_reads_as_moe_peft_does():

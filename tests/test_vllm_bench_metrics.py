@@ -15,8 +15,9 @@ def test_bench_metrics_overhead_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with (tmp_path / "metrics_overhead.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["device", "tokens", "strategy", "metrics", "median_us",
-                             "overhead_pct", "export_us"]
+    assert list(rows[0]) == ["device", "date", "commit", "tokens", "strategy", "metrics",
+                             "median_us", "overhead_pct", "export_us"]
+    assert rows[0]["commit"] and rows[0]["date"]
     assert {(r["strategy"], r["metrics"]) for r in rows} == {
         (s, m) for s in ("top-2", "dynmole") for m in ("on", "off")}
     assert all(float(r["median_us"]) > 0 for r in rows)

@@ -137,7 +137,7 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, *, cutoff: int, train_on_inp
         prompt, answer = prompt_and_answer(row, tokenizer, f"{source}: row {number}")
         prompt_ids = encode_prompt(tokenizer, prompt)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if add_eos and eos is not None and answer_ids[-1:] != [eos]:  # templates may end in it
+        if add_eos and eos is not None and eos not in answer_ids:  # a template wrote it
             answer_ids = answer_ids + [eos]
         ids = prompt_ids + answer_ids
         labels = ids if train_on_inputs else [IGNORE] * len(prompt_ids) + answer_ids

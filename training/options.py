@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
+import types
 import typing
 import zlib
 from dataclasses import dataclass, field
@@ -164,7 +166,9 @@ def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     typed = {}
     for key, value in values.items():
-        allowed = typing.get_args(hints[key]) or (hints[key],)
+        hint = hints[key]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = typing.get_args(hint) if union else (hint,)
         if value is None and type(None) in allowed:
             typed[key] = value
             continue
@@ -176,9 +180,11 @@ def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
 def _as(kind: Any, value: Any, where: str) -> Any:
     if kind is float and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            pass
+            number = math.nan
+        if math.isfinite(number):
+            return number
     elif kind is int and not isinstance(value, (bool, float)):
         try:
             return int(value)

@@ -131,12 +131,12 @@ class Trainer:
         tokenized = tokenize(load_records(source), self.tokenizer, cutoff=options.cutoff_len,
                              train_on_inputs=options.train_on_inputs, add_eos=options.add_eos,
                              source=source)
-        kept = len(tokenized.examples) + tokenized.dropped
+        rows = len(tokenized.examples) + tokenized.dropped
         if tokenized.truncated:
-            print(f"warning: adapter {name!r}, {source}: {tokenized.truncated} of {kept} rows "
+            print(f"warning: adapter {name!r}, {source}: {tokenized.truncated} of {rows} rows "
                   f"were longer than cutoff_len={options.cutoff_len} and were truncated")
         if tokenized.dropped:
-            print(f"warning: adapter {name!r}, {source}: {tokenized.dropped} of {kept} rows "
+            print(f"warning: adapter {name!r}, {source}: {tokenized.dropped} of {rows} rows "
                   f"were left out: their prompt alone fills cutoff_len={options.cutoff_len}")
         return tokenized.examples
 
