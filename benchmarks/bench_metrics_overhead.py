@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_metrics_overhead.py [--out DIR]   (default sizes:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import pathlib
 import statistics
@@ -31,7 +30,7 @@ from mole_serve.config import MoleConfig
 from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
                                TokenSlots)
 from mole_serve.metrics import routing_observed
-from bench_kernels import median_seconds
+from bench_kernels import median_seconds, write_csv
 from provenance import commit
 
 COLUMNS = ["device", "date", "commit", "tokens", "strategy", "metrics", "median_us",
@@ -147,16 +146,10 @@ def main() -> None:
                              "overhead_pct": round(100 * (median / off - 1), 2),
                              "export_us": round(export, 1) if on else ""})
                 print(rows[-1])
-        write_rows(args.out / "metrics_overhead.csv", rows)  # kept if a later size fails
-    print(f"wrote {args.out / 'metrics_overhead.csv'}")
-
-
-def write_rows(path: pathlib.Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+        # written after every size: rows are kept if a later size fails
+        path = write_csv(args.out / "metrics_overhead.csv", COLUMNS,
+                         [[row[c] for c in COLUMNS] for row in rows])
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -167,8 +167,6 @@ def _tensor_shapes(adapter_dir: pathlib.Path, adapter: str) -> dict[str, tuple[i
     """Tensor shapes of an adapter dir (from the safetensors header alone when it has one);
     none for a weights file we do not read."""
     st = adapter_dir / SAFETENSORS_NAME
-    if not (st.is_file() or (adapter_dir / BIN_NAME).is_file()):
-        return {}
     if st.is_file():
         try:
             with safe_open(str(st), framework="pt") as f:
@@ -176,7 +174,9 @@ def _tensor_shapes(adapter_dir: pathlib.Path, adapter: str) -> dict[str, tuple[i
         except (SafetensorError, OSError) as exc:
             raise AdapterError(adapter, st.name, "a readable weights file",
                                f"{type(exc).__name__}: {exc}") from None
-    return {key: tuple(t.shape) for key, t in read_tensors(adapter_dir, adapter).items()}
+    if (adapter_dir / BIN_NAME).is_file():
+        return {key: tuple(t.shape) for key, t in read_tensors(adapter_dir, adapter).items()}
+    return {}
 
 
 def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Tensor]:

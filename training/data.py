@@ -57,11 +57,12 @@ def load_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{number}: invalid JSON ({exc})") from None
-    elif not path.read_text().strip():
-        raise DataError(f"{path}: empty file (no rows)")
     else:
+        text = path.read_text()
+        if not text.strip():
+            raise DataError(f"{path}: empty file (no rows)")
         try:
-            rows = json.loads(path.read_text())
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: invalid JSON ({exc})") from None
         if not isinstance(rows, list):
