@@ -113,12 +113,13 @@ def served_as_mole(path: str, adapter: str) -> bool:
     """Who loads a requested adapter path: mole_serve (True: a MoLE dir) or vLLM's own loader
     (False: a plain PEFT LoRA dir, or a name vLLM resolves itself such as a hub id). A local
     path that cannot be an adapter raises AdapterError naming why, where vLLM would answer
-    404 or 500 without saying. Relative paths that do not exist may be hub ids: left to vLLM."""
+    404 or 500 without saying. A missing path that is a valid hub id ('name', 'org/name') is
+    left to vLLM, which may download it."""
     local = pathlib.Path(path).expanduser()
     if not local.exists():
-        if local.is_absolute() or path.startswith((".", "~")):
-            raise AdapterError(adapter, "path", "an adapter directory", f"{local} does not exist")
-        return False
+        if _is_hub_id(path):
+            return False
+        raise AdapterError(adapter, "path", "an adapter directory", f"{local} does not exist")
     if not local.is_dir():
         raise AdapterError(adapter, "path", "an adapter directory", f"{local} is a file")
     declared = read_config_json(local, adapter).get("peft_type")
@@ -129,6 +130,15 @@ def served_as_mole(path: str, adapter: str) -> bool:
         return False
     raise AdapterError(adapter, f"{CONFIG_NAME}:peft_type",
                        f"one of {sorted(MOLE_PEFT_TYPES | {'LORA'})}", repr(declared))
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 _PLAIN_LORA_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])"

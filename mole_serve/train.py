@@ -17,7 +17,8 @@ from mole_serve.training.options import (AdapterSpec, TrainOptions, load_options
                                          options_from_dict)
 
 RUN_FLAGS = {f.name for f in dataclasses.fields(TrainOptions)} - {"adapters"}
-ADAPTER_FLAGS = {f.name for f in dataclasses.fields(AdapterSpec)}
+# flags named like a run option set the run's value, which every adapter without its own takes
+ADAPTER_FLAGS = {f.name for f in dataclasses.fields(AdapterSpec)} - RUN_FLAGS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mole_serve.checkpoint import load_adapter
 from mole_serve.hf import attach_adapters
 from mole_serve.routing import entropy_loss, route_config
-from mole_serve.training.data import DataError, load_records, tokenize
+from mole_serve.training.data import IGNORE, DataError, load_records, tokenize
 from mole_serve.training.options import AdapterSpec, TrainOptions
 from mole_serve.training.trainer import Trainer
 from tiny_model import make_tiny_llama, task_rows, write_jsonl
@@ -191,8 +191,7 @@ def test_accumulation_steps_each_optimizer_once_per_window(world, tmp_path):
 
 def test_schedules_warm_up_then_hold_or_decay():
     from mole_serve.training.trainer import _schedule
-    options = TrainOptions(base_model="unused", output_dir="unused", adapters=[],
-                           warmup_steps=3)
+    options = AdapterSpec(name="a", data="unused", scheduler="constant", warmup_steps=3)
     constant = _schedule(options, total=10)
     assert [constant(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     cosine = _schedule(dataclasses.replace(options, scheduler="cosine"), total=11)
@@ -201,6 +200,51 @@ def test_schedules_warm_up_then_hold_or_decay():
     assert factors[3 + 4] == pytest.approx(0.5)          # half-way through the decay
     assert factors[11] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+
+
+def test_adapters_override_the_runs_schedule_cutoff_and_prompt_masking(world, tmp_path):
+    """MoE-PEFT gives each adapter its own LR scheduler: the run's scheduler, warm-up, cutoff
+    and train-on-inputs are defaults an adapter may override, without touching its spec."""
+    own = spec(world, "up", "mixlora", steps=3, scheduler="constant", warmup_steps=2,
+               cutoff_len=108, train_on_inputs=True)
+    inherits = spec(world, "rev", "mixlora", steps=3)
+    options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path),
+                           adapters=[inherits, own], progress=False, scheduler="cosine",
+                           cutoff_len=112)  # prompts here are 98 to 105 tokens long
+    trainer = Trainer(options)
+    assert inherits.scheduler is None and own.cutoff_len == 108  # the caller's specs as given
+    rev, up = trainer.runs["rev"], trainer.runs["up"]
+    assert (rev.spec.scheduler, rev.spec.warmup_steps, rev.spec.cutoff_len,
+            rev.spec.train_on_inputs) == ("cosine", 0, 112, False)
+    assert max(len(e.input_ids) for e in up.examples) == 108
+    assert max(len(e.input_ids) for e in rev.examples) == 112
+    assert all(IGNORE not in e.labels for e in up.examples)
+    assert all(e.labels[0] == IGNORE for e in rev.examples)
+    lrs = {"rev": [], "up": []}
+    for _ in range(3):
+        for name in lrs:
+            lrs[name].append(trainer.runs[name].optimizer.param_groups[0]["lr"])
+        trainer.step()
+    assert lrs["up"] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])       # warm-up, then hold
+    assert lrs["rev"] == pytest.approx([1e-2, 0.75e-2, 0.25e-2])        # cosine from step 0
+    for key, value in (("scheduler", "linear"), ("warmup_steps", -1), ("cutoff_len", 1)):
+        bad = TrainOptions(base_model="b", output_dir="o",
+                           adapters=[AdapterSpec(name="a", data="d", **{key: value})])
+        with pytest.raises(ValueError, match=f"adapter 'a': {key}"):
+            bad.validate()
+
+
+def test_run_flags_next_to_a_config_file_set_run_defaults(world, tmp_path):
+    from mole_serve.train import build_parser, options_from_args
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"base_model": "b", "output_dir": "o", "adapters": [
+        {"name": "a", "data": "d"}, {"name": "c", "data": "d", "scheduler": "constant"}]}))
+    args = build_parser().parse_args(["--config", str(config), "--scheduler", "cosine",
+                                      "--cutoff-len", "64"])
+    options = options_from_args(args)
+    assert [(a.name, a.scheduler, a.cutoff_len) for a in options.adapters] == [
+        ("a", "cosine", 64), ("c", "constant", 64)]
 
 
 def test_data_errors(world, tmp_path):

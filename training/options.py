@@ -3,9 +3,13 @@
 A run is described by flags (one adapter) or by a JSON / YAML file (any number of adapters,
 each with its own data, hyper-parameters and optimizer), e.g.
 
-    {"base_model": "BASE", "output_dir": "out", "steps": 200,
-     "adapters": [{"name": "math", "data": "math.jsonl", "strategy": "mixlora"},
-                  {"name": "code", "data": "code.jsonl", "strategy": "dynmole"}]}
+    {"base_model": "BASE", "output_dir": "out", "scheduler": "cosine",
+     "adapters": [{"name": "math", "data": "math.jsonl", "strategy": "mixlora", "steps": 200},
+                  {"name": "code", "data": "code.jsonl", "strategy": "dynmole", "lr": 1e-4,
+                   "scheduler": "constant", "warmup_steps": 10}]}
+
+The run's `scheduler`, `warmup_steps`, `cutoff_len` and `train_on_inputs` are defaults that an
+adapter may override.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ class AdapterSpec:
     entropy_coef: float = 0.01
     eval_data: str | None = None
     choice_data: str | None = None
+    # Left None, these take the run's value (MoE-PEFT gives each adapter its own LR scheduler).
+    scheduler: str | None = None
+    warmup_steps: int | None = None
+    cutoff_len: int | None = None
+    train_on_inputs: bool | None = None
 
     def mole_config(self, base_model: str | None) -> MoleConfig:
         targets = tuple(self.target_modules) if self.target_modules else (
@@ -99,6 +108,8 @@ class TrainOptions:
     device: str | None = None      # None: "cuda" when available, else "cpu"
 
     def validate(self) -> None:
+        """Check the run, and give each adapter the run's value of every per-adapter option
+        it leaves unset."""
         if not self.adapters:
             raise ValueError("no adapters to train: give --data (and --name) or a config file "
                              "with an 'adapters' list")
@@ -109,15 +120,30 @@ class TrainOptions:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.device is not None:
             _check_device(self.device)
-        if self.scheduler not in ("constant", "cosine"):
-            raise ValueError(f"scheduler must be constant or cosine, got {self.scheduler!r}")
+        _check_schedule("run", self)
+        self.adapters = [dataclasses.replace(spec, **{
+            key: getattr(self, key) for key in RUN_DEFAULTS if getattr(spec, key) is None})
+            for spec in self.adapters]  # copies: a spec may serve in runs with other defaults
         for spec in self.adapters:
+            _check_schedule(f"adapter {spec.name!r}", spec)
             if spec.strategy not in STRATEGIES:
                 raise ValueError(f"adapter {spec.name!r}: strategy must be one of "
                                  f"{list(STRATEGIES)}, got {spec.strategy!r}")
             if spec.batch_size < 1 or spec.accumulation < 1:
                 raise ValueError(f"adapter {spec.name!r}: batch_size and accumulation must "
                                  "be >= 1")
+
+
+RUN_DEFAULTS = ("scheduler", "warmup_steps", "cutoff_len", "train_on_inputs")
+
+
+def _check_schedule(where: str, options: TrainOptions | AdapterSpec) -> None:
+    if options.scheduler not in ("constant", "cosine"):
+        raise ValueError(f"{where}: scheduler must be constant or cosine, "
+                         f"got {options.scheduler!r}")
+    for key, least in (("warmup_steps", 0), ("cutoff_len", 2)):
+        if getattr(options, key) < least:
+            raise ValueError(f"{where}: {key} must be >= {least}, got {getattr(options, key)}")
 
 
 def _check_device(name: str) -> None:

@@ -74,13 +74,13 @@ def training_device(options: TrainOptions) -> torch.device:
     return torch.device(options.device)
 
 
-def _schedule(options: TrainOptions, total: int):
+def _schedule(spec: AdapterSpec, total: int):
     def factor(step: int) -> float:
-        if step < options.warmup_steps:
-            return (step + 1) / (options.warmup_steps + 1)
-        if options.scheduler == "constant":
+        if step < spec.warmup_steps:
+            return (step + 1) / (spec.warmup_steps + 1)
+        if spec.scheduler == "constant":
             return 1.0
-        progress = (step - options.warmup_steps) / max(1, total - options.warmup_steps)
+        progress = (step - spec.warmup_steps) / max(1, total - spec.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
@@ -101,12 +101,12 @@ class Trainer:
             generator = torch.Generator().manual_seed(options.seed + spec.seed_offset)
             adapters.append(init_adapter(config, base, spec.name, generator=generator,
                                          router_init_range=spec.router_init_range))
-            examples = self._examples(spec.name, spec.data)
+            examples = self._examples(spec, spec.data)
             per_step = spec.batch_size * spec.accumulation
             total = spec.steps or max(1, math.ceil(spec.epochs * len(examples) / per_step))
             run = self.runs[spec.name] = AdapterRun(spec, examples, total)
             if spec.eval_data:
-                run.eval_examples = self._examples(spec.name, spec.eval_data)
+                run.eval_examples = self._examples(spec, spec.eval_data)
             if spec.choice_data:
                 run.choices = choice_items(load_records(spec.choice_data), tokenizer)
         device = next(model.parameters()).device
@@ -117,7 +117,7 @@ class Trainer:
             run.optimizer = torch.optim.AdamW(params, lr=run.spec.lr,
                                               weight_decay=run.spec.weight_decay)
             run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                run.optimizer, _schedule(options, run.total_steps))
+                run.optimizer, _schedule(run.spec, run.total_steps))
             run.stream = batches(run.examples, run.spec.batch_size,
                                  options.seed + run.spec.seed_offset)
         self.micro_step = 0
@@ -126,18 +126,18 @@ class Trainer:
             self._resume()
             self.log.keep_until(self.micro_step)  # re-run micro-steps are logged again
 
-    def _examples(self, name: str, source: str) -> list[Example]:
-        options = self.options
-        tokenized = tokenize(load_records(source), self.tokenizer, cutoff=options.cutoff_len,
-                             train_on_inputs=options.train_on_inputs, add_eos=options.add_eos,
-                             source=source)
+    def _examples(self, spec: AdapterSpec, source: str) -> list[Example]:
+        tokenized = tokenize(load_records(source), self.tokenizer, cutoff=spec.cutoff_len,
+                             train_on_inputs=spec.train_on_inputs,
+                             add_eos=self.options.add_eos, source=source)
         rows = len(tokenized.examples) + tokenized.dropped
+        where = f"adapter {spec.name!r}, {source}: "
         if tokenized.truncated:
-            print(f"warning: adapter {name!r}, {source}: {tokenized.truncated} of {rows} rows "
-                  f"were longer than cutoff_len={options.cutoff_len} and were truncated")
+            print(f"warning: {where}{tokenized.truncated} of {rows} rows were longer than "
+                  f"cutoff_len={spec.cutoff_len} and were truncated")
         if tokenized.dropped:
-            print(f"warning: adapter {name!r}, {source}: {tokenized.dropped} of {rows} rows "
-                  f"were left out: their prompt alone fills cutoff_len={options.cutoff_len}")
+            print(f"warning: {where}{tokenized.dropped} of {rows} rows were left out: their "
+                  f"prompt alone fills cutoff_len={spec.cutoff_len}")
         return tokenized.examples
 
     # -- one micro-step --------------------------------------------------------------------
