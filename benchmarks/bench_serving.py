@@ -8,11 +8,14 @@ For each config the script starts its own `vllm serve` on localhost with random 
   lora  stock vLLM `--enable-lora` with N plain LoRA adapters of rank r;
   mole  `--enable-mole-adapters` with N MixLoRA adapters (E experts of rank r, top-k).
 Each request's adapter is drawn from a Zipf law over the N adapters; prompt and output lengths
-are uniform in [L/2, 3L/2]; `ignore_eos` makes every request produce its output length. All
+are uniform in [L/2, 3L/2]; `ignore_eos` makes every request produce its output length. Every
+config and N sees the same arrival times, prompts and lengths at a given rate. All
 N names of a config point at one adapter dir (disk stays small at 7B shape) but are distinct
 adapters to vLLM: each gets its own id and slot.
-Reports output tokens/s and TTFT / TPOT p50 and p99. Rows are appended to
-`OUT/serving.csv`; `OUT/serving_throughput.png` and `OUT/serving_latency.png` plot this run.
+Reports output tokens/s (over the time from the first send to the last answer) and TTFT /
+TPOT p50 and p99. Rows are appended to `OUT/serving.csv`; `OUT/serving_throughput.png` and
+`OUT/serving_latency.png` plot this run. A point with failed requests writes no row (its
+first error is printed) and the run exits 1 after the other points.
 
 CPU box:  python benchmarks/bench_serving.py                    (tiny shape, N = 1, 4)
 GPU host: python benchmarks/bench_serving.py --shape llama2-7b  (N = 1, 8, 32)
@@ -29,6 +32,7 @@ import os
 import pathlib
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +44,7 @@ import torch
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import save_adapter
 from mole_serve.config import MoleConfig
+from mole_serve.demo.cli import vllm_max_lora_rank
 from mole_serve.demo.server import VllmServer, default_env
 from provenance import commit
 
@@ -82,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="", help="extra `vllm serve` arguments")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work dir (model, adapters, server logs; GBs at 7B shape)")
     return p.parse_args(argv)
 
 
@@ -118,7 +125,7 @@ def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]
               "--max-num-seqs", "256" if ON_GPU else "16"]
     if not ON_GPU:
         common.append("--enforce-eager")
-    slots = ["--max-lora-rank", str(args.rank), "--max-loras", str(min(n, args.max_loras)),
+    slots = ["--max-lora-rank", str(vllm_max_lora_rank(args.rank)), "--max-loras", str(min(n, args.max_loras)),
              "--max-cpu-loras", str(n), "--lora-modules",
              *(f"{config}{i}={adapter_dir}" for i in range(n))]
     extra = shlex.split(args.serve_args)
@@ -145,49 +152,61 @@ class Request:
 
 @dataclass
 class Outcome:
-    ttft: float
-    latency: float
-    output_tokens: int
-    started: float
-    finished: float
+    """One request's timings in seconds (`finished`: since the point's first send), or the
+    error that failed it."""
+
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    finished: float = 0.0
+    error: str | None = None
 
 
 def plan(config: str, n: int, rate: float, args, vocab: int, seed: int) -> list[Request]:
-    """Poisson arrival times, Zipf adapter choice, uniform lengths; seeded."""
-    rng = random.Random(seed)
+    """Poisson arrival times (the first at 0, as `vllm bench serve` sends it), uniform
+    lengths and prompts from one seeded stream, the Zipf adapter choice from another: every
+    config and adapter count gets the same arrivals and prompts."""
+    load, popularity = random.Random(seed), random.Random(f"{seed}-adapters")
     weights = [1.0 / (i + 1) ** args.zipf for i in range(n)]
-    length = lambda mean: rng.randint(max(1, mean // 2), max(1, mean * 3 // 2))  # noqa: E731
+    length = lambda mean: load.randint(max(1, mean // 2), max(1, mean * 3 // 2))  # noqa: E731
     requests, at = [], 0.0
-    for _ in range(args.num_requests):
-        at += rng.expovariate(rate)
+    for index in range(args.num_requests):
+        at += load.expovariate(rate) if index else 0.0
         model = "base" if config == "base" else \
-            f"{config}{rng.choices(range(n), weights)[0]}"
-        prompt = [rng.randrange(10, vocab) for _ in range(length(args.prompt_len))]
+            f"{config}{popularity.choices(range(n), weights)[0]}"
+        prompt = [load.randrange(10, vocab) for _ in range(length(args.prompt_len))]
         requests.append(Request(at, model, prompt, length(args.output_len)))
     return requests
 
 
 async def send(client, url: str, request: Request, t0: float) -> Outcome:
+    import httpx
+
     await asyncio.sleep(max(0.0, t0 + request.send_at - time.perf_counter()))
     started = time.perf_counter()
     ttft, tokens = None, 0
     body = {"model": request.model, "prompt": request.prompt, "max_tokens": request.max_tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{request.model}: HTTP {response.status_code}: "
-                               f"{(await response.aread()).decode()[:500]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and ttft is None:
-                ttft = time.perf_counter() - started
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")[:500]
+                return Outcome(error=f"{request.model}: HTTP {response.status_code}: {text}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and ttft is None:
+                    ttft = time.perf_counter() - started
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        return Outcome(error=f"{request.model}: {type(exc).__name__}: {exc}")
     finished = time.perf_counter()
-    return Outcome(ttft, finished - started, tokens, started, finished)
+    if ttft is None or tokens == 0:
+        return Outcome(error=f"{request.model}: the stream held no tokens")
+    return Outcome(ttft, finished - started, tokens, finished - t0)
 
 
 async def run_point(url: str, requests: list[Request]) -> list[Outcome]:
@@ -200,10 +219,12 @@ async def run_point(url: str, requests: list[Request]) -> list[Outcome]:
 
 
 def summarize(outcomes: list[Outcome]) -> dict[str, float]:
+    """`vllm bench serve`'s figures: output tokens over the time from the first send to the
+    last answer; TPOT = (latency - TTFT) / (output tokens - 1) for requests of 2+ tokens."""
     ttft = np.array([o.ttft for o in outcomes]) * 1e3
     tpot = np.array([(o.latency - o.ttft) / (o.output_tokens - 1) for o in outcomes
                      if o.output_tokens > 1]) * 1e3
-    span = max(o.finished for o in outcomes) - min(o.started for o in outcomes)
+    span = max(o.finished for o in outcomes)
     return {"output_tok_s": sum(o.output_tokens for o in outcomes) / span,
             "ttft_p50_ms": np.percentile(ttft, 50), "ttft_p99_ms": np.percentile(ttft, 99),
             "tpot_p50_ms": np.percentile(tpot, 50) if tpot.size else float("nan"),
@@ -213,7 +234,9 @@ def summarize(outcomes: list[Outcome]) -> dict[str, float]:
 def warm_up(url: str, models: list[str]) -> None:
     """One short request per adapter: loading adapters into slots is not what we measure."""
     requests = [Request(0.0, m, [10, 11, 12], 2) for m in models]
-    asyncio.run(run_point(url, requests))
+    failed = [o.error for o in asyncio.run(run_point(url, requests)) if o.error]
+    if failed:
+        raise SystemExit(f"warm-up failed: {failed[0]}")
 
 
 # -- results --------------------------------------------------------------------------------
@@ -277,6 +300,17 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: base, lora, mole")
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    try:
+        return sweep(args, configs, work)
+    finally:
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def sweep(args: argparse.Namespace, configs: list[str], work: pathlib.Path) -> int:
+    """Every config's server in turn, every (N, rate) point against it; 1 if a point failed."""
     base = make_model_dir(work / "model", args.shape)
     vocab = SHAPES[args.shape]["vocab_size"]
     adapters = {
@@ -288,7 +322,7 @@ def main(argv=None) -> int:
     env = default_env(work / "vllm-cache")
     stamp = dict(device=device_name(), date=datetime.date.today().isoformat(), commit=commit(),
                  model_shape=args.shape)
-    rows = []
+    rows, failed_points = [], 0
     for config in configs:
         adapter_dir = make_adapter(work / config, adapters[config], base) \
             if config in adapters else None
@@ -301,15 +335,24 @@ def main(argv=None) -> int:
             for n in counts:
                 for rate in args.rates:
                     requests = plan(config, n, rate, args, vocab, seed=args.seed)
-                    result = summarize(asyncio.run(run_point(server.url, requests)))
+                    outcomes = asyncio.run(run_point(server.url, requests))
+                    errors = [o.error for o in outcomes if o.error]
+                    if errors:
+                        failed_points += 1
+                        print(f"[{config}] N={n} rate={rate}: {len(errors)} of "
+                              f"{len(outcomes)} requests failed, no row; first: {errors[0]}",
+                              flush=True)
+                        continue
+                    result = summarize(outcomes)
                     rows.append({**stamp, "config": config, "adapters": n,
                                  "request_rate": rate,
                                  **{k: round(float(v), 2) for k, v in result.items()}})
                     print(json.dumps(rows[-1]), flush=True)
                     write_rows(args.out, rows[-1:])  # kept if a later point fails
-    plot(args.out, rows)
-    print(f"rows appended to {args.out / 'serving.csv'}; plots in {args.out}")
-    return 0
+    if rows:
+        plot(args.out, rows)
+        print(f"rows appended to {args.out / 'serving.csv'}; plots in {args.out}")
+    return 1 if failed_points else 0
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ class ExpandWeights:
 @triton.jit
 def _sum_partials(at, stride, mask, P, CHUNK: tl.constexpr):
     """Sum of the P partial sums `at + p * stride` (fp32, `mask`ed), CHUNK loads in flight at
-    a time (unrolled, independent): few dependent memory round trips."""
+    a time (unrolled, independent): few dependent memory round trips. Offsets in int64: P
+    partials of a long prefill pass 2**31 elements."""
     total = tl.zeros(mask.shape, tl.float32)
     for p0 in range(0, P, CHUNK):
         for c in tl.static_range(CHUNK):
-            p = tl.full(mask.shape, p0 + c, tl.int32)  # as a tensor, for the interpreter
-            total += tl.load(at + (p0 + c) * stride, mask=mask & (p < P), other=0.0)
+            p = tl.full(mask.shape, p0 + c, tl.int64)  # as a tensor, for the interpreter
+            total += tl.load(at + p * stride, mask=mask & (p < P), other=0.0)
     return total
 
 

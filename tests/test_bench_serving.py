@@ -1,10 +1,18 @@
 """The serving benchmark still runs at its smallest size (three real servers, a few
-requests): numbers belong in benchmarks/RESULTS.md, never in tests."""
+requests), and its load and figures are those of `vllm bench serve`: numbers belong in
+benchmarks/RESULTS.md, never in tests."""
 
+import asyncio
+import collections
 import csv
+import json
+import os
 import pathlib
 import subprocess
 import sys
+
+import httpx
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -13,11 +21,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 def test_bench_serving_smallest(tmp_path):
     from bench_serving import COLUMNS
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     done = subprocess.run(
         [sys.executable, "benchmarks/bench_serving.py", "--shape", "tiny", "--adapters", "2",
          "--rates", "8", "--num-requests", "4", "--prompt-len", "8", "--output-len", "4",
-         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TMPDIR": str(scratch)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list(scratch.glob("bench_serving_*"))  # the work dir (GBs at 7B) is removed
     with open(tmp_path / "serving.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == COLUMNS
@@ -28,3 +40,84 @@ def test_bench_serving_smallest(tmp_path):
         assert float(row["ttft_p99_ms"]) >= float(row["ttft_p50_ms"])
     for plot in ("serving_throughput.png", "serving_latency.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+def bench_args(*argv):
+    from bench_serving import parse_args
+    return parse_args(["--shape", "tiny", *argv])
+
+
+def test_every_config_and_adapter_count_gets_the_same_load():
+    """Same arrivals, prompts and lengths for base, LoRA and MoLE at a rate, whatever N:
+    only the model names differ (a per-config random stream made base's load differ)."""
+    from bench_serving import plan
+
+    args = bench_args("--num-requests", "50")
+    plans = {(config, n): plan(config, n, 4.0, args, vocab=1024, seed=0)
+             for config, n in (("base", 0), ("lora", 1), ("lora", 8), ("mole", 8))}
+    load = {key: [(r.send_at, r.prompt, r.max_tokens) for r in requests]
+            for key, requests in plans.items()}
+    assert all(value == load["base", 0] for value in load.values())
+    assert load["base", 0][0][0] == 0.0                     # the first request goes at once
+    assert {r.model for r in plans["base", 0]} == {"base"}
+    assert [r.model[4:] for r in plans["lora", 8]] == [r.model[4:] for r in plans["mole", 8]]
+    assert plan("lora", 8, 4.0, args, 1024, seed=1)[1].send_at != load["base", 0][1][0]
+
+
+def test_load_follows_poisson_arrivals_and_zipf_popularity():
+    from bench_serving import plan
+
+    args = bench_args("--num-requests", "4000", "--zipf", "1.0", "--prompt-len", "32")
+    requests = plan("mole", 4, 8.0, args, vocab=1024, seed=0)
+    gaps = [b.send_at - a.send_at for a, b in zip(requests, requests[1:])]
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 8.0, rel=0.05)
+    counts = collections.Counter(r.model for r in requests)
+    zipf = [1 / (i + 1) for i in range(4)]
+    for i, weight in enumerate(zipf):
+        assert counts[f"mole{i}"] / len(requests) == pytest.approx(weight / sum(zipf), abs=0.03)
+    lengths = [len(r.prompt) for r in requests]
+    assert min(lengths) == 16 and max(lengths) == 48
+
+
+def test_summary_is_vllm_bench_serves():
+    from bench_serving import Outcome, summarize
+
+    result = summarize([Outcome(ttft=0.1, latency=1.1, output_tokens=11, finished=2.0),
+                        Outcome(ttft=0.2, latency=0.2, output_tokens=1, finished=1.0)])
+    assert result["output_tok_s"] == pytest.approx(12 / 2.0)   # first send to last answer
+    assert result["tpot_p50_ms"] == pytest.approx(100.0)       # (1.1 - 0.1) / 10; n=1 skipped
+    assert result["ttft_p50_ms"] == pytest.approx(150.0)
+
+
+def test_failed_requests_are_outcomes_not_crashes():
+    """A 4xx, a dropped connection or an empty stream fails its request only: the point is
+    reported without a row and the sweep goes on."""
+    from bench_serving import Request, send
+
+    def stream(*chunks):
+        return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    replies = {
+        "ok": lambda: httpx.Response(200, text=stream(
+            {"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]},
+            {"choices": [], "usage": {"completion_tokens": 2}})),
+        "missing": lambda: httpx.Response(404, json={"error": "no adapter"}),
+        "empty": lambda: httpx.Response(200, text=stream()),
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        model = json.loads(request.content)["model"]
+        if model == "dropped":
+            raise httpx.ReadError("connection reset", request=request)
+        return replies[model]()
+
+    async def outcomes():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return {m: await send(client, "http://server", Request(0.0, m, [1, 2], 2), 0.0)
+                    for m in ("ok", "missing", "dropped", "empty")}
+
+    got = asyncio.run(outcomes())
+    assert got["ok"].error is None and got["ok"].output_tokens == 2
+    assert "HTTP 404" in got["missing"].error and "no adapter" in got["missing"].error
+    assert "ReadError" in got["dropped"].error
+    assert "no tokens" in got["empty"].error

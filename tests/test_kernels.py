@@ -6,11 +6,12 @@ Why each test exists:
 - test_route_*: routing is the part most likely to differ silently (sort ties, cumulative
   sums, entropy); ids and weights must match the reference for every strategy, top-k from 1
   to E, dynamic k, temperature and the DynMoLE entropy broadcast, with adapters of different
-  expert counts padded into one stack.
+  expert counts padded into one stack; exact ties select as many experts, equally weighted.
 - test_ffn_*: the whole MixLoRA/DynMoLE FFN on the kernels vs `reference.mole_ffn` for 1..8
-  slots mixed with base tokens and empty slots, T from 0 to 200, ranks padded to one max
-  rank, every activation; base-model rows must be bit-identical to the frozen FFN, and so
-  must a batch without adapter tokens. One test runs the three launches one by one.
+  slots mixed with base tokens and empty slots, T from 0 to 200 (slots spanning several
+  blocks), ranks padded to one max rank, every activation; base-model rows must be
+  bit-identical to the frozen FFN, and so must a batch without adapter tokens. One test runs
+  the three launches one by one.
 - test_projection_*, test_plain_lora_*: per-linear gated LoRA (DynMoLE) and plain LoRA (MixLoRA's
   attention adapters, PEFT LoRA adapters) through the same two kernels.
 - test_row_parallel_*: tensor parallelism splits a row-parallel router's input; ranks route
@@ -164,6 +165,19 @@ def test_plan_puts_each_token_once_in_a_block_of_its_slot(num_tokens, num_slots,
 
 
 # -- routing ---------------------------------------------------------------------------------
+def test_plan_block_bound_is_tight():
+    """Each group one token past whole blocks (and base tokens too): every static block is
+    used, none is missing."""
+    block_m, counts = 4, [5, 1, 9]                   # slots 0..2; then 1 base token
+    slots = torch.tensor(sum(([s] * n for s, n in enumerate(counts)), []) + [-1])
+    slots = slots[torch.randperm(slots.numel(), generator=torch.Generator().manual_seed(0))]
+    plan = plan_tokens(slots.to(DEVICE), len(counts), block_m)
+    assert plan.num_blocks == 2 + 1 + 3 + 1
+    assert (plan.block_slot.cpu() != EMPTY_BLOCK).all()
+    placed = plan.sorted_tokens.cpu()
+    assert torch.equal(placed[placed >= 0].sort().values, torch.arange(slots.numel()))
+
+
 def assert_same_routing(got, ref_weights, ref_ids, uses):
     """Same experts and weights on routed tokens; zero weights on the others."""
     assert (got.weights[~uses] == 0).all()
@@ -196,6 +210,50 @@ def test_route_matches_reference_mixlora_family(family):
                                                                 got.ids.long()])
     used = got.weights > 0
     assert rel_err(got.shrink[used], shrink_ref[used]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("config", [
+    mixlora("mixlora", 8, 4, top_k=3), mixlora("mixlora-dynamic", 8, 4, top_p=0.5),
+    mixlora("mixlora-dynamic", 8, 4, top_p=0.6), mixlora("mixlora-switch", 8, 4),
+    dynmole(8, 4, top_p=0.5, keep_top_k=2, entropy_threshold=0.9)],
+    ids=["top-3", "top-p-0.5", "top-p-0.6", "switch", "dynmole-broadcast"])
+def test_route_exact_ties_select_as_many_experts_with_the_same_weights(config):
+    """A zero router gives every expert probability exactly 1/8 (sums exact in fp32): which
+    tied experts win is the implementation's choice (torch.topk's too), but how many and
+    their weights are not, whatever order the kernel sums in."""
+    stack = make_stack([config], seed=29)
+    x, slots = tokens(40, 1, seed=29)
+    plan = plan_tokens(slots, 1, kernel_configs.BLOCK_M)
+    if config.has_ffn_experts:
+        stack.ffn.router.zero_()
+        got = mixlora_route(x, plan, stack.ffn)
+        ref_weights, _, uses = reference_mixlora_route(x, slots, stack.ffn)
+    else:
+        gated = stack.gated["q_proj"]
+        gated.router.zero_()
+        y = torch.zeros(x.shape[0], BASE.in_out("q_proj")[1], device=DEVICE)
+        got = gated_lora_(y, x, plan, gated)
+        ref_weights, _ = reference_route(torch.zeros(x.shape[0], gated.router.shape[1],
+                                                     device=DEVICE),
+                                         gated.routing[slots.clamp(min=0)], gated.k_max)
+        uses = slots >= 0
+    assert uses.any()
+    ours, theirs = got.weights[uses], ref_weights[uses]
+    assert torch.equal((ours > 0).sum(1), (theirs > 0).sum(1))
+    torch.testing.assert_close(ours.sort(1).values, theirs.sort(1).values, rtol=0, atol=1e-6)
+    chosen = got.ids.long()[uses][ours > 0].view(int(uses.sum()), -1)
+    assert (chosen.sort(1).values.diff(dim=1) > 0).all(), "an expert chosen twice"
+
+
+def test_route_reads_strided_inputs():
+    """x may be a column slice of a wider activation (vLLM hands views around)."""
+    stack = make_stack([ZOO[0], ZOO[2]], seed=31).ffn
+    wide, slots = tokens(30, 2, seed=31, width=2 * H)
+    x = wide[:, :H]
+    plan = plan_tokens(slots, 2, kernel_configs.BLOCK_M)
+    got, want = mixlora_route(x, plan, stack), mixlora_route(x.contiguous(), plan, stack)
+    for a, b in zip((got.ids, got.weights, got.shrink), (want.ids, want.weights, want.shrink)):
+        assert torch.equal(a, b)
 
 
 def test_route_matches_reference_dynmole_with_entropy_broadcast():
@@ -326,7 +384,15 @@ def test_ffn_matches_reference(num_tokens, configs):
     check_ffn(configs, num_tokens, seed=num_tokens)
 
 
-@pytest.mark.parametrize("num_tokens", [0, 9])
+@pytest.mark.parametrize("num_tokens,configs", [(150, [ZOO[0]]), (200, [ZOO[4], ZOO[2]])],
+                         ids=["mixlora", "dynmole-and-mixlora"])
+def test_ffn_slot_spanning_blocks_matches_reference(num_tokens, configs):
+    """Prefill: a slot's tokens fill one block and part of the next."""
+    _, _, slots, _ = check_ffn(configs, num_tokens, seed=num_tokens)
+    assert torch.bincount(slots[slots >= 0].cpu()).min() > kernel_configs.BLOCK_M
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 9])
 def test_ffn_without_adapter_tokens_is_the_frozen_ffn(num_tokens):
     stack = make_stack(ZOO[:5], seed=5)
     base = frozen(5)
@@ -472,9 +538,13 @@ def test_small_tiles_exercise_every_loop(monkeypatch):
     # I=200 in 7 tiles of 32 over 5 splits of 2 tiles: the 4th split ends past I, the 5th has
     # no tile inside I (its partials must still be zeros).
     monkeypatch.setattr(kernel_configs, "I_PER_PROGRAM", 40)
-    monkeypatch.setattr(expand, "PARTIAL_ELEMENTS", 4096)  # 5 partials summed 2 at a time
+    # blocks of 16 rows: the 5 partials are summed 2 at a time (PARTIAL_ELEMENTS / (16 x 8
+    # experts x rank 16)), the last load half masked
     monkeypatch.setattr(functional, "BLOCK_M", 16)
+    assert expand.partials_per_load(16, 8, 16, 5) == 2
     check_ffn([ZOO[0], ZOO[4], ZOO[6]], 40, seed=13)
+    _, _, slots, _ = check_ffn([ZOO[2]], 45, seed=14)  # one slot over 2+ blocks of 16
+    assert (slots == 0).sum() > 16
 
 
 # -- projections -----------------------------------------------------------------------------

@@ -74,10 +74,19 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
         args += ["--dtype", "float32", "--max-model-len", "256"]
     if adapters:
         args += ["--enable-mole-adapters", "--max-mole-experts", str(experts),
-                 "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= rank)),
+                 "--max-lora-rank", str(vllm_max_lora_rank(rank)),
                  "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)),
                  "--lora-modules", *(f"{n}={p.resolve()}" for n, p in adapters.items())]
     return args + shlex.split(extra)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts (a fixed set of values) that holds `rank`."""
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        raise SystemExit(f"rank {rank} is over vLLM's largest --max-lora-rank "
+                         f"({VLLM_LORA_RANKS[-1]})")
+    return fitting[0]
 
 
 def _is_cpu() -> bool:
