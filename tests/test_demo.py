@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,16 +90,21 @@ def _parent(pid: int) -> int | None:
 
 
 def test_own_base_and_adapter_dirs_by_path(first_run, tmp_path):
-    """`make demo ARGS="--base DIR --adapter NAME=DIR ..."`: the user's dirs under the user's
-    names, raw completions; a dir that is no adapter stops before anything starts."""
+    """`make demo ARGS="--base DIR --adapter NAME=DIR --prompt ..."` as the README writes it:
+    the user's dirs under the user's names; a base without a chat template gets raw
+    completions; a dir that is no adapter stops before anything starts."""
     work = first_run["workdir"]
+    base = tmp_path / "base"
+    shutil.copytree(work / "base", base)
+    (base / "chat_template.jinja").unlink()   # a base model's tokenizer: no chat template
     report = tmp_path / "report.json"
     done = subprocess.run(demo_command(
-        tmp_path / "own", "--base", str(work / "base"),
-        "--adapter", f"mine={work / 'adapters' / 'reverse'}", "--completions",
+        tmp_path / "own", "--base", str(base),
+        "--adapter", f"mine={work / 'adapters' / 'reverse'}",
         "--prompt", "red cat moon", "--report", str(report)),
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "has no chat template: sending the prompts as raw completions" in done.stdout
     results = json.loads(report.read_text())["results"]
     assert [(r["model"], r["correct"]) for r in results] == [("base", None), ("mine", None)]
     assert re.search(r"mine\s+-> '", done.stdout), done.stdout[-2000:]
@@ -107,3 +113,13 @@ def test_own_base_and_adapter_dirs_by_path(first_run, tmp_path):
     refused = subprocess.run(demo_command(tmp_path / "own", "--adapter", f"x={tmp_path}"),
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "has no adapter_config.json" in refused.stderr
+
+
+def test_adapter_names_are_unique_and_not_the_base_models(tmp_path):
+    from mole_serve.demo.cli import parse_adapters
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert parse_adapters([f"a={tmp_path}"]) == {"a": tmp_path}
+    for given in ([f"base={tmp_path}"], [f"a={tmp_path}", f"b={tmp_path}", f"a={tmp_path}"]):
+        with pytest.raises(SystemExit, match="the name is taken"):
+            parse_adapters(given)

@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt to send (repeatable; default: held-out word lists)")
     p.add_argument("--completions", action="store_true",
-                   help="send prompts as raw completions instead of chat messages (for "
-                        "tokenizers without a chat template)")
+                   help="send prompts as raw completions instead of chat messages (the "
+                        "default for a base whose tokenizer has no chat template)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--serve-args", default="",
                    help="extra `vllm serve` arguments, e.g. \"--max-model-len 2048\"")
@@ -54,13 +54,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_adapter(text: str) -> tuple[str, pathlib.Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise SystemExit(f"--adapter wants NAME=DIR, got {text!r}")
-    if not (pathlib.Path(path) / "adapter_config.json").is_file():
-        raise SystemExit(f"--adapter {name}: {path} has no adapter_config.json")
-    return name, pathlib.Path(path)
+def parse_adapters(texts: list[str]) -> dict[str, pathlib.Path]:
+    """`--adapter NAME=DIR` values; names must be unique and not the base model's."""
+    adapters = {}
+    for text in texts:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--adapter wants NAME=DIR, got {text!r}")
+        if name == BASE_NAME or name in adapters:
+            raise SystemExit(f"--adapter {name}: the name is taken "
+                             f"({'the base model' if name == BASE_NAME else 'given twice'})")
+        if not (pathlib.Path(path) / "adapter_config.json").is_file():
+            raise SystemExit(f"--adapter {name}: {path} has no adapter_config.json")
+        adapters[name] = pathlib.Path(path)
+    return adapters
+
+
+def has_chat_template(base: pathlib.Path) -> bool:
+    """Whether `base`'s tokenizer carries a chat template (where transformers writes one)."""
+    if (base / "chat_template.jinja").is_file() or (base / "chat_template.json").is_file():
+        return True
+    config = base / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
 def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str) -> list[str]:
@@ -114,8 +129,11 @@ def ask_all(url: str, models: list[str], prompts: list[str], *, chat: bool,
         return response.choices[0].text.strip()
 
     jobs = [(m, p) for p in prompts for m in models]
-    with ThreadPoolExecutor(len(jobs)) as pool:
+    pool = ThreadPoolExecutor(len(jobs))
+    try:
         return dict(zip(jobs, pool.map(ask, jobs)))
+    finally:  # on Ctrl-C or an error, do not wait for the other answers: stop the server
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def mole_series(url: str, routed: bool) -> list[str]:
@@ -136,7 +154,7 @@ def mole_series(url: str, routed: bool) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     timings: dict[str, float] = {}
-    adapters = dict(parse_adapter(a) for a in args.adapter)
+    adapters = parse_adapters(args.adapter)
     embedded = args.base is None and not adapters
     prompts = list(args.prompt)
     base = args.base
@@ -151,6 +169,10 @@ def run(args: argparse.Namespace) -> dict:
         timings["build_s"] = time.monotonic() - started
     if not prompts:
         raise SystemExit("give at least one --prompt for your own base model")
+    chat = not args.completions and (has_chat_template(base) or "--chat-template" in
+                                      shlex.split(args.serve_args))
+    if not chat and not args.completions:
+        print(f"{base} has no chat template: sending the prompts as raw completions")
     server = VllmServer(base, serve_args(base, adapters, args.serve_args),
                         log_path=args.workdir / "server.log",
                         env=default_env(args.workdir.resolve() / "vllm-cache"))
@@ -163,8 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"server healthy at {server.url} after {timings['server_start_s']:.0f} s")
         step = time.monotonic()
         models = [BASE_NAME, *adapters]
-        answers = ask_all(server.url, models, prompts, chat=not args.completions,
-                          max_tokens=args.max_tokens)
+        answers = ask_all(server.url, models, prompts, chat=chat, max_tokens=args.max_tokens)
         timings["requests_s"] = time.monotonic() - step
         report["metrics"] = mole_series(
             server.url, routed=any(is_mole_adapter_dir(p) for p in adapters.values()))
@@ -207,10 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM / SIGHUP unwind like Ctrl-C, so the server's group is always stopped.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+    import httpx
+    import openai
+
     try:
         report = run(args)
     except ServerError as exc:
         print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except (openai.APIError, httpx.HTTPError) as exc:
+        print(f"demo: a request failed ({type(exc).__name__}): {exc}\n(the server log: "
+              f"{args.workdir / 'server.log'})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ndemo: interrupted; server stopped", file=sys.stderr)

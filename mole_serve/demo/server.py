@@ -16,11 +16,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
 
 STOP_GRACE_S = 30
+PORT_ATTEMPTS = 3  # a port picked free may be taken before vllm serve binds it
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class ServerError(RuntimeError):
@@ -58,18 +61,22 @@ class VllmServer:
                  log_path: pathlib.Path, env: dict[str, str] | None = None,
                  port: int | None = None, startup_timeout_s: float = 600,
                  metrics: bool = True):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [vllm_executable(), "serve", str(model), "--host", "127.0.0.1",
-                        "--port", str(self.port), *serve_args]
+        self.model, self.serve_args = str(model), list(serve_args)
+        self.port_given = port is not None
+        self._use_port(port or free_port())
         self.log_path = log_path
         self.env = dict(env if env is not None else default_env(None))
         self.startup_timeout_s = startup_timeout_s
-        self.metrics_dir = None
-        if metrics:  # worker-side MoLE series reach /metrics only through this dir
-            self.metrics_dir = tempfile.mkdtemp(prefix="mole_serve_prometheus_")
-            self.env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        # Worker-side MoLE series reach /metrics only through such a dir; a user's is kept.
+        self.makes_metrics_dir = metrics and "PROMETHEUS_MULTIPROC_DIR" not in self.env
+        self.metrics_dir: str | None = None  # the one we made, removed at exit
         self.process: subprocess.Popen | None = None
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [vllm_executable(), "serve", self.model, "--host", "127.0.0.1",
+                        "--port", str(port), *self.serve_args]
 
     @property
     def pgid(self) -> int:
@@ -77,18 +84,29 @@ class VllmServer:
         return self.process.pid
 
     def __enter__(self) -> "VllmServer":
-        self.start()
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.start()
+            try:
+                self.wait_healthy()
+                return self
+            except BaseException as exc:
+                self.__exit__()
+                taken = isinstance(exc, ServerError) and "Address already in use" in \
+                    self.log_tail()
+                if self.port_given or not taken or attempt == PORT_ATTEMPTS:
+                    raise
+            self._use_port(free_port())
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
 
     def start(self) -> None:
+        if self.makes_metrics_dir:
+            self.metrics_dir = tempfile.mkdtemp(prefix="mole_serve_prometheus_")
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log,
@@ -114,9 +132,23 @@ class VllmServer:
                           f"{self.log_tail()}")
 
     def stop(self) -> None:
-        """SIGTERM the whole group, wait for every member, SIGKILL what is left."""
+        """SIGTERM the whole group, wait for every member, SIGKILL what is left. A second
+        Ctrl-C (or SIGTERM) meanwhile waits until this is done: it must not leave orphans."""
         if self.process is None:
             return
+        if self.process.poll() is None:
+            print(f"stopping vllm serve (process group {self.pgid}) ...", file=sys.stderr,
+                  flush=True)
+        masked = threading.current_thread() is threading.main_thread()
+        if masked:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._stop_group()
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _stop_group(self) -> None:
         _signal_group(self.pgid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         try:
@@ -128,8 +160,6 @@ class VllmServer:
         if live_group_members(self.pgid):
             _signal_group(self.pgid, signal.SIGKILL)
             self.process.wait()
-        if self.metrics_dir:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

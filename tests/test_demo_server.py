@@ -1,0 +1,89 @@
+"""`VllmServer`'s process handling, against a stand-in `vllm` (a tiny HTTP server that
+answers /health with its PROMETHEUS_MULTIPROC_DIR): a port taken before the server binds it
+is retried on another, a port the caller chose is not, a user's metrics dir is kept and ours
+removed, and nothing of the group is left. The real `vllm serve` runs in test_demo.py and
+test_vllm_serve.py."""
+
+import os
+import socket
+import sys
+
+import httpx
+import pytest
+
+from mole_serve.demo import server as server_module
+from mole_serve.demo.server import ServerError, VllmServer, live_group_members
+
+STAND_IN = f"""#!{sys.executable}
+import http.server, os, sys
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").encode())
+
+    def log_message(self, *args):
+        pass
+
+
+try:
+    served = http.server.HTTPServer(("127.0.0.1", port), Health)
+except OSError as exc:
+    print(f"ERROR: {{exc}}", flush=True)  # "[Errno 98] Address already in use", as vLLM's
+    sys.exit(1)
+served.serve_forever()
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    script = tmp_path / "vllm"
+    script.write_text(STAND_IN)
+    script.chmod(0o755)
+    monkeypatch.setattr(server_module, "vllm_executable", lambda: str(script))
+    return tmp_path
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_a_port_taken_before_the_server_binds_it_is_retried(stand_in, taken_port, monkeypatch):
+    picked = iter([taken_port])
+    real_free_port = server_module.free_port
+    monkeypatch.setattr(server_module, "free_port", lambda: next(picked, None)
+                        or real_free_port())
+    with VllmServer("model", [], log_path=stand_in / "log", metrics=False) as served:
+        assert served.port != taken_port
+        assert httpx.get(f"{served.url}/health").status_code == 200
+        group = served.pgid
+    assert live_group_members(group) == []
+
+
+def test_a_port_the_caller_chose_is_not_replaced(stand_in, taken_port):
+    with pytest.raises(ServerError, match="Address already in use"):
+        with VllmServer("model", [], log_path=stand_in / "log", port=taken_port,
+                        metrics=False):
+            pass
+
+
+def test_metrics_dir_ours_removed_a_users_kept(stand_in):
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with VllmServer("model", [], log_path=stand_in / "log", env=env) as served:
+        ours = httpx.get(f"{served.url}/health").text
+        assert ours and os.path.isdir(ours)
+    assert not os.path.exists(ours)
+    users = stand_in / "prometheus"
+    users.mkdir()
+    with VllmServer("model", [], log_path=stand_in / "log",
+                    env={**env, "PROMETHEUS_MULTIPROC_DIR": str(users)}) as served:
+        assert httpx.get(f"{served.url}/health").text == str(users)
+    assert users.is_dir()
