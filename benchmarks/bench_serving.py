@@ -44,8 +44,7 @@ import torch
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import save_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.demo.cli import vllm_max_lora_rank
-from mole_serve.demo.server import VllmServer, default_env
+from mole_serve.demo.server import ServerError, VllmServer, default_env, vllm_max_lora_rank
 from provenance import commit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -125,8 +124,9 @@ def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]
               "--max-num-seqs", "256" if ON_GPU else "16"]
     if not ON_GPU:
         common.append("--enforce-eager")
-    slots = ["--max-lora-rank", str(vllm_max_lora_rank(args.rank)), "--max-loras", str(min(n, args.max_loras)),
-             "--max-cpu-loras", str(n), "--lora-modules",
+    slots = ["--max-lora-rank", str(vllm_max_lora_rank(args.rank)),
+             "--max-loras", str(min(n, args.max_loras)), "--max-cpu-loras", str(n),
+             "--lora-modules",
              *(f"{config}{i}={adapter_dir}" for i in range(n))]
     extra = shlex.split(args.serve_args)
     if config == "base":
@@ -196,7 +196,12 @@ async def send(client, url: str, request: Request, t0: float) -> Outcome:
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[6:])
+                try:
+                    chunk = json.loads(line[6:])
+                except json.JSONDecodeError:
+                    return Outcome(error=f"{request.model}: not JSON in the stream: {line:.200}")
+                if chunk.get("error") or chunk.get("object") == "error":  # vLLM, mid-stream
+                    return Outcome(error=f"{request.model}: {json.dumps(chunk)[:500]}")
                 if chunk.get("choices") and ttft is None:
                     ttft = time.perf_counter() - started
                 if chunk.get("usage"):
@@ -231,12 +236,11 @@ def summarize(outcomes: list[Outcome]) -> dict[str, float]:
             "tpot_p99_ms": np.percentile(tpot, 99) if tpot.size else float("nan")}
 
 
-def warm_up(url: str, models: list[str]) -> None:
-    """One short request per adapter: loading adapters into slots is not what we measure."""
+def warm_up(url: str, models: list[str]) -> str | None:
+    """One short request per adapter (loading adapters into slots is not what we measure);
+    the first error, if any."""
     requests = [Request(0.0, m, [10, 11, 12], 2) for m in models]
-    failed = [o.error for o in asyncio.run(run_point(url, requests)) if o.error]
-    if failed:
-        raise SystemExit(f"warm-up failed: {failed[0]}")
+    return next((o.error for o in asyncio.run(run_point(url, requests)) if o.error), None)
 
 
 # -- results --------------------------------------------------------------------------------
@@ -300,17 +304,20 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: base, lora, mole")
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    status = 1
     try:
-        return sweep(args, configs, work)
+        status = sweep(args, configs, work)
+        return status
     finally:
-        if args.keep:
-            print(f"work dir kept: {work}")
+        if args.keep or status:
+            print(f"work dir kept (server logs: {work}/*.log): {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def sweep(args: argparse.Namespace, configs: list[str], work: pathlib.Path) -> int:
-    """Every config's server in turn, every (N, rate) point against it; 1 if a point failed."""
+    """Every config's server in turn, every (N, rate) point against it; 1 if a server or a
+    point failed (the others still run)."""
     base = make_model_dir(work / "model", args.shape)
     vocab = SHAPES[args.shape]["vocab_size"]
     adapters = {
@@ -322,37 +329,47 @@ def sweep(args: argparse.Namespace, configs: list[str], work: pathlib.Path) -> i
     env = default_env(work / "vllm-cache")
     stamp = dict(device=device_name(), date=datetime.date.today().isoformat(), commit=commit(),
                  model_shape=args.shape)
-    rows, failed_points = [], 0
+    rows, failures = [], 0
     for config in configs:
         adapter_dir = make_adapter(work / config, adapters[config], base) \
             if config in adapters else None
         counts = [0] if config == "base" else args.adapters
         print(f"[{config}] starting vllm serve ...", flush=True)
-        with VllmServer(work / "model", serve_args(config, args, adapter_dir),
-                        log_path=work / f"{config}.log", env=env, metrics=False) as server:
-            warm_up(server.url, ["base"] if config == "base"
-                    else [f"{config}{i}" for i in range(max(counts))])
-            for n in counts:
-                for rate in args.rates:
-                    requests = plan(config, n, rate, args, vocab, seed=args.seed)
-                    outcomes = asyncio.run(run_point(server.url, requests))
-                    errors = [o.error for o in outcomes if o.error]
-                    if errors:
-                        failed_points += 1
-                        print(f"[{config}] N={n} rate={rate}: {len(errors)} of "
-                              f"{len(outcomes)} requests failed, no row; first: {errors[0]}",
-                              flush=True)
-                        continue
-                    result = summarize(outcomes)
-                    rows.append({**stamp, "config": config, "adapters": n,
-                                 "request_rate": rate,
-                                 **{k: round(float(v), 2) for k, v in result.items()}})
-                    print(json.dumps(rows[-1]), flush=True)
-                    write_rows(args.out, rows[-1:])  # kept if a later point fails
+        try:
+            with VllmServer(work / "model", serve_args(config, args, adapter_dir),
+                            log_path=work / f"{config}.log", env=env, metrics=False) as server:
+                error = warm_up(server.url, ["base"] if config == "base"
+                                else [f"{config}{i}" for i in range(max(counts))])
+                if error:
+                    raise ServerError(f"warm-up failed: {error}")
+                for n in counts:
+                    for rate in args.rates:
+                        row = measure(server.url, config, n, rate, args, vocab)
+                        if row is None:
+                            failures += 1
+                            continue
+                        rows.append({**stamp, **row})
+                        print(json.dumps(rows[-1]), flush=True)
+                        write_rows(args.out, rows[-1:])  # kept if a later point fails
+        except ServerError as exc:
+            failures += 1
+            print(f"[{config}] skipped: {exc}", flush=True)
     if rows:
         plot(args.out, rows)
         print(f"rows appended to {args.out / 'serving.csv'}; plots in {args.out}")
-    return 1 if failed_points else 0
+    return 1 if failures else 0
+
+
+def measure(url: str, config: str, n: int, rate: float, args, vocab: int) -> dict | None:
+    """One (N, rate) point's row, or None (printed why) when a request failed."""
+    outcomes = asyncio.run(run_point(url, plan(config, n, rate, args, vocab, seed=args.seed)))
+    errors = [o.error for o in outcomes if o.error]
+    if errors:
+        print(f"[{config}] N={n} rate={rate}: {len(errors)} of {len(outcomes)} requests "
+              f"failed, no row; first: {errors[0]}", flush=True)
+        return None
+    return {"config": config, "adapters": n, "request_rate": rate,
+            **{k: round(float(v), 2) for k, v in summarize(outcomes).items()}}
 
 
 if __name__ == "__main__":

@@ -132,13 +132,13 @@ def served_as_mole(path: str, adapter: str) -> bool:
                        f"one of {sorted(MOLE_PEFT_TYPES | {'LORA'})}", repr(declared))
 
 
+# huggingface_hub's rule for a repo id ('name' or 'org/name'), which vLLM may download
+_HUB_ID = re.compile(r"^(?:\b[\w.-]+\b/)?\b[\w.-]{1,96}\b$", re.ASCII)
+
+
 def _is_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return bool(_HUB_ID.match(name)) and not ("--" in name or ".." in name
+                                              or name.endswith(".git"))
 
 
 _PLAIN_LORA_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])"

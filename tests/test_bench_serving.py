@@ -103,6 +103,9 @@ def test_failed_requests_are_outcomes_not_crashes():
             {"choices": [], "usage": {"completion_tokens": 2}})),
         "missing": lambda: httpx.Response(404, json={"error": "no adapter"}),
         "empty": lambda: httpx.Response(200, text=stream()),
+        "error": lambda: httpx.Response(200, text=stream(
+            {"choices": [{"text": "a"}]}, {"error": {"message": "engine died"}})),
+        "garbled": lambda: httpx.Response(200, text="data: {not json\n\n"),
     }
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -114,10 +117,25 @@ def test_failed_requests_are_outcomes_not_crashes():
     async def outcomes():
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             return {m: await send(client, "http://server", Request(0.0, m, [1, 2], 2), 0.0)
-                    for m in ("ok", "missing", "dropped", "empty")}
+                    for m in ("ok", "missing", "dropped", "empty", "error", "garbled")}
 
     got = asyncio.run(outcomes())
     assert got["ok"].error is None and got["ok"].output_tokens == 2
     assert "HTTP 404" in got["missing"].error and "no adapter" in got["missing"].error
     assert "ReadError" in got["dropped"].error
     assert "no tokens" in got["empty"].error
+    assert "engine died" in got["error"].error
+    assert "not JSON" in got["garbled"].error
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_work_dir_is_removed_unless_a_point_failed(tmp_path, monkeypatch, status):
+    """A failed sweep keeps its server logs; a good one frees the GBs of a 7B-shape run."""
+    import tempfile
+
+    import bench_serving
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench_serving, "sweep", lambda args, configs, work: status)
+    assert bench_serving.main(["--shape", "tiny"]) == status
+    assert len(list(tmp_path.glob("bench_serving_*"))) == status

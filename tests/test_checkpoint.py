@@ -203,6 +203,8 @@ def test_served_as_mole_sorts_paths_and_names_what_is_wrong(tmp_path, adapters, 
     cases = {str(tmp_path / "gone"): ("path", "does not exist"),
              "./gone": ("path", "does not exist"),
              "adapters/math/gone": ("path", "does not exist"),   # no hub id has two slashes
+             "ädapter": ("path", "does not exist"),
+             "org/name.git": ("path", "does not exist"),
              "~/surely-not-an-adapter-dir": ("path", "does not exist"),
              str(tmp_path / "topk" / CONFIG_NAME): ("path", "is a file"),
              "bad_json": (CONFIG_NAME, "valid JSON"),

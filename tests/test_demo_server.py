@@ -5,8 +5,12 @@ removed, and nothing of the group is left. The real `vllm serve` runs in test_de
 test_vllm_serve.py."""
 
 import os
+import shlex
+import signal
 import socket
 import sys
+import threading
+import time
 
 import httpx
 import pytest
@@ -14,8 +18,7 @@ import pytest
 from mole_serve.demo import server as server_module
 from mole_serve.demo.server import ServerError, VllmServer, live_group_members
 
-STAND_IN = f"""#!{sys.executable}
-import http.server, os, sys
+STAND_IN = """import http.server, os, sys
 
 port = int(sys.argv[sys.argv.index("--port") + 1])
 
@@ -33,7 +36,7 @@ class Health(http.server.BaseHTTPRequestHandler):
 try:
     served = http.server.HTTPServer(("127.0.0.1", port), Health)
 except OSError as exc:
-    print(f"ERROR: {{exc}}", flush=True)  # "[Errno 98] Address already in use", as vLLM's
+    print(f"ERROR: {exc}", flush=True)  # "[Errno 98] Address already in use", as vLLM's
     sys.exit(1)
 served.serve_forever()
 """
@@ -41,8 +44,11 @@ served.serve_forever()
 
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
-    script = tmp_path / "vllm"
-    script.write_text(STAND_IN)
+    program = tmp_path / "stand_in.py"
+    program.write_text(STAND_IN)
+    script = tmp_path / "vllm"  # a shell wrapper: a #! line cannot hold any path
+    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                      f"{shlex.quote(str(program))} \"$@\"\n")
     script.chmod(0o755)
     monkeypatch.setattr(server_module, "vllm_executable", lambda: str(script))
     return tmp_path
@@ -87,3 +93,42 @@ def test_metrics_dir_ours_removed_a_users_kept(stand_in):
                     env={**env, "PROMETHEUS_MULTIPROC_DIR": str(users)}) as served:
         assert httpx.get(f"{served.url}/health").text == str(users)
     assert users.is_dir()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_signal_while_stopping_is_held_until_the_group_is_gone(stand_in, monkeypatch):
+    """A second Ctrl-C / SIGTERM during the stop must not cut it short (orphans). With
+    another thread running, the kernel may hand the signal to that thread: a signal mask on
+    the main thread did not hold it off."""
+    finished = []
+    real_stop_group = VllmServer._stop_group
+
+    def stop_group_signalled_midway(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)  # the handler runs now, if it is going to
+        real_stop_group(self)
+        finished.append(self.pgid)
+
+    def interrupt(number, frame):
+        raise Interrupted
+
+    monkeypatch.setattr(VllmServer, "_stop_group", stop_group_signalled_midway)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    release = threading.Event()
+    bystander = threading.Thread(target=release.wait)  # does not block any signal
+    bystander.start()
+    try:
+        with pytest.raises(Interrupted):
+            with VllmServer("model", [], log_path=stand_in / "log") as served:
+                metrics_dir = served.metrics_dir
+        assert finished == [served.pgid], "the stop was cut short"
+        assert live_group_members(served.pgid) == []
+        assert not os.path.exists(metrics_dir)
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        release.set()
+        bystander.join()

@@ -243,8 +243,9 @@ def test_run_flags_next_to_a_config_file_set_run_defaults(world, tmp_path):
     args = build_parser().parse_args(["--config", str(config), "--scheduler", "cosine",
                                       "--cutoff-len", "64"])
     options = options_from_args(args)
-    assert [(a.name, a.scheduler, a.cutoff_len) for a in options.adapters] == [
+    assert [(a.name, a.scheduler, a.cutoff_len) for a in options.adapter_specs()] == [
         ("a", "cosine", 64), ("c", "constant", 64)]
+    assert dataclasses.replace(options, cutoff_len=32).adapter_specs()[0].cutoff_len == 32
 
 
 def test_data_errors(world, tmp_path):

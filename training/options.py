@@ -107,9 +107,14 @@ class TrainOptions:
     progress: bool = True
     device: str | None = None      # None: "cuda" when available, else "cpu"
 
+    def adapter_specs(self) -> list[AdapterSpec]:
+        """The adapters, each with the run's value of every per-adapter option it leaves
+        unset (copies: `adapters` stays as given, so a later change of a run default holds)."""
+        return [dataclasses.replace(spec, **{key: getattr(self, key) for key in RUN_DEFAULTS
+                                             if getattr(spec, key) is None})
+                for spec in self.adapters]
+
     def validate(self) -> None:
-        """Check the run, and give each adapter the run's value of every per-adapter option
-        it leaves unset."""
         if not self.adapters:
             raise ValueError("no adapters to train: give --data (and --name) or a config file "
                              "with an 'adapters' list")
@@ -121,10 +126,7 @@ class TrainOptions:
         if self.device is not None:
             _check_device(self.device)
         _check_schedule("run", self)
-        self.adapters = [dataclasses.replace(spec, **{
-            key: getattr(self, key) for key in RUN_DEFAULTS if getattr(spec, key) is None})
-            for spec in self.adapters]  # copies: a spec may serve in runs with other defaults
-        for spec in self.adapters:
+        for spec in self.adapter_specs():
             _check_schedule(f"adapter {spec.name!r}", spec)
             if spec.strategy not in STRATEGIES:
                 raise ValueError(f"adapter {spec.name!r}: strategy must be one of "

@@ -96,7 +96,8 @@ class Trainer:
         base = BaseShape.from_hf_config(model.config)
         self.runs: dict[str, AdapterRun] = {}
         adapters = []
-        for spec in options.adapters:
+        specs = options.adapter_specs()
+        for spec in specs:
             config = spec.mole_config(options.base_model)
             generator = torch.Generator().manual_seed(options.seed + spec.seed_offset)
             adapters.append(init_adapter(config, base, spec.name, generator=generator,
@@ -111,7 +112,7 @@ class Trainer:
                 run.choices = choice_items(load_records(spec.choice_data), tokenizer)
         device = next(model.parameters()).device
         self.model = MoleTrainingModel(
-            model, adapters, [options.seed + s.seed_offset for s in options.adapters]).to(device)
+            model, adapters, [options.seed + s.seed_offset for s in specs]).to(device)
         for name, run in self.runs.items():
             params = list(self.model.adapters[name].parameters())
             run.optimizer = torch.optim.AdamW(params, lr=run.spec.lr,

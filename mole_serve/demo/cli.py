@@ -22,10 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from ..checkpoint import is_mole_adapter_dir
 from . import corpus
 from .build import Recipe, build
-from .server import ServerError, VllmServer, default_env
+from .server import ServerError, VllmServer, default_env, vllm_max_lora_rank
 
 BASE_NAME = "base"
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,15 +94,6 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
     return args + shlex.split(extra)
 
 
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest `--max-lora-rank` vLLM accepts (a fixed set of values) that holds `rank`."""
-    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
-    if not fitting:
-        raise SystemExit(f"rank {rank} is over vLLM's largest --max-lora-rank "
-                         f"({VLLM_LORA_RANKS[-1]})")
-    return fitting[0]
-
-
 def _is_cpu() -> bool:
     import torch
     return not torch.cuda.is_available()
@@ -169,8 +159,8 @@ def run(args: argparse.Namespace) -> dict:
         timings["build_s"] = time.monotonic() - started
     if not prompts:
         raise SystemExit("give at least one --prompt for your own base model")
-    chat = not args.completions and (has_chat_template(base) or "--chat-template" in
-                                      shlex.split(args.serve_args))
+    chat = not args.completions and (has_chat_template(base) or any(
+        a.split("=")[0] == "--chat-template" for a in shlex.split(args.serve_args)))
     if not chat and not args.completions:
         print(f"{base} has no chat template: sending the prompts as raw completions")
     server = VllmServer(base, serve_args(base, adapters, args.serve_args),

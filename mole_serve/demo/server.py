@@ -23,7 +23,8 @@ import httpx
 
 STOP_GRACE_S = 30
 PORT_ATTEMPTS = 3  # a port picked free may be taken before vllm serve binds it
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
 
 
 class ServerError(RuntimeError):
@@ -85,8 +86,8 @@ class VllmServer:
 
     def __enter__(self) -> "VllmServer":
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self.start()
             try:
+                self.start()
                 self.wait_healthy()
                 return self
             except BaseException as exc:
@@ -98,15 +99,20 @@ class VllmServer:
             self._use_port(free_port())
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-        if self.metrics_dir:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            self.metrics_dir = None
+        try:
+            self.stop()
+        finally:
+            if self.metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir = None
 
     def start(self) -> None:
         if self.makes_metrics_dir:
             self.metrics_dir = tempfile.mkdtemp(prefix="mole_serve_prometheus_")
             self.env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        elif any(pathlib.Path(self.env.get("PROMETHEUS_MULTIPROC_DIR", "")).glob("*.db")):
+            print(f"note: PROMETHEUS_MULTIPROC_DIR={self.env['PROMETHEUS_MULTIPROC_DIR']} holds "
+                  "an earlier run's metrics; their counts add to this run's", file=sys.stderr)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log,
@@ -114,7 +120,7 @@ class VllmServer:
                                             start_new_session=True,
                                             preexec_fn=_die_with_parent)
 
-    def wait_healthy(self, on_wait=None) -> None:
+    def wait_healthy(self) -> None:
         """Poll /health until 200; raise ServerError with the log tail if the server exits
         or the timeout passes."""
         started = time.monotonic()
@@ -133,20 +139,28 @@ class VllmServer:
 
     def stop(self) -> None:
         """SIGTERM the whole group, wait for every member, SIGKILL what is left. A second
-        Ctrl-C (or SIGTERM) meanwhile waits until this is done: it must not leave orphans."""
+        Ctrl-C (or SIGTERM, SIGHUP) meanwhile is held until this is done, then raised: it must
+        not cut the stop short and leave orphans. Held by Python-level handlers, which run in
+        the main thread whichever thread the kernel hands the signal to (a signal mask holds
+        it off one thread only)."""
         if self.process is None:
             return
         if self.process.poll() is None:
             print(f"stopping vllm serve (process group {self.pgid}) ...", file=sys.stderr,
                   flush=True)
-        masked = threading.current_thread() is threading.main_thread()
-        if masked:
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if threading.current_thread() is not threading.main_thread():
+            self._stop_group()  # only the main thread may set handlers; it gets the signals
+            return
+        held: list[int] = []
+        previous = {sig: signal.signal(sig, lambda number, _frame: held.append(number))
+                    for sig in STOP_SIGNALS}
         try:
             self._stop_group()
         finally:
-            if masked:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])
 
     def _stop_group(self) -> None:
         _signal_group(self.pgid, signal.SIGTERM)
@@ -163,6 +177,15 @@ class VllmServer:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`."""
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        raise SystemExit(f"rank {rank} is over vLLM's largest --max-lora-rank "
+                         f"({VLLM_LORA_RANKS[-1]})")
+    return fitting[0]
 
 
 def live_group_members(pgid: int) -> list[int]:
