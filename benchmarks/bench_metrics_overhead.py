@@ -28,7 +28,7 @@ import torch
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
-                               TokenSlots)
+                               TokenSlots, take_all)
 from mole_serve.metrics import routing_observed
 from bench_kernels import median_seconds, write_csv
 from provenance import commit
@@ -84,15 +84,15 @@ class ServedLayer:
 
     def export(self) -> None:
         """What the model does at a step boundary: take the counts, update Prometheus."""
-        for module in (self.attention, self.ffn):
-            for stats in module.routing_stats():
-                for router, counts in stats.take().items():
-                    for slot in range(counts["selections"].shape[0]):
-                        routing_observed(f"a{slot}", stats.layer_index, router,
-                                         counts["selections"][slot].tolist(),
-                                         counts["experts_per_token"][slot].tolist(),
-                                         counts["entropy_buckets"][slot].tolist(),
-                                         float(counts["entropy_sum"][slot]))
+        every_stats = self.attention.routing_stats() + self.ffn.routing_stats()
+        for stats, taken in zip(every_stats, take_all(every_stats)):
+            for router, counts in taken.items():
+                for slot in range(counts["selections"].shape[0]):
+                    routing_observed(f"a{slot}", stats.layer_index, router,
+                                     counts["selections"][slot].tolist(),
+                                     counts["experts_per_token"][slot].tolist(),
+                                     counts["entropy_buckets"][slot].tolist(),
+                                     float(counts["entropy_sum"][slot]))
 
 
 def timed_us(fn, device: torch.device, graph: bool = True) -> float:

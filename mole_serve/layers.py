@@ -200,11 +200,12 @@ class RoutingStats(nn.Module):
                            dim=1)
         self.counts.view(-1).index_add_(0, index.view(-1), values.view(-1))
 
-    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+    def take(self, current: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Per router, per-slot counts added since the last call, on the host (outside the
         forward): `selections` [S, E], `experts_per_token` [S, E + 1], `entropy_buckets`
-        [S, B + 1] (integers) and `entropy_sum` [S]."""
-        current = self.counts.to("cpu", copy=True)
+        [S, B + 1] (integers) and `entropy_sum` [S]. `current`: a host copy of `counts`
+        made by the caller (`take_all`)."""
+        current = self.counts.to("cpu", copy=True) if current is None else current
         added = current - (self._exported if self._exported is not None else 0)
         self._exported = current
         taken = {}
@@ -226,6 +227,16 @@ class RoutingStats(nn.Module):
             self._exported[:, slot].zero_()
         for slots, routes in zip(self.routed_slots, routed, strict=True):
             (slots.add if routes else slots.discard)(slot)
+
+
+def take_all(stats: list[RoutingStats]) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Each module's `take`, through one device-to-host copy for all: a copy waits for the
+    device, and a model has a few routing-stats modules per layer."""
+    if not stats:
+        return []
+    host = torch.cat([s.counts.reshape(-1) for s in stats]).cpu()  # a new tensor on any device
+    parts = host.split([s.counts.numel() for s in stats])
+    return [s.take(part.view(s.counts.shape)) for s, part in zip(stats, parts)]
 
 
 class _SlotTables(nn.Module):

@@ -172,6 +172,32 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
         "reset with the slot"
 
 
+def test_take_all_equals_each_take_through_one_copy():
+    """The model exports every layer's counters through one host copy; what each module
+    reports, and its running baseline for the next export, are what its own `take` gives."""
+    import copy
+
+    from mole_serve.layers import RoutingStats, take_all
+
+    g = torch.Generator().manual_seed(5)
+    stats = [RoutingStats(3, 4, 0, ("ffn",)), RoutingStats(3, 4, 1, ("q_proj", "k_proj"))]
+    for module in stats:
+        for slot in range(3):
+            module.reset_slot(slot, [slot != 1] * len(module.routers))  # slot 1: not routed
+    twins = copy.deepcopy(stats)
+    for _ in range(2):  # the second round checks the baseline kept from the first
+        for module, twin in zip(stats, twins):
+            added = torch.randint(0, 5, module.counts.shape, generator=g).double()
+            module.counts += added
+            twin.counts += added
+        for together, alone in zip(take_all(stats), [twin.take() for twin in twins]):
+            assert together.keys() == alone.keys()
+            for router, values in together.items():
+                for key, value in values.items():
+                    assert torch.equal(value, alone[router][key]), (router, key)
+    assert take_all([]) == []
+
+
 def test_routing_stats_change_no_output():
     mix, dyn, _ = adapters()
     g = torch.Generator().manual_seed(3)
