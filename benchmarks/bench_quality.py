@@ -85,7 +85,9 @@ def trainable_params(spec: AdapterSpec, base: BaseShape) -> int:
 def matched(spec: AdapterSpec, target: int, shape: BaseShape) -> AdapterSpec:
     """`spec` with the rank (alpha = 2 r) whose parameter count is closest to `target`:
     counts are affine in r, so two probes give the line."""
-    at = lambda r: trainable_params(dataclasses.replace(spec, r=r, lora_alpha=2 * r), shape)  # noqa: E731
+    def at(r: int) -> int:
+        return trainable_params(dataclasses.replace(spec, r=r, lora_alpha=2 * r), shape)
+
     one, two = at(1), at(2)
     rank = max(1, round((target - one) / (two - one)) + 1)
     return dataclasses.replace(spec, r=rank, lora_alpha=2 * rank)

@@ -15,7 +15,8 @@ adapters to vLLM: each gets its own id and slot.
 Reports output tokens/s (over the time from the first send to the last answer) and TTFT /
 TPOT p50 and p99. Rows are appended to `OUT/serving.csv`; `OUT/serving_throughput.png` and
 `OUT/serving_latency.png` plot this run. A point with failed requests writes no row (its
-first error is printed) and the run exits 1 after the other points.
+first error is printed), a server that fails to start or warm up skips its config, and the
+run exits 1 after the others, keeping its work dir (server logs) for a look.
 
 CPU box:  python benchmarks/bench_serving.py                    (tiny shape, N = 1, 4)
 GPU host: python benchmarks/bench_serving.py --shape llama2-7b  (N = 1, 8, 32)
@@ -33,6 +34,7 @@ import pathlib
 import random
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -44,7 +46,8 @@ import torch
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import save_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.demo.server import ServerError, VllmServer, default_env, vllm_max_lora_rank
+from mole_serve.demo.server import (ServerError, VllmServer, default_env,
+                                    vllm_max_lora_rank)
 from provenance import commit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -87,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--keep", action="store_true",
-                   help="keep the work dir (model, adapters, server logs; GBs at 7B shape)")
+                   help="keep the work dir (model, adapters, server logs; GBs at 7B shape) "
+                        "also when nothing failed")
     return p.parse_args(argv)
 
 
@@ -303,6 +307,10 @@ def main(argv=None) -> int:
     unknown = set(configs) - {"base", "lora", "mole"}
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; known: base, lora, mole")
+    try:
+        vllm_max_lora_rank(args.rank)
+    except ValueError as exc:
+        raise SystemExit(f"--rank: {exc}") from None
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
     status = 1
     try:
@@ -373,4 +381,7 @@ def measure(url: str, config: str, n: int, rate: float, args, vocab: int) -> dic
 
 
 if __name__ == "__main__":
+    # SIGTERM / SIGHUP unwind like Ctrl-C: the server's group is stopped, the work dir kept
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
     sys.exit(main())

@@ -26,8 +26,10 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
 _LEGACY_ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.gate\.weight$")
-_LEGACY_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lora_[AB]\.weight)$")
-_MODERN_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(\w+)\.experts\.(\d+)\.(lora_[AB]\.weight)$")
+_LEGACY_EXPERT = re.compile(
+    r"^mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lora_[AB]\.weight)$")
+_MODERN_EXPERT = re.compile(
+    r"^mixlora\.layers\.(\d+)\.mlp\.(\w+)\.experts\.(\d+)\.(lora_[AB]\.weight)$")
 _LAYER_INDEX = re.compile(r"^(?:base_model\.model\.model|\w+)\.layers\.(\d+)\.")
 
 
@@ -40,7 +42,8 @@ def _prefix(config: MoleConfig) -> str:
 
 
 def _expert_key(config: MoleConfig, layer: int, proj: str, expert: int, ab: str) -> str:
-    return f"{_prefix(config)}.layers.{layer}.{_module(proj)}.{proj}.experts.{expert}.lora_{ab}.weight"
+    return (f"{_prefix(config)}.layers.{layer}.{_module(proj)}.{proj}.experts.{expert}"
+            f".lora_{ab}.weight")
 
 
 def _router_key(config: MoleConfig, layer: int, proj: str | None = None) -> str:
@@ -133,12 +136,12 @@ def served_as_mole(path: str, adapter: str) -> bool:
 
 
 # huggingface_hub's rule for a repo id ('name' or 'org/name'), which vLLM may download
-_HUB_ID = re.compile(r"^(?:\b[\w.-]+\b/)?\b[\w.-]{1,96}\b$", re.ASCII)
+_HUB_ID = re.compile(r"(?:\b[\w.-]{1,96}\b/)?\b[\w.-]{1,96}\b", re.ASCII)
 
 
 def _is_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not ("--" in name or ".." in name
-                                              or name.endswith(".git"))
+    return bool(_HUB_ID.fullmatch(name)) and not ("--" in name or ".." in name
+                                                  or name.endswith(".git"))
 
 
 _PLAIN_LORA_KEY = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])"

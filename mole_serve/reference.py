@@ -179,8 +179,10 @@ def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: 
     scale = stack.scaling[slot][:, None, None]
     shrink = torch.einsum("th,tkrh->tkr", x.float(), _gather(stack.gate_up_a, slot, ids))
     expand = _gather(stack.gate_up_b, slot, ids)                       # [T, k, 2, I, r]
-    g = g0.float()[:, None] + scale * torch.einsum("tkr,tkir->tki", shrink[..., :r], expand[:, :, 0])
-    u = u0.float()[:, None] + scale * torch.einsum("tkr,tkir->tki", shrink[..., r:], expand[:, :, 1])
+    g_delta = torch.einsum("tkr,tkir->tki", shrink[..., :r], expand[:, :, 0])
+    u_delta = torch.einsum("tkr,tkir->tki", shrink[..., r:], expand[:, :, 1])
+    g = g0.float()[:, None] + scale * g_delta
+    u = u0.float()[:, None] + scale * u_delta
     h = ACTIVATIONS[act_fn](g) * u
     mixed = (weights[..., None] * h).sum(1)
     down_shrink = torch.einsum("tki,tkri->tkr", h, _gather(stack.down_a, slot, ids))

@@ -139,3 +139,29 @@ def test_work_dir_is_removed_unless_a_point_failed(tmp_path, monkeypatch, status
     monkeypatch.setattr(bench_serving, "sweep", lambda args, configs, work: status)
     assert bench_serving.main(["--shape", "tiny"]) == status
     assert len(list(tmp_path.glob("bench_serving_*"))) == status
+
+
+def test_a_config_whose_server_fails_is_skipped_and_the_run_fails(tmp_path, monkeypatch):
+    """A server that does not start (or warm up) costs its config only: the other configs
+    still write their rows, and the run exits 1."""
+    import contextlib
+
+    import bench_serving
+    from mole_serve.demo.server import ServerError
+
+    @contextlib.contextmanager
+    def server(model, serve_args, **kwargs):
+        if "--enable-lora" in serve_args:
+            raise ServerError("vllm serve exited with 1")
+        yield type("Served", (), {"url": "http://server"})()
+
+    monkeypatch.setattr(bench_serving, "VllmServer", server)
+    monkeypatch.setattr(bench_serving, "warm_up", lambda url, models: None)
+    monkeypatch.setattr(bench_serving, "measure", lambda url, config, n, rate, args, vocab: {
+        "config": config, "adapters": n, "request_rate": rate, "output_tok_s": 1.0,
+        "ttft_p50_ms": 1.0, "ttft_p99_ms": 1.0, "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0})
+    args = bench_args("--adapters", "2", "--rates", "4", "--out", str(tmp_path))
+    status = bench_serving.sweep(args, ["base", "lora", "mole"], tmp_path / "work")
+    assert status == 1
+    with open(tmp_path / "serving.csv") as f:
+        assert [r["config"] for r in csv.DictReader(f)] == ["base", "mole"]

@@ -81,7 +81,7 @@ def test_a_port_the_caller_chose_is_not_replaced(stand_in, taken_port):
             pass
 
 
-def test_metrics_dir_ours_removed_a_users_kept(stand_in):
+def test_metrics_dir_ours_removed_a_users_kept(stand_in, capsys):
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with VllmServer("model", [], log_path=stand_in / "log", env=env) as served:
         ours = httpx.get(f"{served.url}/health").text
@@ -89,10 +89,12 @@ def test_metrics_dir_ours_removed_a_users_kept(stand_in):
     assert not os.path.exists(ours)
     users = stand_in / "prometheus"
     users.mkdir()
+    (users / "counter_1.db").write_bytes(b"")  # an earlier run's
     with VllmServer("model", [], log_path=stand_in / "log",
                     env={**env, "PROMETHEUS_MULTIPROC_DIR": str(users)}) as served:
         assert httpx.get(f"{served.url}/health").text == str(users)
     assert users.is_dir()
+    assert "holds an earlier run's metrics" in capsys.readouterr().err
 
 
 class Interrupted(Exception):
@@ -132,3 +134,38 @@ def test_a_signal_while_stopping_is_held_until_the_group_is_gone(stand_in, monke
         signal.signal(signal.SIGTERM, previous)
         release.set()
         bystander.join()
+
+
+DRIVER = """
+import os, signal, sys
+from mole_serve.demo import server
+
+server.vllm_executable = lambda: sys.argv[1]
+stop_group = server.VllmServer._stop_group
+
+
+def signalled_midway(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # default disposition: it ends this process
+    stop_group(self)
+    print("stopped", self.pgid, flush=True)
+
+
+server.VllmServer._stop_group = signalled_midway
+with server.VllmServer("model", [], log_path=server.pathlib.Path(sys.argv[2])) as served:
+    print("metrics", served.metrics_dir, flush=True)
+print("not reached", flush=True)
+"""
+
+
+def test_a_deadly_signal_while_stopping_ends_the_process_after_the_cleanup(stand_in):
+    """Without a handler SIGTERM ends the process: only once the group is stopped and our
+    metrics dir removed."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", DRIVER, server_module.vllm_executable(),
+                           str(stand_in / "log")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert "not reached" not in done.stdout
+    assert live_group_members(int(lines["stopped"])) == []
+    assert not os.path.exists(lines["metrics"])

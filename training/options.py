@@ -115,6 +115,7 @@ class TrainOptions:
                 for spec in self.adapters]
 
     def validate(self) -> None:
+        """Refuse what would fail later, naming the option (the adapters as they will run)."""
         if not self.adapters:
             raise ValueError("no adapters to train: give --data (and --name) or a config file "
                              "with an 'adapters' list")

@@ -83,12 +83,16 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
     configs = [json.loads((p / "adapter_config.json").read_text()) for p in adapters.values()]
     rank = max((c.get("r", 8) for c in configs), default=8)
     experts = max((c.get("num_experts", 1) for c in configs), default=1)
+    try:
+        max_rank = vllm_max_lora_rank(rank)
+    except ValueError as exc:
+        raise SystemExit(f"demo: {exc}") from None
     args = ["--served-model-name", BASE_NAME, "--max-num-seqs", "16", "--enforce-eager"]
     if _is_cpu():
         args += ["--dtype", "float32", "--max-model-len", "256"]
     if adapters:
         args += ["--enable-mole-adapters", "--max-mole-experts", str(experts),
-                 "--max-lora-rank", str(vllm_max_lora_rank(rank)),
+                 "--max-lora-rank", str(max_rank),
                  "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)),
                  "--lora-modules", *(f"{n}={p.resolve()}" for n, p in adapters.items())]
     return args + shlex.split(extra)

@@ -71,18 +71,14 @@ class VllmServer:
         # Worker-side MoLE series reach /metrics only through such a dir; a user's is kept.
         self.makes_metrics_dir = metrics and "PROMETHEUS_MULTIPROC_DIR" not in self.env
         self.metrics_dir: str | None = None  # the one we made, removed at exit
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # None once stopped
+        self.pgid: int | None = None  # the server's process group (= the API server's pid)
 
     def _use_port(self, port: int) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.command = [vllm_executable(), "serve", self.model, "--host", "127.0.0.1",
                         "--port", str(port), *self.serve_args]
-
-    @property
-    def pgid(self) -> int:
-        """The server's process group id (= the API server's pid)."""
-        return self.process.pid
 
     def __enter__(self) -> "VllmServer":
         for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -99,12 +95,16 @@ class VllmServer:
             self._use_port(free_port())
 
     def __exit__(self, *exc) -> None:
+        """Stop the server and remove what we made; then raise a signal that came meanwhile
+        (so a SIGTERM that kills the process still finds everything cleaned up)."""
         try:
-            self.stop()
+            held = self.stop()
         finally:
             if self.metrics_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
                 self.metrics_dir = None
+        if held is not None:
+            signal.raise_signal(held)
 
     def start(self) -> None:
         if self.makes_metrics_dir:
@@ -119,6 +119,7 @@ class VllmServer:
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True,
                                             preexec_fn=_die_with_parent)
+        self.pgid = self.process.pid
 
     def wait_healthy(self) -> None:
         """Poll /health until 200; raise ServerError with the log tail if the server exits
@@ -137,30 +138,30 @@ class VllmServer:
         raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s:.0f} s:\n"
                           f"{self.log_tail()}")
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
         """SIGTERM the whole group, wait for every member, SIGKILL what is left. A second
-        Ctrl-C (or SIGTERM, SIGHUP) meanwhile is held until this is done, then raised: it must
-        not cut the stop short and leave orphans. Held by Python-level handlers, which run in
-        the main thread whichever thread the kernel hands the signal to (a signal mask holds
-        it off one thread only)."""
+        Ctrl-C (or SIGTERM, SIGHUP) meanwhile must not cut this short and leave orphans: it is
+        held, by Python-level handlers (they run in the main thread whichever thread the
+        kernel hands the signal to; a signal mask holds it off one thread only), and its
+        number returned for the caller to raise once done."""
         if self.process is None:
-            return
+            return None
         if self.process.poll() is None:
             print(f"stopping vllm serve (process group {self.pgid}) ...", file=sys.stderr,
                   flush=True)
-        if threading.current_thread() is not threading.main_thread():
-            self._stop_group()  # only the main thread may set handlers; it gets the signals
-            return
         held: list[int] = []
-        previous = {sig: signal.signal(sig, lambda number, _frame: held.append(number))
-                    for sig in STOP_SIGNALS}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # where handlers are set
+            previous = {sig: signal.signal(sig, lambda number, _frame: held.append(number))
+                        for sig in STOP_SIGNALS
+                        if signal.getsignal(sig) is not None}  # None: set outside Python
         try:
             self._stop_group()
         finally:
             for sig, handler in previous.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        if held:
-            signal.raise_signal(held[0])
+                signal.signal(sig, handler)
+            self.process = None  # its pid may be reused: never signal that group again
+        return held[0] if held else None
 
     def _stop_group(self) -> None:
         _signal_group(self.pgid, signal.SIGTERM)
@@ -183,7 +184,7 @@ def vllm_max_lora_rank(rank: int) -> int:
     """The smallest `--max-lora-rank` vLLM accepts that holds `rank`."""
     fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
     if not fitting:
-        raise SystemExit(f"rank {rank} is over vLLM's largest --max-lora-rank "
+        raise ValueError(f"rank {rank} is over vLLM's largest --max-lora-rank "
                          f"({VLLM_LORA_RANKS[-1]})")
     return fitting[0]
 
