@@ -28,8 +28,7 @@ import torch
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
-                               TokenSlots, take_all)
-from mole_serve.metrics import routing_observed
+                               TokenSlots, export_routing)
 from bench_kernels import median_seconds, write_csv
 from provenance import commit
 
@@ -64,6 +63,7 @@ class ServedLayer:
                                    router_std=base.hidden ** -0.5)
             self.attention.fill(slot, adapter)
             self.ffn.fill(slot, adapter)
+        self.slot_names = [f"a{slot}" for slot in range(num_slots)]
         self.attention_outputs = {key: sum(base.in_out(p)[1] for p in projs)
                                   for key, projs in ATTENTION_GROUPS.items()}
         self.gate_up = torch.randn(2 * base.intermediate, base.hidden, generator=g).to(device,
@@ -84,15 +84,8 @@ class ServedLayer:
 
     def export(self) -> None:
         """What the model does at a step boundary: take the counts, update Prometheus."""
-        every_stats = self.attention.routing_stats() + self.ffn.routing_stats()
-        for stats, taken in zip(every_stats, take_all(every_stats)):
-            for router, counts in taken.items():
-                for slot in range(counts["selections"].shape[0]):
-                    routing_observed(f"a{slot}", stats.layer_index, router,
-                                     counts["selections"][slot].tolist(),
-                                     counts["experts_per_token"][slot].tolist(),
-                                     counts["entropy_buckets"][slot].tolist(),
-                                     float(counts["entropy_sum"][slot]))
+        export_routing(self.attention.routing_stats() + self.ffn.routing_stats(),
+                       self.slot_names)
 
 
 def timed_us(fn, device: torch.device, graph: bool = True) -> float:

@@ -34,7 +34,6 @@ import pathlib
 import random
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import save_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.demo.server import (ServerError, VllmServer, default_env,
-                                    vllm_max_lora_rank)
+                                    exit_on_termination, vllm_max_lora_rank)
 from provenance import commit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -381,7 +380,5 @@ def measure(url: str, config: str, n: int, rate: float, args, vocab: int) -> dic
 
 
 if __name__ == "__main__":
-    # SIGTERM / SIGHUP unwind like Ctrl-C: the server's group is stopped, the work dir kept
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+    exit_on_termination()  # a killed run stops its server and keeps its work dir
     sys.exit(main())

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .adapter import BaseShape, MoleAdapter, MoleLayer
+from . import metrics
 from .metrics import ENTROPY_BUCKETS
 from .reference import (add_where, gated_lora_delta, gated_route, mixlora_down_delta,
                         mixlora_experts, mixlora_route, router_logits)
@@ -237,6 +238,20 @@ def take_all(stats: list[RoutingStats]) -> list[dict[str, dict[str, torch.Tensor
     host = torch.cat([s.counts.reshape(-1) for s in stats]).cpu()  # a new tensor on any device
     parts = host.split([s.counts.numel() for s in stats])
     return [s.take(part.view(s.counts.shape)) for s, part in zip(stats, parts)]
+
+
+def export_routing(stats: list[RoutingStats], slot_names: list[str | None]) -> None:
+    """Add every router's per-slot counts since the last export to the Prometheus series of
+    the adapter in that slot (None: an empty slot), outside the forward."""
+    for module, taken in zip(stats, take_all(stats)):
+        for router, counts in taken.items():
+            for slot, name in enumerate(slot_names):
+                if name is None or not counts["experts_per_token"][slot].any():
+                    continue
+                metrics.routing_observed(
+                    name, module.layer_index, router, counts["selections"][slot].tolist(),
+                    counts["experts_per_token"][slot].tolist(),
+                    counts["entropy_buckets"][slot].tolist(), float(counts["entropy_sum"][slot]))
 
 
 class _SlotTables(nn.Module):

@@ -26,7 +26,7 @@ from . import metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
 from .errors import AdapterError
 from .layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
-                     TensorShard, TokenSlots, take_all)
+                     TensorShard, TokenSlots, export_routing)
 
 
 class MoleLlamaAttention(LlamaAttention):
@@ -199,17 +199,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         """Add every router's per-slot counts since the last export to the Prometheus
         series of the adapter in that slot (outside the forward)."""
         self._mole_last_export = time.monotonic()
-        every_stats = [stats for module in self.modules()
-                       if isinstance(module, ProjectionAdapters)
-                       for stats in module.routing_stats()]
-        for stats, taken in zip(every_stats, take_all(every_stats)):
-            for router, counts in taken.items():
-                for slot, name in enumerate(self.mole_slot_names):
-                    if name is None or not counts["experts_per_token"][slot].any():
-                        continue
-                    metrics.routing_observed(
-                        name, stats.layer_index, router,
-                        counts["selections"][slot].tolist(),
-                        counts["experts_per_token"][slot].tolist(),
-                        counts["entropy_buckets"][slot].tolist(),
-                        float(counts["entropy_sum"][slot]))
+        export_routing([stats for module in self.modules()
+                        if isinstance(module, ProjectionAdapters)
+                        for stats in module.routing_stats()], self.mole_slot_names)

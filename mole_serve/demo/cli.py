@@ -14,7 +14,6 @@ import dataclasses
 import json
 import pathlib
 import shlex
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..checkpoint import is_mole_adapter_dir
 from . import corpus
 from .build import Recipe, build
-from .server import ServerError, VllmServer, default_env, vllm_max_lora_rank
+from .server import (ServerError, VllmServer, default_env, exit_on_termination,
+                     vllm_max_lora_rank)
 
 BASE_NAME = "base"
 
@@ -219,9 +219,7 @@ def _print_report(report: dict, models: list[str], prompts: list[str], embedded:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows through pipes and `make`
-    # SIGTERM / SIGHUP unwind like Ctrl-C, so the server's group is always stopped.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+    exit_on_termination()
     import httpx
     import openai
 

@@ -180,6 +180,13 @@ class VllmServer:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
+def exit_on_termination() -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C (a SystemExit through every `with VllmServer`),
+    so a killed script still stops its server's group and runs its cleanup."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """The smallest `--max-lora-rank` vLLM accepts that holds `rank`."""
     fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
