@@ -63,7 +63,7 @@ from . import metrics
 from .adapter import BaseShape, MoleAdapter
 from .checkpoint import (check_plain_lora_fits, is_mole_adapter_dir, load_adapter,
                          served_as_mole)
-from .config import CONFIG_NAME, FAMILIES, AdapterLimits
+from .config import CONFIG_NAME, FAMILIES, AdapterLimits, MoleConfig
 from .errors import AdapterError
 from .layers import TensorShard
 
@@ -98,6 +98,7 @@ class ServeSettings:
     # Adapter families served (config.FAMILIES). Each costs slot buffers and kernel launches
     # in every layer whether or not such an adapter is loaded (CUDA graphs fix the launches
     # at start-up): a server of MixLoRA adapters only skips DynMoLE's per-linear routers.
+    # `vllm serve` narrows the default to what its adapters need (startup_families).
     families: tuple[str, ...] = tuple(FAMILIES)
 
     @classmethod
@@ -259,7 +260,8 @@ def add_cli_flags() -> None:
             "--enable-mole-adapters", action="store_true",
             help="Serve MoLE adapter dirs wherever a LoRA dir is accepted (--lora-modules, "
                  "/v1/load_lora_adapter). Implies --enable-lora; Llama-family checkpoints "
-                 "load mole_serve's model class.")
+                 "load mole_serve's model class. Without runtime LoRA updating, only the "
+                 "layers the --lora-modules adapters' families need are built.")
         group.add_argument(
             "--max-mole-experts", type=int, default=None,
             help=f"Most experts per layer a MoLE adapter may have; sizes the per-slot "
@@ -272,8 +274,12 @@ def add_cli_flags() -> None:
         if getattr(args, "enable_mole_adapters", False):
             use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
             current = ServeSettings.from_additional_config(engine_args.additional_config)
+            section = (engine_args.additional_config or {}).get(MOLE_KEY) or {}
+            families = None if "families" in section else startup_families(
+                [module.path for module in getattr(args, "lora_modules", None) or []])
             settings = dataclasses.replace(
-                current, enabled=True, max_experts=args.max_mole_experts or current.max_experts)
+                current, enabled=True, max_experts=args.max_mole_experts or current.max_experts,
+                families=families or current.families)
             engine_args.additional_config = settings.merged_into(engine_args.additional_config)
         return engine_args
 
@@ -286,6 +292,34 @@ def add_cli_flags() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_mole)
     EngineArgs.from_cli_args = classmethod(from_cli_args_with_mole)
     EngineArgs.create_engine_config = create_engine_config_with_mole
+
+
+def startup_families(adapter_paths: list[str]) -> tuple[str, ...] | None:
+    """The families `vllm serve` needs when its `--lora-modules` are every adapter it can
+    ever serve: without runtime LoRA updating there is no /v1/load_lora_adapter and no
+    resolver. Building only those spares every layer the other family's launches and slot
+    buffers (MixLoRA's when no adapter is MoLE: the lighter build). None: build every
+    family, as adapters may come later, or a path is not a local adapter dir we can read
+    here (vLLM reports a bad one when it loads it)."""
+    import vllm.envs as envs
+
+    if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING or not adapter_paths:
+        return None
+    needed = set()
+    for path in adapter_paths:
+        local = os.path.expanduser(path)
+        try:
+            if not os.path.isdir(local):
+                return None
+            if served_as_mole(local, path):
+                needed.add(MoleConfig.load(local, path).family)
+        except AdapterError:
+            return None
+    families = tuple(f for f in FAMILIES if f in needed) or ("mixlora",)
+    logger.info("mole_serve: building the %s layers only (what the --lora-modules adapters "
+                "need; runtime LoRA updating is off). --additional-config "
+                "'{\"%s\": {\"families\": [...]}}' chooses them.", "/".join(families), MOLE_KEY)
+    return families
 
 
 # -- adapter loading and slots (route B) -------------------------------------------------------

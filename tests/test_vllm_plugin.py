@@ -18,7 +18,7 @@ from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from mole_serve.errors import AdapterError
 from tiny_model import make_tiny_llama
-from vllm_helpers import engine_env, make_mole_adapter
+from vllm_helpers import engine_env, make_mole_adapter, make_peft_lora
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,6 +69,60 @@ def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
                              "metrics_interval_s": 0.0, "backend": "auto",
                              "families": ["mixlora", "dynmole"]}}
     assert parse_serve_args(model).additional_config == {}
+
+
+@pytest.fixture(scope="module")
+def startup_adapters(tmp_path_factory):
+    """One dir per kind an adapter of `--lora-modules` can be (tiny shapes: only the
+    configs are read when the flags are parsed)."""
+    root = tmp_path_factory.mktemp("startup_adapters")
+    base = BaseShape(hidden=32, intermediate=48, num_layers=1, num_heads=2, num_kv_heads=2,
+                     head_dim=16)
+    for strategy in ("mixlora-dynamic", "dynmole"):
+        config = MoleConfig(strategy, num_experts=2, r=2, lora_alpha=4,
+                            target_modules=("gate_proj",))
+        make_mole_adapter(root / strategy, config, base, seed=1)
+    make_peft_lora(root / "peft", base, seed=2)
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text('{"peft_type": "MIXLORA"}')
+    return root
+
+
+@pytest.mark.parametrize("served, runtime_updating, families", [
+    (["mixlora-dynamic", "peft"], False, ["mixlora"]),
+    (["dynmole"], False, ["dynmole"]),
+    (["dynmole", "mixlora-dynamic"], False, ["mixlora", "dynmole"]),
+    (["peft"], False, ["mixlora"]),  # no MoLE adapter: the lighter build
+    # adapters may be loaded later, or a module's family cannot be read here: every family
+    (["mixlora-dynamic"], True, ["mixlora", "dynmole"]),
+    (["mixlora-dynamic", "broken"], False, ["mixlora", "dynmole"]),
+    (["mixlora-dynamic", "org/hub-adapter"], False, ["mixlora", "dynmole"]),
+    ([], False, ["mixlora", "dynmole"]),
+])
+def test_vllm_serve_builds_the_families_its_lora_modules_need(
+        tiny_llama, startup_adapters, monkeypatch, tmp_path, served, runtime_updating,
+        families):
+    import vllm.envs
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    # an attribute beats vllm.envs' (possibly cached) lazy lookup
+    monkeypatch.setattr(vllm.envs, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", runtime_updating,
+                        raising=False)
+    plugin.register()
+    modules = [f"{name.replace('/', '-')}="
+               f"{startup_adapters / name if '/' not in name else name}" for name in served]
+    argv = ["--model", str(tiny_llama), "--enable-mole-adapters",
+            *(["--lora-modules", *modules] if modules else [])]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    assert AsyncEngineArgs.from_cli_args(args).additional_config["mole"]["families"] == families
+    # the user's choice stands
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        [*argv, "--additional-config", '{"mole": {"families": ["dynmole", "mixlora"]}}'])
+    assert AsyncEngineArgs.from_cli_args(args).additional_config["mole"]["families"] == [
+        "mixlora", "dynmole"]
 
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM"])
