@@ -77,6 +77,17 @@ class TensorShard:
         size = full // self.world
         return slice(self.rank * size, (self.rank + 1) * size)
 
+    def kv_part(self, kv_heads: int, head_dim: int) -> slice:
+        """This rank's rows of k/v outputs, as vLLM's `QKVParallelLinear` holds them: the
+        heads split evenly, or, with fewer heads than ranks, one head on world/heads ranks."""
+        if self.world <= kv_heads:
+            return self.part(kv_heads * head_dim)
+        if self.world % kv_heads:
+            raise ValueError(f"{kv_heads} KV heads do not replicate evenly over {self.world} "
+                             f"ranks")
+        head = self.rank // (self.world // kv_heads)
+        return slice(head * head_dim, (head + 1) * head_dim)
+
 
 class TokenSlots:
     """Each step's per-token adapter slots (-1 = none) and, for the kernels, their token
@@ -381,6 +392,7 @@ _ONE_EXPERT_ROUTING = one_expert_routing_row()
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")  # vLLM splits their inputs; the rest their outputs
+KV_PROJS = ("k_proj", "v_proj")  # split by heads, replicated when heads are fewer than ranks
 
 
 @dataclass(frozen=True)
@@ -398,6 +410,8 @@ class ShardDims:
         fan_in, fan_out = base.in_out(proj)
         if proj in ROW_PARALLEL:
             in_part, out_part = shard.part(fan_in), slice(None)
+        elif proj in KV_PROJS:
+            in_part, out_part = slice(None), shard.kv_part(base.num_kv_heads, base.head_dim)
         else:
             in_part, out_part = slice(None), shard.part(fan_out)
         return cls(in_part, out_part, len(range(fan_in)[in_part]),

@@ -111,11 +111,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         if vllm_config.quant_config is not None:
             raise ValueError("MoLE serving supports unquantized base models only")
         shard = vllm_compat.tensor_parallel_shard()
-        if config.num_key_value_heads % shard.world:
-            # vLLM then replicates k/v heads over ranks; our slices assume an even split.
-            raise ValueError(f"MoLE serving with tensor parallelism needs the KV heads "
-                             f"({config.num_key_value_heads}) to split evenly over "
-                             f"{shard.world} ranks")
         if config.hidden_act != "silu":
             raise ValueError(f"MoLE serving needs a SiLU MLP; found {config.hidden_act!r}")
         if getattr(config, "llama_4_scaling", None):

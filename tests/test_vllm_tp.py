@@ -1,7 +1,7 @@
 """Tensor parallelism 2 in a real (CPU) vLLM engine: adapters sharded like the frozen layers
 (`layers.TensorShard`) must give the greedy tokens of the unsharded reference, DynMoLE
 routers on the row-parallel o_proj and down_proj (whose inputs are split over the ranks,
-their logits all-reduced) included."""
+their logits all-reduced) included, with KV heads split over the ranks or replicated."""
 
 from __future__ import annotations
 
@@ -14,29 +14,31 @@ from vllm_helpers import ReferenceGenerator, make_mole_adapter, make_peft_lora, 
 
 MAX_TOKENS = 8
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
-BASE = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                 head_dim=32)
 ADAPTERS = ("mixlora", "dynmole", "peft", "dynmole-row")
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+# 2 KV heads split over the 2 ranks; 1 KV head (MQA) held whole by both, as vLLM replicates it
+@pytest.fixture(scope="module", params=[2, 1], ids=["kv-split", "kv-replicated"])
+def workspace(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("vllm_tp")
+    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4,
+                     num_kv_heads=request.param, head_dim=32)
     adapters = {
         "mixlora": make_mole_adapter(root / "mixlora", MoleConfig(
             "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
             target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                            "down_proj")), BASE, seed=41, as_bin=True),
+                            "down_proj")), base, seed=41, as_bin=True),
         "dynmole": make_mole_adapter(root / "dynmole", MoleConfig(
             "dynmole", num_experts=3, r=4, lora_alpha=8, top_p=0.75,
             target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")),
-            BASE, seed=42),
-        "peft": make_peft_lora(root / "peft", BASE, seed=43),
+            base, seed=42),
+        "peft": make_peft_lora(root / "peft", base, seed=43),
         "dynmole-row": make_mole_adapter(root / "dynmole-row", MoleConfig(
             "dynmole", num_experts=3, r=4, lora_alpha=8, top_p=0.6,
-            target_modules=("o_proj", "gate_proj", "down_proj")), BASE, seed=44),
+            target_modules=("o_proj", "gate_proj", "down_proj")), base, seed=44),
     }
-    return {"root": root, "model": make_tiny_llama(root / "tiny-llama"), "adapters": adapters}
+    model = make_tiny_llama(root / "tiny-llama", kv_heads=request.param)
+    return {"root": root, "model": model, "adapters": adapters}
 
 
 @pytest.fixture(scope="module")
