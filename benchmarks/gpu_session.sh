@@ -16,7 +16,9 @@
 #            back (run(carry=[".gpu-bundle/part.0N", ".gpu-bundle/stage.sh"]))
 #   vllm     with the last piece: install vLLM and this package into $HOME/site
 #   serving-tests  the in-process engine, `vllm serve` and trained-adapter tests on the GPU
-#            (auto backend = the Triton kernels, plus the reference backend)
+#            (auto backend = the Triton kernels, plus the reference backend; the engine
+#            tests also compiled with CUDA graphs) with VLLM_GPU_SYNC_CHECK=warn: a host
+#            sync inside a step shows in the log's warnings summary with its source line
 #   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
 #            $SERVING_ARGS (default: N = 1, 8, 32 adapters, rates 4 and 16, 80 requests a
 #            point, every config; three cold 7B servers do not fit one 10-minute call: give
@@ -74,8 +76,9 @@ for step in $STEPS; do
                   PYTHONPATH=$HOME/site python3 -c \
                     "import vllm, mole_serve.kernels; print(vllm.__version__)"')
              export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} PATH=$HOME/site/bin:$PATH ;;
-    serving-tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
-                        tests/test_vllm_trained.py tests/test_vllm_serve.py) ;;
+    serving-tests) cmd=(env VLLM_GPU_SYNC_CHECK=warn python3 -m pytest -q -p no:cacheprovider
+                        tests/test_vllm_engine.py tests/test_vllm_trained.py
+                        tests/test_vllm_serve.py) ;;
     serving) read -ra serving_args <<< "$SERVING_ARGS"
              cmd=(python3 benchmarks/bench_serving.py --shape llama2-7b --out "$OUT"
                   "${serving_args[@]}") ;;

@@ -115,8 +115,12 @@ class TokenSlots:
 
     def set(self, slots: torch.Tensor) -> None:
         """The next steps' per-token slots (int, -1 = none; on any device); rows past them
-        (padding) get -1."""
-        self.slots[:slots.shape[0]].copy_(slots)
+        (padding) get -1. From the host they go through pinned memory without waiting, as
+        vLLM's own LoRA mapping does: a pageable copy would wait for the step in flight,
+        which vLLM's async scheduling overlaps with preparing this one."""
+        if slots.device.type == "cpu" and self.slots.device.type == "cuda":
+            slots = slots.pin_memory()
+        self.slots[:slots.shape[0]].copy_(slots, non_blocking=True)
         self.slots[slots.shape[0]:].fill_(-1)
 
     def prepare(self, num_tokens: int) -> None:

@@ -372,9 +372,10 @@ def install_adapter_hooks() -> None:
         activated = activate(self, lora_id)
         if activated and hasattr(self.model, "set_mole_slot"):
             loaded = self._registered_adapters[lora_id]
-            self.model.set_mole_slot(self.lora_index_to_id.index(lora_id),
-                                     getattr(loaded, _MOLE_ATTRIBUTE, None),
-                                     getattr(loaded, _NAME_ATTRIBUTE, None))
+            with _sync_allowed():
+                self.model.set_mole_slot(self.lora_index_to_id.index(lora_id),
+                                         getattr(loaded, _MOLE_ATTRIBUTE, None),
+                                         getattr(loaded, _NAME_ATTRIBUTE, None))
         return activated
 
     @functools.wraps(deactivate)
@@ -382,7 +383,8 @@ def install_adapter_hooks() -> None:
         slot = self.lora_index_to_id.index(lora_id) if lora_id in self.lora_index_to_id else None
         deactivate(self, lora_id)
         if slot is not None and hasattr(self.model, "set_mole_slot"):
-            self.model.set_mole_slot(slot, None, None)
+            with _sync_allowed():
+                self.model.set_mole_slot(slot, None, None)
 
     @functools.wraps(set_mapping)
     def set_mapping_split(self, mapping):
@@ -424,8 +426,9 @@ def install_adapter_hooks() -> None:
 
 
 def _sync_allowed():
-    """vLLM's GPU-sync debug checker (0.32) must not report our deliberate step-boundary
-    sync; 0.26 has no checker."""
+    """vLLM's GPU-sync debug checker (`VLLM_GPU_SYNC_CHECK`) must not report our deliberate
+    syncs outside the forward: the routing-count export, and a slot's weights copied in
+    (vLLM 0.32 allows syncs around adapter activation itself, 0.26 does not)."""
     try:
         from vllm.utils.gpu_sync_debug import gpu_sync_allowed
     except ImportError:

@@ -6,7 +6,8 @@ adapters are evicted, reloaded and moved between slots while the tests run. Gree
 equal a transformers + `mole_serve.reference` generation, alone and in batches mixed with
 base-model requests (which also catches vLLM's CPU "-1 slot" bug). Every test runs on both
 backends: the reference math (the CPU default) and the Triton kernels (interpreted here), the
-GPU path with its once-per-step token plan and in-kernel routing metrics.
+GPU path with its once-per-step token plan and in-kernel routing metrics; on a GPU also as
+vLLM serves by default there, compiled (`fullgraph=True`) and replayed from CUDA graphs.
 """
 
 from __future__ import annotations
@@ -54,14 +55,18 @@ def expected(workspace):
             for i, prompt in enumerate(PROMPTS) for name in (None, *adapters)}
 
 
-@pytest.fixture(scope="module", params=["reference", "kernels"])
+@pytest.fixture(scope="module", params=["reference", "kernels", "kernels-compiled"])
 def engine(workspace, request):
-    with offline_llm(workspace["model"], {"metrics_interval_s": 0, "backend": request.param},
-                     max_cpu_loras=2) as llm:
+    backend, _, compiled = request.param.partition("-")
+    if compiled and not torch.cuda.is_available():
+        pytest.skip("vLLM compiles and captures CUDA graphs on a GPU only (its CPU backend "
+                    "runs LoRA models eagerly)")
+    with offline_llm(workspace["model"], {"metrics_interval_s": 0, "backend": backend},
+                     max_cpu_loras=2, enforce_eager=not compiled) as llm:
         from vllm.lora.request import LoRARequest
 
         plan_block_m = llm.apply_model(lambda model: model.mole_token_slots.plan_block_m)
-        assert (plan_block_m != [None]) == (request.param == "kernels")
+        assert (plan_block_m != [None]) == (backend == "kernels")
         requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
                     for i, name in enumerate(ADAPTERS)}
         yield llm, requests

@@ -5,6 +5,8 @@ needed."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -320,6 +322,33 @@ def test_bf16_factors_compute_what_the_bf16_stack_computes(backend):
     expected = mole_ffn(x, frozen, slots,
                         stack_layer([mix, dyn, dynamic], 1, BASE).to(DEVICE, torch.bfloat16))
     torch.testing.assert_close(ffn_step(ffn, frozen, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_token_slots_from_the_host_reset_the_rows_past_them():
+    """The mapping hook's host list lands on the device (pinned, asynchronously, on a GPU)
+    and a shorter step leaves no stale slot behind."""
+    token_slots = TokenSlots(3, 8, device=DEVICE)
+    token_slots.set(torch.tensor([2, 0, -1, 1, 1, 0], dtype=torch.long))
+    token_slots.set(torch.tensor([1, -1, 2], dtype=torch.long))
+    assert token_slots.batch(8).slots.tolist() == [1, -1, 2, -1, -1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("world, kv_heads, rows", [
+    (2, 4, [(0, 64), (64, 128)]),                    # 2 heads each
+    (4, 2, [(0, 32), (0, 32), (32, 64), (32, 64)]),  # each head on 2 ranks
+    (2, 1, [(0, 32), (0, 32)]),                      # MQA: every rank holds the head
+])
+def test_kv_rows_follow_vllm_head_split_and_replication(world, kv_heads, rows):
+    from mole_serve.layers import ShardDims, TensorShard
+    base = dataclasses.replace(BASE, num_heads=4, num_kv_heads=kv_heads, head_dim=32)
+    for rank, (begin, end) in enumerate(rows):
+        shard = TensorShard(rank, world, lambda t: t)
+        assert shard.kv_part(kv_heads, 32) == slice(begin, end)
+        dims = ShardDims.of(base, "v_proj", shard)
+        assert (dims.out_part, dims.local_out, dims.in_part) == (slice(begin, end), end - begin,
+                                                                  slice(None))
+    with pytest.raises(ValueError, match="3 KV heads do not replicate evenly over 4 ranks"):
+        TensorShard(0, 4, lambda t: t).kv_part(3, 32)
 
 
 def test_token_plan_is_built_once_per_step_not_per_layer(monkeypatch):
