@@ -17,8 +17,9 @@
 #   vllm     with the last piece: install vLLM and this package into $HOME/site
 #   serving-tests  the in-process engine, `vllm serve` and trained-adapter tests on the GPU
 #            (auto backend = the Triton kernels, plus the reference backend; the engine
-#            tests also compiled with CUDA graphs) with VLLM_GPU_SYNC_CHECK=warn: a host
-#            sync inside a step shows in the log's warnings summary with its source line
+#            tests also compiled with CUDA graphs) with VLLM_GPU_SYNC_CHECK=warn: the log's
+#            warnings summary lists the in-process engines' host syncs by source line (vLLM's
+#            LoRA metadata syncs on mapping changes; none may be under mole_serve/ or kernels/)
 #   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
 #            $SERVING_ARGS (default: N = 1, 8, 32 adapters, rates 4 and 16, 80 requests a
 #            point, every config; three cold 7B servers do not fit one 10-minute call: give

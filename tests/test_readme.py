@@ -17,11 +17,10 @@ import shlex
 import pytest
 import torch
 
-from mole_serve import plugin
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import make_mole_adapter
+from vllm_helpers import make_mole_adapter, serve_arg_parser
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -58,12 +57,9 @@ def check_make(argv: list[str]) -> None:
 
 def check_vllm_serve(argv: list[str]) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     assert argv[1] == "serve"
-    plugin.register()
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[2:])
+    args = serve_arg_parser().parse_args(argv[2:])
     args.model = args.model_tag
     with pytest.MonkeyPatch.context() as env:  # the flag sets up a metrics dir otherwise
         env.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp")

@@ -67,6 +67,11 @@ def engine(workspace, request):
 
         plan_block_m = llm.apply_model(lambda model: model.mole_token_slots.plan_block_m)
         assert (plan_block_m != [None]) == (backend == "kernels")
+        if compiled:  # not silently eager
+            from vllm.config import CompilationMode, CUDAGraphMode
+            compilation = llm.llm_engine.vllm_config.compilation_config
+            assert compilation.mode != CompilationMode.NONE
+            assert compilation.cudagraph_mode != CUDAGraphMode.NONE
         requests = {name: LoRARequest(name, i + 1, str(workspace["root"] / name))
                     for i, name in enumerate(ADAPTERS)}
         yield llm, requests

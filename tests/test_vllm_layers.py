@@ -328,8 +328,15 @@ def test_token_slots_from_the_host_reset_the_rows_past_them():
     """The mapping hook's host list lands on the device (pinned, asynchronously, on a GPU)
     and a shorter step leaves no stale slot behind."""
     token_slots = TokenSlots(3, 8, device=DEVICE)
-    token_slots.set(torch.tensor([2, 0, -1, 1, 1, 0], dtype=torch.long))
-    token_slots.set(torch.tensor([1, -1, 2], dtype=torch.long))
+    sync_check = torch.cuda.get_sync_debug_mode() if DEVICE == "cuda" else None
+    if DEVICE == "cuda":  # a blocking (pageable) copy would raise here
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        token_slots.set(torch.tensor([2, 0, -1, 1, 1, 0], dtype=torch.long))
+        token_slots.set(torch.tensor([1, -1, 2], dtype=torch.long))
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode(sync_check)
     assert token_slots.batch(8).slots.tolist() == [1, -1, 2, -1, -1, -1, -1, -1]
 
 

@@ -18,7 +18,7 @@ from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from mole_serve.errors import AdapterError
 from tiny_model import make_tiny_llama
-from vllm_helpers import engine_env, make_mole_adapter, make_peft_lora
+from vllm_helpers import engine_env, make_mole_adapter, make_peft_lora, serve_arg_parser
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,22 +104,19 @@ def test_vllm_serve_builds_the_families_its_lora_modules_need(
         families):
     import vllm.envs
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     # an attribute beats vllm.envs' (possibly cached) lazy lookup
     monkeypatch.setattr(vllm.envs, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", runtime_updating,
                         raising=False)
-    plugin.register()
     modules = [f"{name.replace('/', '-')}="
                f"{startup_adapters / name if '/' not in name else name}" for name in served]
     argv = ["--model", str(tiny_llama), "--enable-mole-adapters",
             *(["--lora-modules", *modules] if modules else [])]
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    args = serve_arg_parser().parse_args(argv)
     assert AsyncEngineArgs.from_cli_args(args).additional_config["mole"]["families"] == families
     # the user's choice stands
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+    args = serve_arg_parser().parse_args(
         [*argv, "--additional-config", '{"mole": {"families": ["dynmole", "mixlora"]}}'])
     assert AsyncEngineArgs.from_cli_args(args).additional_config["mole"]["families"] == [
         "mixlora", "dynmole"]

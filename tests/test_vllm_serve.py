@@ -9,12 +9,13 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import (ReferenceGenerator, make_mole_adapter, make_peft_lora,
-                          vllm_cache_root)
+from vllm_helpers import (GPU_MEMORY_SHARE, ReferenceGenerator, make_mole_adapter,
+                          make_peft_lora, vllm_cache_root)
 
 BASE_NAME = "tiny"
 PROMPT = [1, 17, 305, 44, 912, 8]
@@ -62,6 +63,8 @@ def server(workspace, tmp_path_factory):
                   # Steps never export: routing counts come from the idle flush alone.
                   "--additional-config", '{"mole": {"metrics_interval_s": 3600}}',
                   "--lora-modules", *(f"{n}={root / n}" for n in ("mixlora", "dynmole", "peft"))]
+    if torch.cuda.is_available():  # beside the in-process test engines of the same run
+        serve_args += ["--gpu-memory-utilization", str(GPU_MEMORY_SHARE)]
     with VllmServer(workspace["model"], serve_args, log_path=root / "server.log", env=env,
                     startup_timeout_s=STARTUP_TIMEOUT_S, metrics=False) as served:
         workspace["server_pid"] = served.process.pid

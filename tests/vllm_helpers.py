@@ -38,11 +38,29 @@ def engine_env() -> dict[str, str]:
     return dict(ENGINE_ENV, VLLM_CACHE_ROOT=vllm_cache_root())
 
 
+# On a GPU each test engine takes a small share of its memory: several live in one test
+# process (vLLM 0.26 frees an in-process engine's memory only at shutdown) beside servers.
+GPU_MEMORY_SHARE = 0.15
 # What every in-process test engine shares: the tiny models, eager, one process.
 TINY_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True,
                     "distributed_executor_backend": "uni", "max_model_len": 128,
                     "max_num_batched_tokens": 256, "max_num_seqs": 8, "seed": 0,
-                    "max_lora_rank": 8, "max_loras": 2}
+                    "max_lora_rank": 8, "max_loras": 2,
+                    **({"gpu_memory_utilization": GPU_MEMORY_SHARE}
+                       if torch.cuda.is_available() else {})}
+
+
+def serve_arg_parser():
+    """`vllm serve`'s argument parser (its module moved after vLLM 0.26), plugin loaded."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from mole_serve import plugin
+
+    plugin.register()
+    return make_arg_parser(FlexibleArgumentParser())
 
 
 @contextlib.contextmanager
@@ -60,6 +78,8 @@ def offline_llm(model_dir: pathlib.Path | str, mole: dict | None = None, **engin
         try:
             yield llm
         finally:
+            if torch.cuda.is_available():  # its GPU memory now, not at exit
+                llm.llm_engine.engine_core.shutdown()
             del llm
 
 
