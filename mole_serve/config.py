@@ -169,7 +169,8 @@ class MoleConfig:
             strategy = DYNMOLE if peft_type == "DYNMOLE" else PLAIN_LORA
         if strategy == PLAIN_LORA:
             _check_plain_lora(raw, adapter)
-        strategy = LEGACY_STRATEGIES.get(strategy, strategy)
+        if isinstance(strategy, str):
+            strategy = LEGACY_STRATEGIES.get(strategy, strategy)
         if strategy not in STRATEGIES:
             raise AdapterError(adapter, f"{CONFIG_NAME}:routing_strategy",
                                f"one of {list(STRATEGIES)}", repr(raw.get("routing_strategy")))
@@ -179,6 +180,9 @@ class MoleConfig:
                                repr(raw.get("peft_type")))
 
         expert_lora = raw.get("expert_lora") or {}
+        if not isinstance(expert_lora, dict):
+            raise AdapterError(adapter, f"{CONFIG_NAME}:expert_lora", "a JSON object",
+                               repr(expert_lora))
         for key in ("r", "lora_alpha", "use_rslora"):
             if key in expert_lora and expert_lora[key] != raw.get(key, expert_lora[key]):
                 raise AdapterError(

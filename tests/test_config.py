@@ -75,6 +75,10 @@ def test_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("change, item, expected", [
     ({"routing_strategy": "hash"}, "routing_strategy", "one of"),
+    ({"routing_strategy": ["mixlora"]}, "routing_strategy", "one of"),
+    ({"expert_lora": [4]}, "expert_lora", "a JSON object"),
+    ({"act_fn": ["silu"]}, "act_fn", "one of"),
+    ({"target_modules": "q_proj"}, "target_modules", "a list of module names"),
     ({"use_dora": True}, "use_dora", "false"),
     ({"lora_alpha": 16.5}, "lora_alpha", "an integer"),
     ({"lora_alpha": "16"}, "lora_alpha", "an integer"),
