@@ -55,10 +55,10 @@ class TensorShard:
     layers: q/k/v and gate/up are column-parallel (the rank holds rows `part(out)` of their
     outputs; k/v rows by head, `kv_part`, shared by several ranks when there are fewer KV
     heads than ranks), o and down row-parallel (columns `part(in)` of their inputs). So a
-    rank keeps
-    the slice of the B factors of column-parallel projections (MixLoRA: the I-slice of the
-    gate/up B factors) and of the A factors and routers of row-parallel ones (the I-slice of
-    the down A factors); factors and routers that see full-size inputs are replicated.
+    rank keeps the slice of the B factors of column-parallel projections (MixLoRA: the
+    I-slice of the gate/up B factors) and of the A factors and routers of row-parallel ones
+    (the I-slice of the down A factors); factors and routers that see full-size inputs are
+    replicated.
     Each rank's o/down delta is a partial sum over its slice; the base projection's
     all-reduce, deferred until the deltas are added (`model.py`), sums them up. A router on
     o/down sees only its rank's input slice, so its logits are partial sums too, added up
