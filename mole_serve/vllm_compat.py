@@ -105,8 +105,8 @@ class ServeSettings:
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "ServeSettings":
-        section = additional_config.get(MOLE_KEY) if isinstance(additional_config, dict) else None
-        if not isinstance(section, dict):
+        section = _mole_section(additional_config)
+        if not section:
             return cls()
         unknown = set(section) - _SETTING_KEYS
         if unknown:
@@ -144,6 +144,12 @@ class ServeSettings:
 
 
 _SETTING_KEYS = {f.name for f in dataclasses.fields(ServeSettings)}
+
+
+def _mole_section(additional_config: Any) -> dict:
+    """Our section of `--additional-config` as the user gave it ({} when absent)."""
+    section = additional_config.get(MOLE_KEY) if isinstance(additional_config, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def serve_settings(vllm_config: Any) -> ServeSettings:
@@ -277,8 +283,8 @@ def add_cli_flags() -> None:
         if getattr(args, "enable_mole_adapters", False):
             use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
             current = ServeSettings.from_additional_config(engine_args.additional_config)
-            section = (engine_args.additional_config or {}).get(MOLE_KEY) or {}
-            families = None if "families" in section else startup_families(
+            user_chose = "families" in _mole_section(engine_args.additional_config)
+            families = None if user_chose else startup_families(
                 [module.path for module in getattr(args, "lora_modules", None) or []])
             settings = dataclasses.replace(
                 current, enabled=True, max_experts=args.max_mole_experts or current.max_experts,
