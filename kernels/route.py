@@ -100,12 +100,13 @@ def _block_rows(sorted_tokens_ptr, block, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _normalised_tsallis(p, valid, n_exp, q, eps):
-    """S_q(p) / S_q(uniform) per row; Shannon when q == 1; 0 for a single expert."""
+    """S_q(p) / S_q(uniform) per row; Shannon (of p + eps) when q == 1; 0 for a single
+    expert."""
     shannon = tl.abs(q - 1.0) < 1e-6
     safe_q = tl.where(shannon, 2.0, q)
     shifted = p + eps
     log_shifted = tl.log(tl.maximum(shifted, 1e-30))
-    terms = tl.where(shannon, -p * log_shifted, tl.exp(safe_q * log_shifted))
+    terms = tl.where(shannon, -shifted * log_shifted, tl.exp(safe_q * log_shifted))
     total = tl.sum(tl.where(valid, terms, 0.0), axis=1)
     entropy = tl.where(shannon, total, (1.0 - total) / (safe_q - 1.0))
     max_entropy = tl.where(shannon, tl.log(n_exp),
@@ -144,6 +145,7 @@ def _select(logits, table_row, E_PAD: tl.constexpr):
     cumulative = tl.sum(tl.where(upto, other, 0.0), axis=2)
     exclusive = cumulative - scaled
 
+    threshold = tl.where(threshold < 1.0, threshold, float("inf"))  # DynMoLE: >= 1 is off
     broadcast = _normalised_tsallis(probs, valid, n_exp, q, eps) > threshold
     keep = rank_f < top_k
     keep = tl.where(strategy == TOP_P_CODE, exclusive <= top_p, keep)  # crossing one kept

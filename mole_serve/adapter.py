@@ -5,6 +5,7 @@ Tensors are kept in fp32, as MoE-PEFT trains and stores them; compute code casts
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ class BaseShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    hidden_act: str | None = None  # the MLP's activation; None = not known
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "BaseShape":
@@ -32,7 +34,8 @@ class BaseShape:
         head_dim = get("head_dim") or get("hidden_size") // heads
         return cls(hidden=get("hidden_size"), intermediate=get("intermediate_size"),
                    num_layers=get("num_hidden_layers"), num_heads=heads,
-                   num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim)
+                   num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim,
+                   hidden_act=get("hidden_act"))
 
     def in_out(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of a projection of the frozen model."""
@@ -95,6 +98,8 @@ def init_adapter(config: MoleConfig, base: BaseShape, name: str = "adapter", *,
     Routers read `router_init_range` as MoE-PEFT does: MixLoRA's FFN router N(0, range)
     (default 0.02; 1.0 for switch routing), DynMoLE's per-linear routers Kaiming-uniform with
     a = sqrt(range) (default 5.0: nn.Linear's init). A Kaiming-uniform(a=sqrt(5)), B zeros.
+    MixLoRA experts record the base's activation when the config leaves it out, as MoE-PEFT
+    does: mixlora 0.2.3 cannot load an adapter without one.
     Tests pass `router_std` (every router N(0, std)) and `b_std` to make the adapter change
     outputs and routing visibly.
     """
@@ -114,6 +119,8 @@ def init_adapter(config: MoleConfig, base: BaseShape, name: str = "adapter", *,
         default = 1.0 if config.routing_strategy == "mixlora-switch" else 0.02
         return normal(default if router_init_range is None else router_init_range, *shape)
 
+    if config.has_ffn_experts and config.act_fn is None:
+        config = dataclasses.replace(config, act_fn=base.hidden_act)
     E, r = config.num_experts, config.r
     layers = []
     for _ in range(base.num_layers):

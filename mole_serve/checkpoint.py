@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer, is_attention
 from .config import (ALL_PROJS, CONFIG_NAME, LEGACY_PROJS, MOE_PEFT_ORDER, PEFT_TYPE_OF,
-                     PLAIN_LORA, AdapterLimits, MoleConfig, read_config_json)
+                     PLAIN_LORA, AdapterLimits, MoleConfig, read_config_json, same_activation)
 from .errors import AdapterError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -233,6 +233,8 @@ def load_adapter(adapter_dir: str | pathlib.Path, name: str | None = None, *,
 def from_state_dict(config: MoleConfig, tensors: dict[str, torch.Tensor], name: str,
                     base: BaseShape | None = None) -> MoleAdapter:
     """Check keys, shapes and values of a modern-key tensor dict and build the adapter."""
+    if base is not None:
+        _check_activation(config, base, name)
     num_layers = base.num_layers if base is not None else _count_layers(tensors, name)
     dims = _projection_dims(config, tensors, base, name)
     hidden = base.hidden if base is not None else _hidden(config, dims, tensors)
@@ -274,6 +276,21 @@ def _layer(config: MoleConfig, t: dict[str, torch.Tensor], i: int) -> MoleLayer:
         experts={p: experts(p) for p in expert_projs if not config.is_plain_lora},
         lora={p: LoRA(t[_lora_key(config, i, p, "A")], t[_lora_key(config, i, p, "B")])
               for p in config.lora_targets})
+
+
+def _check_activation(config: MoleConfig, base: BaseShape, name: str) -> None:
+    """A MixLoRA expert is the frozen FFN plus LoRA deltas, computed by the peers with the
+    adapter's `act_fn`; we compute it with the base's, so refuse any other."""
+    if (config.has_ffn_experts and config.act_fn is not None and base.hidden_act is not None
+            and not same_activation(config.act_fn, base.hidden_act)):
+        raise AdapterError(name, f"{CONFIG_NAME}:act_fn", f"the base model's activation "
+                           f"{base.hidden_act!r} (or absent)", repr(config.act_fn))
+
+
+def check_fits(adapter: MoleAdapter, base: BaseShape) -> None:
+    """AdapterError unless an adapter loaded without `base=` fits `base`: the checks loading
+    it with `base=` makes."""
+    from_state_dict(adapter.config, dict(state_dict_items(adapter)), adapter.name, base)
 
 
 def _count_layers(tensors: dict[str, torch.Tensor], name: str) -> int:

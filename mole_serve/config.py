@@ -42,6 +42,11 @@ FAMILIES = {"mixlora": FFN_EXPERT_STRATEGIES, "dynmole": (DYNMOLE,)}
 LEGACY_PROJS = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+_SAME_AS = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' equal names
+
+
+def same_activation(a: str, b: str) -> bool:
+    return _SAME_AS.get(a, a) == _SAME_AS.get(b, b)
 
 # Fields we interpret. Anything else in a config file is kept verbatim and written back.
 _KNOWN_KEYS = {
@@ -86,7 +91,7 @@ class MoleConfig:
     entropy_eps: float = 1e-5
     expert_capacity: int = 32
     use_rslora: bool = False
-    act_fn: str = "silu"
+    act_fn: str | None = None  # the experts' activation; None = the base model's (as the peers)
     base_model_name_or_path: str | None = None
     task_type: str = "CAUSAL_LM"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -159,11 +164,16 @@ class MoleConfig:
             return raw[key]
 
         peft_type = str(raw.get("peft_type", "")).upper()
-        if raw.get("use_dora"):
-            raise AdapterError(
-                adapter, f"{CONFIG_NAME}:use_dora", "false",
-                "true (DoRA is refused: MoE-PEFT does not save the DoRA magnitude vectors, "
-                "so the checkpoint cannot reproduce the trained model)")
+        expert_lora = raw.get("expert_lora") or {}
+        if not isinstance(expert_lora, dict):
+            raise AdapterError(adapter, f"{CONFIG_NAME}:expert_lora", "a JSON object",
+                               repr(expert_lora))
+        for key, source in (("use_dora", raw), ("expert_lora.use_dora", expert_lora)):
+            if source.get("use_dora"):
+                raise AdapterError(
+                    adapter, f"{CONFIG_NAME}:{key}", "false",
+                    "true (DoRA is refused: MoE-PEFT does not save the DoRA magnitude vectors, "
+                    "so the checkpoint cannot reproduce the trained model)")
         strategy = raw.get("routing_strategy")
         if strategy is None and peft_type in ("DYNMOLE", "LORA"):
             strategy = DYNMOLE if peft_type == "DYNMOLE" else PLAIN_LORA
@@ -179,16 +189,16 @@ class MoleConfig:
                                f"{PEFT_TYPE_OF[strategy]!r} for routing {strategy!r}",
                                repr(raw.get("peft_type")))
 
-        expert_lora = raw.get("expert_lora") or {}
-        if not isinstance(expert_lora, dict):
-            raise AdapterError(adapter, f"{CONFIG_NAME}:expert_lora", "a JSON object",
-                               repr(expert_lora))
+        # The peers build the experts' LoRA from the top level updated with expert_lora, so a
+        # key set there alone applies to the experts only (e.g. rsLoRA scaling).
+        top_level = {"use_rslora": bool(raw.get("use_rslora", False))}
         for key in ("r", "lora_alpha", "use_rslora"):
-            if key in expert_lora and expert_lora[key] != raw.get(key, expert_lora[key]):
+            top = top_level.get(key, raw.get(key))
+            if key in expert_lora and expert_lora[key] != top:
                 raise AdapterError(
                     adapter, f"{CONFIG_NAME}:expert_lora.{key}", f"equal to top-level {key} "
-                    f"({raw.get(key)!r}); per-expert LoRA shapes are not supported",
-                    repr(expert_lora[key]))
+                    f"({top!r}); experts scaled or shaped unlike the other LoRA layers are "
+                    "not supported", repr(expert_lora[key]))
 
         targets = need("target_modules")
         if isinstance(targets, dict):
@@ -227,7 +237,7 @@ class MoleConfig:
             entropy_eps=_number(adapter, "entropy_eps", raw.get("entropy_eps", 1e-5)),
             expert_capacity=_integer(adapter, "expert_capacity", raw.get("expert_capacity", 32)),
             use_rslora=bool(raw.get("use_rslora", False)),
-            act_fn=raw.get("act_fn") or "silu",
+            act_fn=raw.get("act_fn") or None,
             base_model_name_or_path=raw.get("base_model_name_or_path") or None,
             task_type=raw.get("task_type", "CAUSAL_LM"),
             extra=extra,
@@ -250,7 +260,8 @@ class MoleConfig:
         check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)", self.lora_dropout)
         check(len(self.target_modules) > 0, "target_modules", "at least one module",
               list(self.target_modules))
-        check(self.act_fn in ACTIVATIONS, "act_fn", f"one of {list(ACTIVATIONS)}", self.act_fn)
+        check(self.act_fn is None or self.act_fn in ACTIVATIONS, "act_fn",
+              f"one of {list(ACTIVATIONS)}", self.act_fn)
         if self.routing_strategy == MIXLORA:
             check(1 <= self.top_k <= self.num_experts, "top_k",
                   f"in [1, num_experts={self.num_experts}]", self.top_k)
@@ -283,8 +294,9 @@ class MoleConfig:
         out.update(bias="none", peft_type=self.peft_type, r=int(self.r),
                    lora_alpha=int(self.lora_alpha), lora_dropout=float(self.lora_dropout),
                    target_modules=[p for p in MOE_PEFT_ORDER if p in self.target_modules],
-                   routing_strategy=self.routing_strategy, num_experts=self.num_experts,
-                   act_fn=self.act_fn)
+                   routing_strategy=self.routing_strategy, num_experts=self.num_experts)
+        if self.act_fn is not None:
+            out["act_fn"] = self.act_fn
         if self.routing_strategy == MIXLORA:
             out["top_k"] = self.top_k
         elif self.routing_strategy == MIXLORA_DYNAMIC:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .adapter import BaseShape, MoleAdapter
+from .checkpoint import check_fits
 from .config import ATTENTION_PROJS
-from .reference import FrozenFFN, mole_ffn, mole_projection
+from .reference import ACTIVATIONS, FrozenFFN, mole_ffn, mole_projection
 from .stack import LayerStack, stack_layer
 
 
@@ -29,10 +30,13 @@ class MoleAttachment:
             raise ValueError(f"adapter names must be unique, got {names}")
         self.model = model
         self.base = BaseShape.from_hf_config(model.config)
+        act = getattr(model.config, "hidden_act", "silu")
+        if act not in ACTIVATIONS or getattr(model.config, "mlp_bias", False):
+            raise ValueError(f"the model's MLP (hidden_act {act!r}, mlp_bias "
+                             f"{getattr(model.config, 'mlp_bias', False)}) is not one the "
+                             f"reference computes: activations {list(ACTIVATIONS)}, no biases")
         for adapter in adapters:
-            if adapter.num_layers != self.base.num_layers:
-                raise ValueError(f"adapter {adapter.name!r} has {adapter.num_layers} layers, "
-                                 f"the model has {self.base.num_layers}")
+            check_fits(adapter, self.base)
         self.slot_of = {name: slot for slot, name in enumerate(names)}
         device = next(model.parameters()).device
         self.stacks = [stack_layer(list(adapters), i, self.base).to(device)

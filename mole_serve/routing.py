@@ -60,15 +60,16 @@ def tsallis_entropy(probs: torch.Tensor, num_experts: torch.Tensor, q: torch.Ten
                     eps: torch.Tensor) -> torch.Tensor:
     """Normalised Tsallis entropy S_q(p) / S_q(uniform) in [0, ~1], per token (DESIGN §1).
 
-    S_q(p) = (1 - sum (p + eps)^q) / (q - 1) over the token's real experts; q = 1 is Shannon.
-    A single-expert router has no uncertainty: 0.
+    S_q(p) = (1 - sum (p + eps)^q) / (q - 1) over the token's real experts; q = 1 is Shannon,
+    -sum (p + eps) log(p + eps) (DynMoLE shifts both). A single-expert router has no
+    uncertainty: 0.
     """
     valid = torch.arange(probs.shape[-1], device=probs.device) < num_experts[:, None]
     q, eps, n = q[:, None], eps[:, None], num_experts.float()
     shifted = probs + eps
     is_shannon = (q - 1.0).abs() < 1e-6
     safe_q = torch.where(is_shannon, torch.full_like(q, 2.0), q)
-    terms = torch.where(is_shannon, -probs * torch.log(shifted), shifted.pow(safe_q))
+    terms = torch.where(is_shannon, -shifted * torch.log(shifted), shifted.pow(safe_q))
     total = torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
     q1 = q[:, 0]
     entropy = torch.where(is_shannon[:, 0], total, (1.0 - total) / (safe_q[:, 0] - 1.0))
@@ -99,10 +100,12 @@ def selection_mask(probs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Ten
     # mixlora-dynamic keeps up to and including the expert whose cumulative prob crosses top_p.
     dynamic_keep = exclusive <= top_p
     # dynmole keeps while the cumulative prob stays <= top_p (crossing expert excluded), at
-    # least keep_top_k, and every expert when the normalised entropy is above the threshold.
+    # least keep_top_k, and every expert when the normalised entropy is above the threshold
+    # (a threshold >= 1 turns that off, as in DynMoLE: near-uniform entropy can pass 1).
     entropy = tsallis_entropy(probs, num_experts, params[:, ENTROPY_INDEX],
                               params[:, ENTROPY_EPS])
-    broadcast = (entropy > params[:, ENTROPY_THRESHOLD])[:, None]
+    threshold = params[:, ENTROPY_THRESHOLD]
+    broadcast = ((entropy > threshold) & (threshold < 1.0))[:, None]
     dynmole_keep = (cumulative <= top_p) | (rank < params[:, KEEP_TOP_K:KEEP_TOP_K + 1].round()) \
         | broadcast
 

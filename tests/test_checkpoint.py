@@ -1,6 +1,7 @@
 """Adapter dirs: write/read round trips (safetensors and the peers' .bin), the legacy m-LoRA
 layout, DynMoLE keys, and one clear AdapterError per malformed input."""
 
+import dataclasses
 import json
 import pickle
 import re
@@ -145,6 +146,40 @@ def test_base_model_mismatch(tmp_path, adapters):
     with pytest.raises(AdapterError, match="mixlora.layers.2.mlp.moe_gate.weight: expected "
                                            "present"):
         load_adapter(tmp_path, "math", base=deeper)
+
+
+@pytest.mark.parametrize("name, act_fn, refused", [
+    ("topk", "gelu", True), ("topk", "relu", True), ("topk", "silu", False),
+    ("topk", None, False), ("dynmole", "gelu", False),  # DynMoLE's experts are per linear
+])
+def test_experts_activation_must_be_the_base_models(tmp_path, adapters, name, act_fn, refused):
+    """MixLoRA experts run the FFN with the adapter's act_fn in the peers, with the base's
+    here: any other is refused where the base is known, not silently misread."""
+    save_adapter(adapters[name], tmp_path)
+    raw = json.loads((tmp_path / CONFIG_NAME).read_text())
+    raw.pop("act_fn", None)
+    if act_fn is not None:
+        raw["act_fn"] = act_fn
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(raw))
+    silu_base = dataclasses.replace(ODD_BASE, hidden_act="silu")
+    load_adapter(tmp_path, "math")  # the base unknown: nothing to compare with
+    load_adapter(tmp_path, "math", base=ODD_BASE)  # nor when the base's is not known
+    if not refused:
+        load_adapter(tmp_path, "math", base=silu_base)
+        return
+    with pytest.raises(AdapterError) as info:
+        load_adapter(tmp_path, "math", base=silu_base)
+    assert info.value.item == f"{CONFIG_NAME}:act_fn"
+    assert "the base model's activation 'silu'" in info.value.expected
+    assert info.value.found == repr(act_fn)
+
+
+def test_equal_activation_names_are_accepted(tmp_path, adapters):
+    save_adapter(adapters["topk"], tmp_path)
+    raw = dict(json.loads((tmp_path / CONFIG_NAME).read_text()), act_fn="gelu_new")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(raw))
+    load_adapter(tmp_path, "math",
+                 base=dataclasses.replace(ODD_BASE, hidden_act="gelu_pytorch_tanh"))
 
 
 def test_limits_and_missing_files(tmp_path, adapters):

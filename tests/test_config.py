@@ -65,6 +65,19 @@ def test_rslora_scaling_and_unknown_fields_survive():
     assert out["use_rslora"] is True and out["router_aux_loss_coef"] == 0.01
 
 
+def test_act_fn_absent_means_the_base_models_and_stays_absent():
+    """The peers read a missing act_fn as the base FFN's own: not as "silu"."""
+    config = MoleConfig.from_dict({k: v for k, v in MOE_PEFT.items() if k != "act_fn"})
+    assert config.act_fn is None and "act_fn" not in config.to_dict()
+    assert MoleConfig.from_dict(MOE_PEFT).to_dict()["act_fn"] == "silu"
+
+
+def test_expert_lora_repeating_the_top_level_is_accepted():
+    config = MoleConfig.from_dict(dict(MOE_PEFT, use_rslora=True, expert_lora={
+        "r": 8, "lora_alpha": 16, "use_rslora": True, "lora_dropout": 0.05}))
+    assert config.use_rslora and config.scaling == pytest.approx(16 / 8 ** 0.5)
+
+
 def test_save_and_load(tmp_path):
     config = MoleConfig.from_dict(DYNMOLE)
     config.save(tmp_path)
@@ -90,6 +103,10 @@ def test_save_and_load(tmp_path):
     ({"act_fn": "swish2"}, "act_fn", "one of"),
     ({"lora_dropout": float("nan")}, "lora_dropout", "a finite number"),
     ({"expert_lora": {"r": 4}}, "expert_lora.r", "equal to top-level r"),
+    # the peers read a key set in expert_lora alone as the experts' own (rsLoRA, DoRA)
+    ({"expert_lora": {"use_rslora": True}}, "expert_lora.use_rslora",
+     "equal to top-level use_rslora (False)"),
+    ({"expert_lora": {"use_dora": True}}, "expert_lora.use_dora", "false"),
 ])
 def test_bad_configs_name_the_field(change, item, expected):
     with pytest.raises(AdapterError) as info:

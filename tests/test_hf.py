@@ -1,11 +1,14 @@
 """The transformers integration: per-row adapters in one forward, generation, detach."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import random_adapters
 from mole_serve.adapter import BaseShape
+from mole_serve.errors import AdapterError
 from mole_serve.hf import attach_adapters
 
 
@@ -76,6 +79,25 @@ def test_errors(model, adapters):
         attachment.detach()
     with pytest.raises(ValueError, match="unique"):
         attach_adapters(model, [adapters["topk"], adapters["topk"]])
+
+
+def test_adapters_that_do_not_fit_the_model_are_refused_before_attaching(model):
+    """An adapter loaded without `base=` gets the checks loading with it makes."""
+    narrower = dataclasses.replace(BaseShape.from_hf_config(model.config), intermediate=48)
+    adapter = random_adapters(base=narrower, seed=5)["topk"]
+    with pytest.raises(AdapterError, match=r"gate_proj.experts.0.lora_B.weight: expected "
+                                           r"shape \[200, 8\], found shape \[48, 8\]"):
+        attach_adapters(model, [adapter])
+    assert all(type(layer.mlp).__name__ == "LlamaMLP" for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "quick_gelu"}, {"mlp_bias": True}])
+def test_models_whose_mlp_the_reference_cannot_compute_are_refused(change):
+    config = LlamaConfig(hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                         vocab_size=300, **change)
+    with pytest.raises(ValueError, match="is not one the reference computes"):
+        attach_adapters(LlamaForCausalLM(config), [])
 
 
 def test_plain_peft_lora_matches_peft(model, tmp_path):

@@ -215,8 +215,10 @@ def test_route_matches_reference_mixlora_family(family):
 @pytest.mark.parametrize("config", [
     mixlora("mixlora", 8, 4, top_k=3), mixlora("mixlora-dynamic", 8, 4, top_p=0.5),
     mixlora("mixlora-dynamic", 8, 4, top_p=0.6), mixlora("mixlora-switch", 8, 4),
-    dynmole(8, 4, top_p=0.5, keep_top_k=2, entropy_threshold=0.9)],
-    ids=["top-3", "top-p-0.5", "top-p-0.6", "switch", "dynmole-broadcast"])
+    dynmole(8, 4, top_p=0.5, keep_top_k=2, entropy_threshold=0.9),
+    dynmole(8, 4, top_p=0.5, keep_top_k=2, entropy_threshold=1.0, entropy_index=0.5)],
+    ids=["top-3", "top-p-0.5", "top-p-0.6", "switch", "dynmole-broadcast",
+         "dynmole-broadcast-off"])
 def test_route_exact_ties_select_as_many_experts_with_the_same_weights(config):
     """A zero router gives every expert probability exactly 1/8 (sums exact in fp32): which
     tied experts win is the implementation's choice (torch.topk's too), but how many and
@@ -240,6 +242,8 @@ def test_route_exact_ties_select_as_many_experts_with_the_same_weights(config):
     assert uses.any()
     ours, theirs = got.weights[uses], ref_weights[uses]
     assert torch.equal((ours > 0).sum(1), (theirs > 0).sum(1))
+    if config.entropy_threshold == 1.0:  # entropy above 1 (q < 1), no broadcast: top-p's 4
+        assert ((ours > 0).sum(1) == 4).all()
     torch.testing.assert_close(ours.sort(1).values, theirs.sort(1).values, rtol=0, atol=1e-6)
     chosen = got.ids.long()[uses][ours > 0].view(int(uses.sum()), -1)
     assert (chosen.sort(1).values.diff(dim=1) > 0).all(), "an expert chosen twice"

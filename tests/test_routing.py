@@ -78,6 +78,15 @@ def test_dynmole_broadcasts_all_experts_above_the_entropy_threshold():
           [0.2, 0.2, 0.2, 0.0, 0.0])
 
 
+def test_dynmole_threshold_of_one_switches_broadcast_off_even_above_one():
+    """With q < 1 the eps-shifted entropy of a uniform router exceeds 1; DynMoLE still does
+    not broadcast at threshold 1 (its bypass), so neither do we."""
+    uniform = [0.2] * 5
+    assert normalised_entropy(uniform, 0.5, 1e-5) > 1.0
+    check(cfg("dynmole", 5, top_p=0.75, keep_top_k=2, entropy_threshold=1.0, entropy_index=0.5),
+          uniform, [0.2, 0.2, 0.2, 0.0, 0.0])
+
+
 def normalised_entropy(probs: list[float], q: float, eps: float) -> float:
     """DESIGN §1 by hand: S_q(p + eps) / S_q_max."""
     n = len(probs)
@@ -93,11 +102,13 @@ def test_tsallis_entropy_matches_the_formula(probs, q):
     assert got.item() == pytest.approx(normalised_entropy(probs, q, 1e-5), rel=1e-5, abs=1e-6)
 
 
-def test_tsallis_q1_is_normalised_shannon():
+@pytest.mark.parametrize("eps", [0.0, 1e-2])
+def test_tsallis_q1_is_normalised_shannon_of_the_shifted_probabilities(eps):
+    """DynMoLE's q = 1: -sum (p + eps) log(p + eps) / log n."""
     p = torch.tensor([[0.7, 0.2, 0.1]])
-    got = tsallis_entropy(p, torch.tensor([3]), torch.tensor([1.0]), torch.tensor([0.0]))
-    shannon = -sum(x * math.log(x) for x in (0.7, 0.2, 0.1)) / math.log(3)
-    assert got.item() == pytest.approx(shannon, rel=1e-5)
+    got = tsallis_entropy(p, torch.tensor([3]), torch.tensor([1.0]), torch.tensor([eps]))
+    shannon = -sum((x + eps) * math.log(x + eps) for x in (0.7, 0.2, 0.1)) / math.log(3)
+    assert got.item() == pytest.approx(shannon, rel=1e-6)
 
 
 def test_padded_experts_never_receive_weight():
