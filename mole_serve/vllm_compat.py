@@ -214,22 +214,38 @@ def register_model() -> None:
 
 class UseMoleArchitecture:
     """An `hf_overrides` callable: the user's overrides first, then Llama-family
-    architectures mapped to ours. A config field, so it reaches every process."""
+    architectures mapped to ours. A config field, so it reaches every process.
 
-    def __init__(self, user_overrides: dict | Callable | None):
+    vLLM also applies a callable override to a speculative draft's config: the draft (told by
+    its path) keeps its own architecture (our slots are only filled on the target) and, as
+    vLLM does for dict overrides, none of the user's dict."""
+
+    def __init__(self, user_overrides: dict | Callable | None, draft_model: str | None = None):
         self.user_overrides = user_overrides or {}
+        self.draft_model = draft_model
 
     def __call__(self, hf_config: Any) -> Any:
+        is_draft = self.draft_model is not None and \
+            getattr(hf_config, "_name_or_path", None) == self.draft_model
         if callable(self.user_overrides):
             hf_config = self.user_overrides(hf_config)
-        else:
+        elif not is_draft:
             _apply_overrides(hf_config, self.user_overrides)
+        if is_draft:
+            return hf_config
         architectures = hf_config.architectures or []
         if "Qwen2ForCausalLM" in architectures:
             hf_config.qkv_bias = True
         hf_config.architectures = [MOLE_ARCHITECTURE if a in LLAMA_FAMILY else a
                                    for a in architectures]
         return hf_config
+
+
+def _draft_model(engine_args: Any) -> str | None:
+    """The speculative draft model's path, when one other than the target is named."""
+    spec = engine_args.speculative_config
+    draft = spec.get("model") if isinstance(spec, dict) else getattr(spec, "model", None)
+    return str(draft) if draft and str(draft) != str(engine_args.model) else None
 
 
 def _apply_settings(engine_args: Any) -> None:
@@ -239,7 +255,8 @@ def _apply_settings(engine_args: Any) -> None:
     install_request_metrics()  # this process runs the output processor
     engine_args.enable_lora = True
     if not isinstance(engine_args.hf_overrides, UseMoleArchitecture):
-        engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides)
+        engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides,
+                                                       _draft_model(engine_args))
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -133,6 +133,28 @@ def test_enabled_implies_lora_and_mole_architecture(tiny_llama, architecture):
     assert config.lora_config is not None
 
 
+@pytest.mark.parametrize("method, draft_architecture", [
+    ("eagle", "EagleLlamaForCausalLM"), ("draft_model", "LlamaForCausalLM")])
+def test_a_speculative_draft_keeps_its_architecture(tiny_llama, tmp_path, method,
+                                                     draft_architecture):
+    """vLLM applies a callable hf_overrides to the draft too: ours must map the target only
+    (an EAGLE draft became 'EagleMoleLlamaForCausalLM', which vLLM refused), and the user's
+    dict overrides stay target-only as in stock vLLM."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    draft = make_tiny_llama(tmp_path / "draft", layers=1)
+    config = EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=128,
+                        hf_overrides={"rms_norm_eps": 1e-3},
+                        speculative_config={"method": method, "model": str(draft),
+                                            "num_speculative_tokens": 2},
+                        additional_config={"mole": {"enabled": True}}).create_engine_config()
+    assert config.model_config.architectures == ["MoleLlamaForCausalLM"]
+    assert config.model_config.hf_config.rms_norm_eps == 1e-3
+    draft_config = config.speculative_config.draft_model_config
+    assert draft_config.architectures == [draft_architecture]
+    assert draft_config.hf_config.rms_norm_eps != 1e-3
+
+
 def test_without_flag_vllm_is_stock_and_refuses_mole_adapters(tiny_llama, tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
