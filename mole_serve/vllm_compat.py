@@ -402,6 +402,10 @@ def install_adapter_hooks() -> None:
                 self.model.set_mole_slot(self.lora_index_to_id.index(lora_id),
                                          getattr(loaded, _MOLE_ATTRIBUTE, None),
                                          getattr(loaded, _NAME_ATTRIBUTE, None))
+            # Which slots are MoLE shapes the token split (set_mapping_split); vLLM redoes a
+            # mapping only when it or the slot ids changed, and an in-place reload as the
+            # other kind changes neither.
+            self._last_mapping = None
         return activated
 
     @functools.wraps(deactivate)

@@ -111,6 +111,28 @@ def test_mixed_batch_matches_reference(engine, expected):
     assert generate(engine, jobs) == [expected[job] for job in jobs]
 
 
+def test_reloading_an_adapter_in_place_as_another_kind(engine, workspace):
+    """`load_inplace` keeps the adapter's id and its slot; with a one-token prompt the first
+    step's token mapping equals the last decode step's, so vLLM skips the mapping update:
+    the MoLE / plain-LoRA split of the tokens must still follow the new kind."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    llm, requests = engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def tokens(request):
+        out = llm.generate([{"prompt_token_ids": [1]}], params, lora_request=[request],
+                           use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    kinds = ("mixlora", "peft", "mixlora", "dynmole")
+    alone = {kind: tokens(requests[kind]) for kind in set(kinds)}
+    assert len(set(map(tuple, alone.values()))) == 3, "the kinds must differ to be told apart"
+    for kind in kinds:
+        assert tokens(LoRARequest("swapped", 50, str(workspace["root"] / kind),
+                                  load_inplace=True)) == alone[kind], kind
+
+
 def _record_adapter_mappings(model):
     """Spy on vLLM's punica wrapper: the per-token adapter ids it gets each mapping change,
     the slot layout, and our layers' per-token slots at that moment."""
