@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -143,6 +144,10 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
         self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
         self._mole_last_export = time.monotonic()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # A Mistral checkpoint maps to this class; vLLM's Mistral class renames its weights.
+        return super().load_weights(vllm_compat.hf_weight_names(weights, self.config))
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,

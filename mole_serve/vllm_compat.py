@@ -57,7 +57,8 @@ import pathlib
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -204,6 +205,24 @@ def _apply_overrides(target: Any, overrides: dict, top: bool = True) -> None:
             target[key] = value
         else:
             setattr(target, key, value)
+
+
+_MISTRAL_FORMAT_ROOTS = ("layers", "tok_embeddings", "output", "norm")  # HF's: model, lm_head
+
+
+def hf_weight_names(weights: Iterable[tuple[str, torch.Tensor]], config: Any
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Weights with Mistral-format names (`--load-format mistral`: consolidated.safetensors,
+    `layers.N.attention.wq`) renamed, and q/k permuted, as vLLM's MistralForCausalLM does;
+    HF names pass unchanged."""
+    from vllm.model_executor.models.mistral import MistralForCausalLM
+
+    renamer = SimpleNamespace(config=config, mistral_mapping=MistralForCausalLM.mistral_mapping)
+    for name, weight in weights:
+        if name.split(".", 1)[0] in _MISTRAL_FORMAT_ROOTS:
+            yield MistralForCausalLM.maybe_remap_mistral(renamer, name, weight)
+        else:
+            yield name, weight
 
 
 def register_model() -> None:
