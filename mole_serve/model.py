@@ -142,7 +142,7 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_metrics_interval_s = settings.metrics_interval_s
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
-        self.mole_reports_metrics = shard.rank == 0  # each rank sees the same loads
+        self.mole_reports_metrics = vllm_compat.counts_adapter_events()
         self._mole_last_export = time.monotonic()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

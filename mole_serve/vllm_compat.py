@@ -460,7 +460,7 @@ def install_adapter_hooks() -> None:
     @functools.wraps(on_remove)
     def on_remove_counted(self, key, value):
         # The CPU cache of LoRAModels (not the slots' cache), counted on the first rank.
-        if hasattr(value, _NAME_ATTRIBUTE) and tensor_parallel_shard().rank == 0:
+        if hasattr(value, _NAME_ATTRIBUTE) and counts_adapter_events():
             metrics.adapter_evicted(getattr(value, _NAME_ATTRIBUTE), "cpu_cache")
         return on_remove(self, key, value)
 
@@ -621,6 +621,13 @@ def tensor_parallel_shard() -> TensorShard:
                                   get_tensor_model_parallel_world_size)
     return TensorShard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
                        tensor_parallel_all_reduce)
+
+
+def counts_adapter_events() -> bool:
+    """Whether this worker counts adapter loads and evictions: every tensor-parallel rank and
+    pipeline stage sees the same ones, so only the first of each counts them."""
+    from vllm.distributed import get_pp_group
+    return tensor_parallel_shard().rank == 0 and get_pp_group().is_first_rank
 
 
 def defer_all_reduce(row_parallel: torch.nn.Module) -> None:

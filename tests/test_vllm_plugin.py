@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -153,6 +154,19 @@ def test_a_speculative_draft_keeps_its_architecture(tiny_llama, tmp_path, method
     draft_config = config.speculative_config.draft_model_config
     assert draft_config.architectures == [draft_architecture]
     assert draft_config.hf_config.rms_norm_eps != 1e-3
+
+
+@pytest.mark.parametrize("tp_rank, first_stage, counts", [
+    (0, True, True), (1, True, False), (0, False, False)])
+def test_only_the_first_rank_of_the_first_stage_counts_adapter_events(
+        monkeypatch, tp_rank, first_stage, counts):
+    """Every tensor-parallel rank and pipeline stage loads and evicts the same adapters."""
+    import vllm.distributed
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda: tp_rank)
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(vllm.distributed, "get_pp_group",
+                        lambda: types.SimpleNamespace(is_first_rank=first_stage))
+    assert vllm_compat.counts_adapter_events() == counts
 
 
 def test_without_flag_vllm_is_stock_and_refuses_mole_adapters(tiny_llama, tmp_path):
