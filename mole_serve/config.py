@@ -260,6 +260,8 @@ class MoleConfig:
         check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)", self.lora_dropout)
         check(len(self.target_modules) > 0, "target_modules", "at least one module",
               list(self.target_modules))
+        check(all(t in ALL_PROJS for t in self.target_modules), "target_modules",
+              f"names among {list(ALL_PROJS)}", list(self.target_modules))
         check(self.act_fn is None or self.act_fn in ACTIVATIONS, "act_fn",
               f"one of {list(ACTIVATIONS)}", self.act_fn)
         if self.routing_strategy == MIXLORA:

@@ -270,6 +270,11 @@ def test_data_errors(world, tmp_path):
     with pytest.raises(DataError, match="no row keeps an answer token within cutoff_len=120"):
         tokenize([long_prompt], tokenizer, cutoff=120, train_on_inputs=False, add_eos=True,
                  source="long")
+    # an empty answer without EOS leaves nothing to learn either (a batch of them: NaN loss)
+    empty_answer = {"instruction": "reverse: red", "output": ""}
+    tokenized = tokenize([empty_answer, long_answer], tokenizer, cutoff=120,
+                         train_on_inputs=False, add_eos=False, source="empty")
+    assert (len(tokenized.examples), tokenized.truncated, tokenized.dropped) == (1, 1, 1)
     with pytest.raises(DataError, match="list of objects ending with an assistant turn"):
         tokenize([{"messages": [{"role": "user", "content": "x"}, "hi"]}], tokenizer,
                  cutoff=48, train_on_inputs=False, add_eos=True, source="chat")
@@ -514,6 +519,57 @@ def test_run_file_values_are_typed(world):
             options_from_dict({**raw, "adapters": [{"name": "a", "data": "d", key: value}]})
     with pytest.raises(ValueError, match="run: seed must be int"):
         options_from_dict({**raw, "seed": "x"})
+    with pytest.raises(ValueError, match="'adapters' must be a list of objects"):
+        options_from_dict({**raw, "adapters": {"name": "a", "data": "d"}})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"top_k": 9, "num_experts": 8}, r"top_k must be in \[1, num_experts=8\], got 9"),
+    ({"strategy": "dynmole", "top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"r": 0}, "r must be >= 1, got 0"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
+    ({"target_modules": ["q_proj", "gate", "up"]}, "target_modules must be names among"),
+    ({"strategy": "mixlora-switch"}, "expert capacity and jitter are not trained here"),
+    ({"lr": -1.0}, "lr must be > 0"), ({"steps": 0}, "steps must be >= 1"),
+    ({"epochs": 0.0}, "epochs must be > 0"), ({"weight_decay": -0.1}, "weight_decay"),
+    ({"lora_dropout": 0.0, "write_bin": True}, "assert lora_dropout > 0 when they load"),
+])
+def test_adapter_options_are_refused_before_the_base_model_loads(change, message):
+    """Named as the option the user gave, from `validate`, not from deep in the trainer."""
+    write_bin = change.pop("write_bin", False)
+    options = TrainOptions(base_model="not-loaded", output_dir="o", write_bin=write_bin,
+                           adapters=[AdapterSpec(name="a", data="d", **change)])
+    with pytest.raises(ValueError, match=f"adapter 'a': .*{message}"):
+        options.validate()
+
+
+def test_saved_config_names_the_base_by_its_absolute_path(world, tmp_path, monkeypatch):
+    """mixlora loads the base from base_model_name_or_path, wherever it runs."""
+    monkeypatch.chdir(world)
+    trainer = run(world, tmp_path, spec(world, "rev", "mixlora", steps=1))
+    options = dataclasses.replace(trainer.options, base_model="base")
+    config = options.adapter_specs()[0].mole_config(options.base_model)
+    assert config.base_model_name_or_path == str(world / "base")
+    assert config.act_fn is None  # the base's: init_adapter records it
+    saved = trainer.save_adapter("rev", tmp_path / "saved")
+    written = json.loads((saved / "adapter_config.json").read_text())
+    assert written["act_fn"] == "silu"  # the base's, which mixlora cannot infer
+
+
+def test_resume_refuses_a_different_run(world, tmp_path):
+    a = spec(world, "rev", "mixlora", steps=4)
+    options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path),
+                           adapters=[a], progress=False)
+    first = Trainer(options)
+    first.step()
+    first.save_checkpoint()
+    other = dataclasses.replace(options, resume=True, adapters=[spec(world, "up", "mixlora")])
+    with pytest.raises(ValueError, match=r"holds adapters \['rev'\], this run trains "
+                                         r"\['up'\]"):
+        Trainer(other)
+    reordered = dataclasses.replace(options, resume=True, seed=7)
+    with pytest.raises(ValueError, match="the batches replayed would not be those trained"):
+        Trainer(reordered)
 
 
 def test_device_option(world, monkeypatch):

@@ -123,7 +123,8 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 class Tokenized:
     examples: list[Example]
     truncated: int   # rows cut to `cutoff` that still keep answer tokens
-    dropped: int     # rows whose prompt alone fills `cutoff`: nothing left to learn
+    dropped: int     # rows left with no answer token (the prompt fills `cutoff`, or the
+                     # answer is empty): nothing to learn, and a NaN loss in a batch of them
 
 
 def tokenize(rows: list[dict[str, Any]], tokenizer, *, cutoff: int, train_on_inputs: bool,
@@ -142,16 +143,16 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, *, cutoff: int, train_on_inp
             answer_ids = answer_ids + [eos]
         ids = prompt_ids + answer_ids
         labels = ids if train_on_inputs else [IGNORE] * len(prompt_ids) + answer_ids
-        if len(ids) > cutoff:
-            ids, labels = ids[:cutoff], labels[:cutoff]
-            if all(label == IGNORE for label in labels[1:]):  # the loss reads labels[1:]
-                result.dropped += 1
-                continue
-            result.truncated += 1
+        cut = len(ids) > cutoff
+        ids, labels = ids[:cutoff], labels[:cutoff]
+        if all(label == IGNORE for label in labels[1:]):  # the loss reads labels[1:]
+            result.dropped += 1
+            continue
+        result.truncated += cut
         result.examples.append(Example(list(ids), list(labels)))
     if not result.examples:
         raise DataError(f"{source}: no row keeps an answer token within cutoff_len={cutoff} "
-                        "(every prompt fills it)")
+                        "(every prompt fills it or every answer is empty)")
     return result
 
 

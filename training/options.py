@@ -24,7 +24,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from mole_serve.config import ALL_PROJS, FFN_PROJS, STRATEGIES, MoleConfig
+from mole_serve.config import (ALL_PROJS, CONFIG_NAME, FFN_PROJS, MIXLORA_SWITCH, STRATEGIES,
+                               MoleConfig)
+from mole_serve.errors import AdapterError
 
 
 @dataclass
@@ -76,7 +78,10 @@ class AdapterSpec:
             target_modules=targets, lora_dropout=self.lora_dropout, top_k=self.top_k,
             top_p=top_p, temperature=self.temperature, keep_top_k=self.keep_top_k,
             entropy_threshold=self.entropy_threshold, entropy_index=self.entropy_index,
-            use_rslora=self.use_rslora, base_model_name_or_path=base_model)
+            use_rslora=self.use_rslora,
+            # absolute: mixlora loads the base from this path, from wherever it is run
+            base_model_name_or_path=str(pathlib.Path(base_model).resolve()) if base_model
+            else None)
         config.validate(self.name)
         return config
 
@@ -128,16 +133,40 @@ class TrainOptions:
             _check_device(self.device)
         _check_schedule("run", self)
         for spec in self.adapter_specs():
-            _check_schedule(f"adapter {spec.name!r}", spec)
-            if spec.strategy not in STRATEGIES:
-                raise ValueError(f"adapter {spec.name!r}: strategy must be one of "
-                                 f"{list(STRATEGIES)}, got {spec.strategy!r}")
-            if spec.batch_size < 1 or spec.accumulation < 1:
-                raise ValueError(f"adapter {spec.name!r}: batch_size and accumulation must "
-                                 "be >= 1")
+            _check_adapter(spec, self)
+
+
+def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
+    """An adapter's options, before the base model loads (minutes at 7B)."""
+    where = f"adapter {spec.name!r}"
+    _check_schedule(where, spec)
+    if spec.strategy not in TRAINABLE:
+        raise ValueError(f"{where}: strategy must be one of {list(TRAINABLE)}, got "
+                         f"{spec.strategy!r}" + (" (switch routing's expert capacity and "
+                         "jitter are not trained here; the server serves MoE-PEFT's switch "
+                         "adapters)" if spec.strategy == MIXLORA_SWITCH else ""))
+    for key, ok, rule in (("batch_size", spec.batch_size >= 1, ">= 1"),
+                          ("accumulation", spec.accumulation >= 1, ">= 1"),
+                          ("lr", spec.lr > 0, "> 0"), ("epochs", spec.epochs > 0, "> 0"),
+                          ("steps", spec.steps is None or spec.steps >= 1, ">= 1"),
+                          ("weight_decay", spec.weight_decay >= 0, ">= 0"),
+                          ("max_grad_norm", spec.max_grad_norm >= 0, ">= 0 (0: off)"),
+                          ("balance_coef", spec.balance_coef >= 0, ">= 0"),
+                          ("entropy_coef", spec.entropy_coef >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {rule}, got {getattr(spec, key)!r}")
+    try:
+        spec.mole_config(run.base_model)
+    except AdapterError as exc:  # named as the option, not as the config file it becomes
+        option = exc.item.removeprefix(f"{CONFIG_NAME}:")
+        raise ValueError(f"{where}: {option} must be {exc.expected}, got {exc.found}") from None
+    if run.write_bin and spec.lora_dropout == 0:
+        raise ValueError(f"{where}: lora_dropout 0 with write_bin: MoE-PEFT and mixlora "
+                         "assert lora_dropout > 0 when they load an adapter (e.g. 0.05)")
 
 
 RUN_DEFAULTS = ("scheduler", "warmup_steps", "cutoff_len", "train_on_inputs")
+TRAINABLE = tuple(s for s in STRATEGIES if s != MIXLORA_SWITCH)
 
 
 def _check_schedule(where: str, options: TrainOptions | AdapterSpec) -> None:
@@ -177,7 +206,11 @@ def options_from_dict(raw: dict[str, Any]) -> TrainOptions:
         raise ValueError(f"unknown run option(s) {unknown}; known: {sorted(known)}")
     adapter_fields = {f.name for f in dataclasses.fields(AdapterSpec)}
     specs = []
-    for item in raw.get("adapters", []):
+    items = raw.get("adapters", [])
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"'adapters' must be a list of objects (one per adapter), got "
+                         f"{items!r:.80}")
+    for item in items:
         bad = sorted(set(item) - adapter_fields)
         if bad:
             raise ValueError(f"unknown adapter option(s) {bad}; known: {sorted(adapter_fields)}")

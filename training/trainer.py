@@ -137,8 +137,9 @@ class Trainer:
             print(f"warning: {where}{tokenized.truncated} of {rows} rows were longer than "
                   f"cutoff_len={spec.cutoff_len} and were truncated")
         if tokenized.dropped:
-            print(f"warning: {where}{tokenized.dropped} of {rows} rows were left out: their "
-                  f"prompt alone fills cutoff_len={spec.cutoff_len}")
+            print(f"warning: {where}{tokenized.dropped} of {rows} rows were left out: no "
+                  f"answer token within cutoff_len={spec.cutoff_len} (a prompt that fills it, "
+                  "or an empty answer)")
         return tokenized.examples
 
     # -- one micro-step --------------------------------------------------------------------
@@ -249,7 +250,7 @@ class Trainer:
             name: {"optimizer": run.optimizer.state_dict(),
                    "scheduler": run.scheduler.state_dict(), "micro_steps": run.micro_steps,
                    "steps": run.steps, "batches_taken": run.batches_taken,
-                   "history": run.history,
+                   "history": run.history, "data_order": self._data_order(run),
                    # inside an accumulation window: the gradients summed so far
                    "grads": {key: p.grad.detach().cpu() for key, p in
                              self.model.adapters[name].named_parameters()
@@ -257,6 +258,10 @@ class Trainer:
             for name, run in self.runs.items()}}
         torch.save(state, path / STATE_NAME)
         return path
+
+    def _data_order(self, run: AdapterRun) -> list[int]:
+        """What an adapter's batch stream depends on, to replay it on resume."""
+        return [self.options.seed, run.spec.batch_size, len(run.examples)]
 
     def _resume(self) -> None:
         # the state file is written last: a checkpoint without it was cut off while saving
@@ -268,9 +273,18 @@ class Trainer:
             return
         path = checkpoints[-1]
         state = torch.load(path / STATE_NAME, weights_only=True)
+        if sorted(state["runs"]) != sorted(self.runs):
+            raise ValueError(f"--resume: {path} holds adapters {sorted(state['runs'])}, this "
+                             f"run trains {sorted(self.runs)}; resume with the same adapters "
+                             "or use another --output-dir")
         self.micro_step = state["micro_step"]
         for name, run in self.runs.items():
             saved = state["runs"][name]
+            order = self._data_order(run)
+            if saved.get("data_order", order) != order:  # none saved before 2026-11-24
+                raise ValueError(f"--resume: adapter {name!r} was trained with [seed, "
+                                 f"batch_size, examples] {saved['data_order']}, this run has "
+                                 f"{order}: the batches replayed would not be those trained")
             params = self.model.adapters[name]
             params.copy_from(load_adapter(path / name, name))
             for key, p in params.named_parameters():
