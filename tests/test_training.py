@@ -533,6 +533,12 @@ def test_run_file_values_are_typed(world):
     ({"lr": -1.0}, "lr must be > 0"), ({"steps": 0}, "steps must be >= 1"),
     ({"epochs": 0.0}, "epochs must be > 0"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"lora_dropout": 0.0, "write_bin": True}, "assert lora_dropout > 0 when they load"),
+    ({"strategy": "dynmole", "temperature": 0.5},
+     "temperature applies to mixlora-dynamic only, not to dynmole"),
+    ({"strategy": "mixlora", "top_p": 0.5}, "top_p applies to mixlora-dynamic / dynmole only"),
+    ({"strategy": "mixlora-dynamic", "top_k": 3}, "top_k applies to mixlora only"),
+    ({"strategy": "mixlora", "entropy_threshold": 0.5}, "entropy_threshold applies to dynmole"),
+    ({"target_modules": ["q_proj"], "attention": False}, "not both"),
 ])
 def test_adapter_options_are_refused_before_the_base_model_loads(change, message):
     """Named as the option the user gave, from `validate`, not from deep in the trainer."""

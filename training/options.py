@@ -24,8 +24,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from mole_serve.config import (ALL_PROJS, CONFIG_NAME, FFN_PROJS, MIXLORA_SWITCH, STRATEGIES,
-                               MoleConfig)
+from mole_serve.config import (ALL_PROJS, CONFIG_NAME, DYNMOLE, FFN_PROJS, MIXLORA,
+                               MIXLORA_DYNAMIC, MIXLORA_SWITCH, STRATEGIES, MoleConfig)
 from mole_serve.errors import AdapterError
 
 
@@ -155,6 +155,14 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
                           ("entropy_coef", spec.entropy_coef >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"{where}: {key} must be {rule}, got {getattr(spec, key)!r}")
+    defaults = {f.name: f.default for f in dataclasses.fields(AdapterSpec)}
+    for key, strategies in ONLY_FOR.items():
+        if getattr(spec, key) != defaults[key] and spec.strategy not in strategies:
+            raise ValueError(f"{where}: {key} applies to {' / '.join(strategies)} only, not "
+                             f"to {spec.strategy} (it would be ignored)")
+    if spec.target_modules and not spec.attention:
+        raise ValueError(f"{where}: give target_modules or attention=false (--no-attention), "
+                         "not both")
     try:
         spec.mole_config(run.base_model)
     except AdapterError as exc:  # named as the option, not as the config file it becomes
@@ -167,6 +175,11 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
 
 RUN_DEFAULTS = ("scheduler", "warmup_steps", "cutoff_len", "train_on_inputs")
 TRAINABLE = tuple(s for s in STRATEGIES if s != MIXLORA_SWITCH)
+# Options only some strategies read: set to another value for any other, they are refused.
+ONLY_FOR = {"top_k": (MIXLORA,), "top_p": (MIXLORA_DYNAMIC, DYNMOLE),
+            "temperature": (MIXLORA_DYNAMIC,), "keep_top_k": (DYNMOLE,),
+            "entropy_threshold": (DYNMOLE,), "entropy_index": (DYNMOLE,),
+            "entropy_coef": (DYNMOLE,)}
 
 
 def _check_schedule(where: str, options: TrainOptions | AdapterSpec) -> None:
