@@ -145,7 +145,6 @@ def _select(logits, table_row, E_PAD: tl.constexpr):
     cumulative = tl.sum(tl.where(upto, other, 0.0), axis=2)
     exclusive = cumulative - scaled
 
-    threshold = tl.where(threshold < 1.0, threshold, float("inf"))  # DynMoLE: >= 1 is off
     broadcast = _normalised_tsallis(probs, valid, n_exp, q, eps) > threshold
     keep = rank_f < top_k
     keep = tl.where(strategy == TOP_P_CODE, exclusive <= top_p, keep)  # crossing one kept

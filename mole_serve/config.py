@@ -42,7 +42,7 @@ FAMILIES = {"mixlora": FFN_EXPERT_STRATEGIES, "dynmole": (DYNMOLE,)}
 LEGACY_PROJS = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
-_SAME_AS = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' equal names
+_SAME_AS = {"gelu_new": "gelu_pytorch_tanh"}  # transformers' names for one function
 
 
 def same_activation(a: str, b: str) -> bool:
@@ -191,9 +191,8 @@ class MoleConfig:
 
         # The peers build the experts' LoRA from the top level updated with expert_lora, so a
         # key set there alone applies to the experts only (e.g. rsLoRA scaling).
-        top_level = {"use_rslora": bool(raw.get("use_rslora", False))}
         for key in ("r", "lora_alpha", "use_rslora"):
-            top = top_level.get(key, raw.get(key))
+            top = bool(raw.get(key, False)) if key == "use_rslora" else raw.get(key)
             if key in expert_lora and expert_lora[key] != top:
                 raise AdapterError(
                     adapter, f"{CONFIG_NAME}:expert_lora.{key}", f"equal to top-level {key} "

@@ -30,11 +30,11 @@ class MoleAttachment:
             raise ValueError(f"adapter names must be unique, got {names}")
         self.model = model
         self.base = BaseShape.from_hf_config(model.config)
-        act = getattr(model.config, "hidden_act", "silu")
-        if act not in ACTIVATIONS or getattr(model.config, "mlp_bias", False):
-            raise ValueError(f"the model's MLP (hidden_act {act!r}, mlp_bias "
-                             f"{getattr(model.config, 'mlp_bias', False)}) is not one the "
-                             f"reference computes: activations {list(ACTIVATIONS)}, no biases")
+        act, bias = self.base.hidden_act or "silu", getattr(model.config, "mlp_bias", False)
+        if act not in ACTIVATIONS or bias:
+            raise ValueError(f"the model's MLP (hidden_act {act!r}, mlp_bias {bias}) is not one "
+                             f"the reference computes: activations {list(ACTIVATIONS)}, no "
+                             "biases")
         for adapter in adapters:
             check_fits(adapter, self.base)
         self.slot_of = {name: slot for slot, name in enumerate(names)}
@@ -114,7 +114,7 @@ class _MoleMLP(nn.Module):
     def __init__(self, mlp: nn.Module, attachment: MoleAttachment, index: int):
         super().__init__()
         self.mlp, self.attachment, self.index = mlp, attachment, index
-        self.act_fn = getattr(attachment.model.config, "hidden_act", "silu")
+        self.act_fn = attachment.base.hidden_act or "silu"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         slots = self.attachment.token_slots(hidden)

@@ -15,6 +15,7 @@ def register() -> None:
     vllm_compat.check_version()
     vllm_compat.register_model()
     vllm_compat.add_cli_flags()
+    vllm_compat.keep_drafts_stock()
     vllm_compat.install_adapter_hooks()
     vllm_compat.install_api_validation()
     vllm_compat.install_idle_metrics_flush()

@@ -8,6 +8,8 @@ does not use, which is what CUDA graphs and the kernels need (no data-dependent 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import DYNMOLE, MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH, MoleConfig
@@ -29,7 +31,9 @@ def routing_row(config: MoleConfig) -> torch.Tensor:
     row[TOP_P] = config.top_p
     row[TEMPERATURE] = config.temperature
     row[KEEP_TOP_K] = config.keep_top_k
-    row[ENTROPY_THRESHOLD] = config.entropy_threshold
+    # DynMoLE: a threshold >= 1 turns broadcast off (near-uniform entropy can pass 1)
+    threshold = config.entropy_threshold
+    row[ENTROPY_THRESHOLD] = threshold if threshold < 1.0 else math.inf
     row[ENTROPY_INDEX] = config.entropy_index
     row[ENTROPY_EPS] = config.entropy_eps
     return row
@@ -100,12 +104,10 @@ def selection_mask(probs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Ten
     # mixlora-dynamic keeps up to and including the expert whose cumulative prob crosses top_p.
     dynamic_keep = exclusive <= top_p
     # dynmole keeps while the cumulative prob stays <= top_p (crossing expert excluded), at
-    # least keep_top_k, and every expert when the normalised entropy is above the threshold
-    # (a threshold >= 1 turns that off, as in DynMoLE: near-uniform entropy can pass 1).
+    # least keep_top_k, and every expert when the normalised entropy is above the threshold.
     entropy = tsallis_entropy(probs, num_experts, params[:, ENTROPY_INDEX],
                               params[:, ENTROPY_EPS])
-    threshold = params[:, ENTROPY_THRESHOLD]
-    broadcast = ((entropy > threshold) & (threshold < 1.0))[:, None]
+    broadcast = (entropy > params[:, ENTROPY_THRESHOLD])[:, None]
     dynmole_keep = (cumulative <= top_p) | (rank < params[:, KEEP_TOP_K:KEEP_TOP_K + 1].round()) \
         | broadcast
 

@@ -13,8 +13,9 @@ import argparse
 import dataclasses
 import sys
 
-from mole_serve.training.options import (TRAINABLE, AdapterSpec, TrainOptions,
-                                         load_options_file, options_from_dict)
+from mole_serve.config import STRATEGIES
+from mole_serve.training.options import (AdapterSpec, TrainOptions, load_options_file,
+                                         options_from_dict)
 
 RUN_FLAGS = {f.name for f in dataclasses.fields(TrainOptions)} - {"adapters"}
 # flags named like a run option set the run's value, which every adapter without its own takes
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     one = p.add_argument_group("one adapter (without --config)")
     one.add_argument("--name")
     one.add_argument("--data", help="JSON/JSONL (alpaca or chat rows) or a datasets dir")
-    one.add_argument("--strategy", choices=TRAINABLE)
+    one.add_argument("--strategy", choices=STRATEGIES)  # validate says why switch is not
     for flag, kind in (("num-experts", int), ("r", int), ("lora-alpha", int),
                        ("lora-dropout", float), ("top-k", int), ("top-p", float),
                        ("temperature", float), ("keep-top-k", int),

@@ -233,25 +233,17 @@ def register_model() -> None:
 
 class UseMoleArchitecture:
     """An `hf_overrides` callable: the user's overrides first, then Llama-family
-    architectures mapped to ours. A config field, so it reaches every process.
+    architectures mapped to ours. A config field, so it reaches every process; the target's
+    only (`keep_drafts_stock`)."""
 
-    vLLM also applies a callable override to a speculative draft's config: the draft (told by
-    its path) keeps its own architecture (our slots are only filled on the target) and, as
-    vLLM does for dict overrides, none of the user's dict."""
-
-    def __init__(self, user_overrides: dict | Callable | None, draft_model: str | None = None):
+    def __init__(self, user_overrides: dict | Callable | None):
         self.user_overrides = user_overrides or {}
-        self.draft_model = draft_model
 
     def __call__(self, hf_config: Any) -> Any:
-        is_draft = self.draft_model is not None and \
-            getattr(hf_config, "_name_or_path", None) == self.draft_model
         if callable(self.user_overrides):
             hf_config = self.user_overrides(hf_config)
-        elif not is_draft:
+        else:
             _apply_overrides(hf_config, self.user_overrides)
-        if is_draft:
-            return hf_config
         architectures = hf_config.architectures or []
         if "Qwen2ForCausalLM" in architectures:
             hf_config.qkv_bias = True
@@ -260,11 +252,25 @@ class UseMoleArchitecture:
         return hf_config
 
 
-def _draft_model(engine_args: Any) -> str | None:
-    """The speculative draft model's path, when one other than the target is named."""
-    spec = engine_args.speculative_config
-    draft = spec.get("model") if isinstance(spec, dict) else getattr(spec, "model", None)
-    return str(draft) if draft and str(draft) != str(engine_args.model) else None
+def keep_drafts_stock() -> None:
+    """vLLM passes a callable target `hf_overrides` on to a speculative draft's config (dict
+    ones stay target-only): give the draft the user's overrides as stock vLLM would, without
+    our architecture mapping (an EAGLE draft would become 'EagleMoleLlamaForCausalLM', which
+    vLLM refuses; our slots are only filled on the target)."""
+    from vllm.config.speculative import SpeculativeConfig
+
+    compose = SpeculativeConfig.compose_draft_hf_overrides
+    if getattr(compose, _PATCHED, False):
+        return
+
+    @functools.wraps(compose)
+    def compose_for_stock_draft(target_hf_overrides):
+        if isinstance(target_hf_overrides, UseMoleArchitecture):
+            target_hf_overrides = target_hf_overrides.user_overrides
+        return compose(target_hf_overrides)
+
+    setattr(compose_for_stock_draft, _PATCHED, True)
+    SpeculativeConfig.compose_draft_hf_overrides = staticmethod(compose_for_stock_draft)
 
 
 def _apply_settings(engine_args: Any) -> None:
@@ -274,8 +280,7 @@ def _apply_settings(engine_args: Any) -> None:
     install_request_metrics()  # this process runs the output processor
     engine_args.enable_lora = True
     if not isinstance(engine_args.hf_overrides, UseMoleArchitecture):
-        engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides,
-                                                       _draft_model(engine_args))
+        engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides)
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -542,6 +542,7 @@ def test_run_file_values_are_typed(world):
 ])
 def test_adapter_options_are_refused_before_the_base_model_loads(change, message):
     """Named as the option the user gave, from `validate`, not from deep in the trainer."""
+    change = dict(change)
     write_bin = change.pop("write_bin", False)
     options = TrainOptions(base_model="not-loaded", output_dir="o", write_bin=write_bin,
                            adapters=[AdapterSpec(name="a", data="d", **change)])

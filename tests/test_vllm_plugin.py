@@ -45,12 +45,14 @@ def parse_serve_args(argv: list[str]):
 
 
 def test_register_is_idempotent():
+    from vllm.config.speculative import SpeculativeConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.core import EngineCoreProc
 
     def hooks():
         return (EngineArgs.add_cli_args, EngineArgs.create_engine_config,
-                EngineCoreProc._process_input_queue)
+                EngineCoreProc._process_input_queue,
+                SpeculativeConfig.compose_draft_hf_overrides)
 
     plugin.register()
     patched = hooks()

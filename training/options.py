@@ -79,9 +79,7 @@ class AdapterSpec:
             top_p=top_p, temperature=self.temperature, keep_top_k=self.keep_top_k,
             entropy_threshold=self.entropy_threshold, entropy_index=self.entropy_index,
             use_rslora=self.use_rslora,
-            # absolute: mixlora loads the base from this path, from wherever it is run
-            base_model_name_or_path=str(pathlib.Path(base_model).resolve()) if base_model
-            else None)
+            base_model_name_or_path=_absolute(base_model))
         config.validate(self.name)
         return config
 
@@ -189,6 +187,14 @@ def _check_schedule(where: str, options: TrainOptions | AdapterSpec) -> None:
     for key, least in (("warmup_steps", 0), ("cutoff_len", 2)):
         if getattr(options, key) < least:
             raise ValueError(f"{where}: {key} must be >= {least}, got {getattr(options, key)}")
+
+
+def _absolute(base_model: str | None) -> str | None:
+    """A local base dir as an absolute path (mixlora loads the base from the adapter's config,
+    from wherever it runs); a (cached) hub id as it is."""
+    if base_model and pathlib.Path(base_model).exists():
+        return str(pathlib.Path(base_model).resolve())
+    return base_model
 
 
 def _check_device(name: str) -> None:
