@@ -14,7 +14,7 @@ import torch
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import (GPU_MEMORY_SHARE, ReferenceGenerator, make_mole_adapter,
+from vllm_helpers import (ENGINE_DTYPE, GPU_MEMORY_SHARE, ReferenceGenerator, make_mole_adapter,
                           make_peft_lora, vllm_cache_root)
 
 BASE_NAME = "tiny"
@@ -55,7 +55,7 @@ def server(workspace, tmp_path_factory):
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CACHE_ROOT=vllm_cache_root())
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the plugin must make one itself
-    serve_args = ["--served-model-name", BASE_NAME, "--dtype", "float32",
+    serve_args = ["--served-model-name", BASE_NAME, "--dtype", ENGINE_DTYPE,
                   "--max-model-len", "128", "--max-num-seqs", "8",
                   "--max-num-batched-tokens", "256", "--enforce-eager",
                   "--enable-mole-adapters", "--max-mole-experts", "4",

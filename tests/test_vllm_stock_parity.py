@@ -6,7 +6,7 @@ import pytest
 
 from mole_serve.adapter import BaseShape
 from tiny_model import make_tiny_llama
-from vllm_helpers import engine_env, make_peft_lora
+from vllm_helpers import ENGINE_DTYPE, GPU_ONLY_ARGS, engine_env, make_peft_lora
 
 MAX_TOKENS = 6
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77], [1, 42]]
@@ -16,9 +16,10 @@ def base_logprobs(model_dir: str, **engine_kwargs) -> list[list[dict]]:
     """Top-5 logprobs of every greedy step, base model, all PROMPTS in one batch."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True,
+    llm = LLM(model=model_dir, dtype=ENGINE_DTYPE, enforce_eager=True,
               distributed_executor_backend="uni", max_model_len=128,
-              max_num_batched_tokens=256, max_num_seqs=8, seed=0, **engine_kwargs)
+              max_num_batched_tokens=256, max_num_seqs=8, seed=0, **GPU_ONLY_ARGS,
+              **engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5,
                             ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
@@ -52,9 +53,9 @@ def test_without_the_flag_plain_lora_serving_leaves_our_metrics_alone(tmp_path):
     with pytest.MonkeyPatch.context() as env:
         for key, value in engine_env().items():
             env.setenv(key, value)
-        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True,
+        llm = LLM(model=str(model_dir), dtype=ENGINE_DTYPE, enforce_eager=True,
                   distributed_executor_backend="uni", max_model_len=128, enable_lora=True,
-                  max_lora_rank=8, max_loras=1, seed=0)
+                  max_lora_rank=8, max_loras=1, seed=0, **GPU_ONLY_ARGS)
         output = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
                               SamplingParams(temperature=0.0, max_tokens=2),
                               lora_request=LoRARequest("stock-peft", 1, str(tmp_path / "peft")),

@@ -41,13 +41,15 @@ def engine_env() -> dict[str, str]:
 # On a GPU each test engine takes a small share of its memory: several live in one test
 # process (vLLM 0.26 frees an in-process engine's memory only at shutdown) beside servers.
 GPU_MEMORY_SHARE = 0.15
+GPU_ONLY_ARGS = {"gpu_memory_utilization": GPU_MEMORY_SHARE} if torch.cuda.is_available() else {}
+# vLLM's CUDA LoRA kernels (Triton punica) take fp16 / bf16 only, also in the dummy LoRAs of
+# CUDA-graph capture; the CPU backend runs fp32. The reference generates in the same dtype.
+ENGINE_DTYPE = "float16" if torch.cuda.is_available() else "float32"
 # What every in-process test engine shares: the tiny models, eager, one process.
-TINY_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True,
+TINY_ENGINE_ARGS = {"dtype": ENGINE_DTYPE, "enforce_eager": True,
                     "distributed_executor_backend": "uni", "max_model_len": 128,
                     "max_num_batched_tokens": 256, "max_num_seqs": 8, "seed": 0,
-                    "max_lora_rank": 8, "max_loras": 2,
-                    **({"gpu_memory_utilization": GPU_MEMORY_SHARE}
-                       if torch.cuda.is_available() else {})}
+                    "max_lora_rank": 8, "max_loras": 2, **GPU_ONLY_ARGS}
 
 
 def serve_arg_parser():
@@ -107,7 +109,10 @@ class ReferenceGenerator:
     def __init__(self, model_dir: pathlib.Path, adapters: list[MoleAdapter]):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+            model_dir, torch_dtype=getattr(torch, ENGINE_DTYPE),
+            attn_implementation="eager").eval()
+        if torch.cuda.is_available():
+            model.cuda()
         self.attachment = attach_adapters(model, adapters)
 
     def greedy(self, prompt: list[int], max_tokens: int, adapter: str | None = None) -> list[int]:
@@ -121,5 +126,6 @@ def greedy_tokens(model: torch.nn.Module, prompt: list[int], max_tokens: int) ->
     """Greedy decoding by full recomputation, never stopping at EOS (as `ignore_eos`)."""
     ids = list(prompt)
     for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        device = next(model.parameters()).device  # the trainer's model may be on the GPU
+        ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
     return ids[len(prompt):]
