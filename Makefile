@@ -7,10 +7,12 @@ PEERS_VENV := .venv-peers
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0+cpu
+# The GPU host's triton, beside the venv's: the kernels' sm_90 build check runs under both.
+GPU_TRITON := .triton-gpu
 
 .PHONY: setup setup-peers test demo bench clean
 
-setup: $(VENV)/.done setup-peers
+setup: $(VENV)/.done setup-peers $(GPU_TRITON)/.done
 
 $(VENV)/.done: pyproject.toml Makefile scripts/vllm_cli_alias.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,10 @@ $(VENV)/.done: pyproject.toml Makefile scripts/vllm_cli_alias.py
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) scripts/vllm_cli_alias.py
 	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(GPU_TRITON)/.done: Makefile
+	$(PIP) install -q --no-deps --target $(GPU_TRITON) triton==3.6.0
 	touch $@
 
 setup-peers: $(PEERS_VENV)/.done
@@ -41,4 +47,4 @@ demo: setup
 	$(PY) scripts/demo.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) $(GPU_TRITON) build *.egg-info

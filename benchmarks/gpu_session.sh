@@ -6,14 +6,15 @@
 #   tune     benchmarks/tune_tiles.py      -> OUT_DIR/tiles.csv and the device's tuned table,
 #            also installed in $HOME/mole-tuned, which every later step (and call of the
 #            same warm lease) reads
-#   tests    kernel and served-layer tests on real bf16 hardware (test_kernels*, test_vllm_layers)
 #   kernels  benchmarks/bench_kernels.py   -> OUT_DIR/kernels.csv, kernels.png
+#   tests    kernel and served-layer tests on real bf16 hardware (test_kernels*, test_vllm_layers)
 #   metrics  benchmarks/bench_metrics_overhead.py -> OUT_DIR/metrics_overhead.csv
 #   train    benchmarks/bench_train.py     -> OUT_DIR/train.csv
 # and, for vLLM 0.26.0 (../shared/gpu-offline; build its bundle on the CPU box into the
 # git-ignored .gpu-bundle/ and copy stage.sh and install.sh beside the pieces):
 #   stage    copy the carried bundle piece(s) into $HOME/stage: one call per piece, back to
-#            back (run(carry=[".gpu-bundle/part.0N", ".gpu-bundle/stage.sh"]))
+#            back (run(carry=[".gpu-bundle/part.0N", ".gpu-bundle/stage.sh",
+#            ".gpu-bundle/install.sh"]): a machine idle 30 s between calls is lost, with it)
 #   vllm     with the last piece: install vLLM and this package into $HOME/site
 #   serving-tests  the in-process engine, `vllm serve` and trained-adapter tests on the GPU
 #            (auto backend = the Triton kernels, plus the reference backend; the engine
@@ -31,9 +32,9 @@
 # Copy the CSVs to benchmarks/results/ and the figures to benchmarks/RESULTS.md (with the
 # GPU, the date and the commit) back on the CPU box.
 set -uo pipefail
-OUT=${1:?usage: gpu_session.sh OUT_DIR [tune|tests|kernels|metrics|train ...]}
+OUT=${1:?usage: gpu_session.sh OUT_DIR [tune|kernels|tests|metrics|train ...]}
 shift
-STEPS=${*:-tune tests kernels metrics train}
+STEPS=${*:-tune kernels tests metrics train}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The image has torch, triton, pytest, prometheus-client, safetensors, transformers; only our

@@ -16,6 +16,7 @@ Why each test exists:
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pathlib
 import subprocess
@@ -244,9 +245,25 @@ print("built")
 """
 
 
-def test_kernels_build_for_sm90():
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GPU_HOST_TRITON = ROOT / ".triton-gpu"  # triton 3.6.0, as on the GPU host (`make setup`)
+
+
+@pytest.mark.parametrize("triton_version", ["installed", "gpu-host"])
+def test_kernels_build_for_sm90(triton_version):
+    """Codegen (and so register spills) changes between triton versions: build with the
+    venv's and with the GPU host's."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env, capture_output=True,
-                          cwd=pathlib.Path(__file__).resolve().parents[1],
-                          text=True, timeout=300)
+    if triton_version == "gpu-host":
+        if importlib.metadata.version("triton") == "3.6.0":
+            pytest.skip("the installed triton is the GPU host's (on the GPU host itself)")
+        assert (GPU_HOST_TRITON / "triton").is_dir(), "run `make setup` (it installs it)"
+        env["PYTHONPATH"] = os.pathsep.join([str(GPU_HOST_TRITON), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SM90_SCRIPT + VERSION_CHECK], env=env,
+                          capture_output=True, cwd=ROOT, text=True, timeout=300)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-3000:]
+    if triton_version == "gpu-host":
+        assert "triton 3.6.0" in done.stdout
+
+
+VERSION_CHECK = "\nprint('triton', triton.__version__)\n"
