@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"mole-train: {exc}") from None
     from mole_serve.training.data import DataError
-    from mole_serve.training.trainer import Trainer
+    from mole_serve.training.trainer import ResumeError, Trainer
 
     try:
         paths = Trainer(options).train()
-    except (DataError, OSError) as exc:  # the user's data or base model dir: no traceback
+    except (DataError, ResumeError, OSError) as exc:  # the user's data, checkpoints or base
         raise SystemExit(f"mole-train: {exc}") from None
     for name, path in paths.items():
         print(f"adapter {name!r} written to {path}")

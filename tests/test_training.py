@@ -577,6 +577,11 @@ def test_resume_refuses_a_different_run(world, tmp_path):
     reordered = dataclasses.replace(options, resume=True, seed=7)
     with pytest.raises(ValueError, match="the batches replayed would not be those trained"):
         Trainer(reordered)
+    from mole_serve.train import main  # the CLI says so without a traceback
+    with pytest.raises(SystemExit, match=r"mole-train: --resume: .* holds adapters \['rev'\]"):
+        main(["--base-model", str(world / "base"), "--data", str(world / "upper.jsonl"),
+              "--name", "up", "--output-dir", str(tmp_path), "--resume", "--steps", "1",
+              "--no-progress", "--device", "cpu"])
 
 
 def test_device_option(world, monkeypatch):

@@ -29,6 +29,10 @@ from .report import RunLog
 STATE_NAME = "trainer_state.pt"
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot resume (other adapters, another data order)."""
+
+
 @dataclass
 class AdapterRun:
     """One adapter's moving parts during a run."""
@@ -274,7 +278,7 @@ class Trainer:
         path = checkpoints[-1]
         state = torch.load(path / STATE_NAME, weights_only=True)
         if sorted(state["runs"]) != sorted(self.runs):
-            raise ValueError(f"--resume: {path} holds adapters {sorted(state['runs'])}, this "
+            raise ResumeError(f"--resume: {path} holds adapters {sorted(state['runs'])}, this "
                              f"run trains {sorted(self.runs)}; resume with the same adapters "
                              "or use another --output-dir")
         self.micro_step = state["micro_step"]
@@ -282,7 +286,7 @@ class Trainer:
             saved = state["runs"][name]
             order = self._data_order(run)
             if saved.get("data_order", order) != order:  # none saved before 2026-11-24
-                raise ValueError(f"--resume: adapter {name!r} was trained with [seed, "
+                raise ResumeError(f"--resume: adapter {name!r} was trained with [seed, "
                                  f"batch_size, examples] {saved['data_order']}, this run has "
                                  f"{order}: the batches replayed would not be those trained")
             params = self.model.adapters[name]
