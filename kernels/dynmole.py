@@ -168,7 +168,7 @@ def _intermediate_kernel(
         h = tl.load(h_ptr + tok64[:, None] * stride_h + ii[None, :],
                     mask=row_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
         w = tl.load(router_ptr + (s * ED + ee[None, :]) * I + ii[:, None],
-                    mask=(ee < ED)[None, :] & i_ok[:, None], other=0.0)
+                    mask=(ee < ED)[None, :] & i_ok[:, None], other=0.0).to(tl.float32)
         logits += tl.dot(h, w, input_precision="ieee")  # routing decisions in fp32
     tl.store(logits_at, logits, mask=logits_mask)
     n_exp = tl.floor(tl.load(down_table_ptr + s * NUM_COLUMNS + NUM_EXPERTS) + 0.5)

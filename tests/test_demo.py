@@ -3,6 +3,7 @@ embedded base and adapters are built, served by a real `vllm serve`, each adapte
 task on held-out prompts, and no process of the server's group is left afterwards, also when
 the demo is interrupted."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -123,3 +124,24 @@ def test_adapter_names_are_unique_and_not_the_base_models(tmp_path):
     for given in ([f"base={tmp_path}"], [f"a={tmp_path}", f"b={tmp_path}", f"a={tmp_path}"]):
         with pytest.raises(SystemExit, match="the name is taken"):
             parse_adapters(given)
+
+
+def test_the_build_is_redone_on_request_or_for_another_recipe(tmp_path, monkeypatch):
+    """`make demo ARGS=--rebuild` builds again; an unchanged recipe reuses the cache."""
+    import torch
+
+    from mole_serve.demo import build as demo_build
+    from mole_serve.demo.cli import parse_args
+
+    made = []
+    monkeypatch.setattr(demo_build, "pretrain_base", lambda path, recipe: made.append("base"))
+    monkeypatch.setattr(demo_build, "train_adapters",
+                        lambda base, adapters, recipe: made.append("adapters"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # this process's
+    recipe, quiet = demo_build.Recipe(), lambda message: None
+    demo_build.build(tmp_path, recipe, log=quiet)
+    demo_build.build(tmp_path, recipe, log=quiet)
+    assert made == ["base", "adapters"]
+    demo_build.build(tmp_path, recipe, rebuild=parse_args(["--rebuild"]).rebuild, log=quiet)
+    demo_build.build(tmp_path, dataclasses.replace(recipe, seed=1), log=quiet)
+    assert made == ["base", "adapters"] * 3

@@ -189,6 +189,16 @@ def test_runtime_load_of_a_bad_adapter_is_400_naming_the_problem(server, client,
     assert complete_ids(client, "dynmole") == expected["dynmole"]
 
 
+def test_a_hub_id_that_cannot_be_had_offline_is_400(server, client):
+    """'org/name' is vLLM's to resolve (it may download it); with the hub off
+    (HF_HUB_OFFLINE) and no cached copy, vLLM alone would answer 500."""
+    response = load_lora(server, "hub", pathlib.Path("no-such-org/no-such-adapter"))
+    assert response.status_code == 400, response.text
+    assert "HF_HUB_OFFLINE forbids downloading hub repo 'no-such-org/no-such-adapter'" in \
+        response.json()["error"]["message"], response.text
+    assert "hub" not in {m.id for m in client.models.list().data}
+
+
 def test_runtime_loaded_adapter_serves_until_unloaded(server, client, workspace, expected):
     import openai
     root = workspace["root"]
