@@ -89,6 +89,15 @@ BACKENDS = ("auto", "kernels", "reference")
 
 
 # -- settings carried to every process ---------------------------------------------------------
+def _switch(section: dict, key: str, default: bool) -> bool:
+    """A true/false setting; a string such as "false" would read as true."""
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"--additional-config {MOLE_KEY}.{key}: expected true or false, "
+                         f"found {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """`--additional-config '{"mole": {...}}'`: reaches every vLLM process, Ray workers too."""
@@ -125,13 +134,15 @@ class ServeSettings:
         if backend not in BACKENDS:
             raise ValueError(f"--additional-config {MOLE_KEY}.backend: expected one of "
                              f"{list(BACKENDS)}, found {backend!r}")
+        enabled, routing_metrics = (_switch(section, key, getattr(cls, key))
+                                    for key in ("enabled", "routing_metrics"))
         families = section.get("families", list(FAMILIES))
         if (not isinstance(families, list) or not families
                 or not set(families) <= set(FAMILIES)):
             raise ValueError(f"--additional-config {MOLE_KEY}.families: expected a non-empty "
                              f"list of {list(FAMILIES)}, found {families!r}")
-        return cls(enabled=bool(section.get("enabled", False)), max_experts=max_experts,
-                   routing_metrics=bool(section.get("routing_metrics", True)),
+        return cls(enabled=enabled, max_experts=max_experts,
+                   routing_metrics=routing_metrics,
                    metrics_interval_s=float(interval), backend=backend,
                    families=tuple(f for f in FAMILIES if f in families))
 

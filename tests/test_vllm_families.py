@@ -30,17 +30,19 @@ def test_mixlora_only_server(tmp_path):
     reference = ReferenceGenerator(model_dir, [mixlora])
     expected = [reference.greedy(p, MAX_TOKENS, name) for name in (None, "mixlora")
                 for p in PROMPTS]
-    with offline_llm(model_dir, {"families": ["mixlora"]}) as llm:
+    with offline_llm(model_dir, {"families": ["mixlora"], "routing_metrics": False}) as llm:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         def layout(model: torch.nn.Module):
             layer = model.model.layers[0]
             return (layer.self_attn.mole.gated["qkv"].a.shape[2], dict(layer.mlp.mole.gated),
-                    layer.mlp.mole.mixlora.router.shape[1])
+                    layer.mlp.mole.mixlora.router.shape[1],
+                    layer.self_attn.mole.routing_stats() + layer.mlp.mole.routing_stats())
 
-        assert llm.apply_model(layout) == [(1, {}, 4)], \
-            "one-expert attention LoRA, no per-linear FFN routers, MixLoRA FFN experts"
+        assert llm.apply_model(layout) == [(1, {}, 4, [])], \
+            "one-expert attention LoRA, no per-linear FFN routers, MixLoRA FFN experts, " \
+            "no routing counts (routing_metrics off)"
         request = LoRARequest("mixlora", 1, str(tmp_path / "mixlora"))
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in PROMPTS] * 2,

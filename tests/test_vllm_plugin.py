@@ -231,6 +231,10 @@ def test_unknown_mole_setting_is_a_clear_error(tiny_llama):
                                          r"\['mixlora', 'dynmole'\], found \['moe'\]"):
         EngineArgs(model=str(tiny_llama), additional_config={
             "mole": {"enabled": True, "families": ["moe"]}}).create_engine_config()
+    with pytest.raises(ValueError, match=r"routing_metrics: expected true or false, "
+                                         r"found 'false'"):
+        EngineArgs(model=str(tiny_llama), additional_config={
+            "mole": {"enabled": True, "routing_metrics": "false"}}).create_engine_config()
 
 
 def test_cpu_lora_ops_leave_no_adapter_rows_alone():
