@@ -142,9 +142,30 @@ def ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
 
 
 # -- rewritten forms (slot-stacked, many adapters) --------------------------------------------
+# Gathering each token's expert factors makes memory grow with tokens x k_max x factor size
+# (a 1B model's FFN: 2 MiB per token and selected expert); tokens are taken in chunks that
+# gather at most this many elements from one factor table.
+GATHER_BUDGET = 1 << 24
+
+
 def _gather(table: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """table[slot[t], ids[t, j]] -> [T, k, ...] in fp32 (stacks may be stored in bf16)."""
     return table[slot[:, None], ids].float()
+
+
+def _by_token_chunks(fn, per_token: int, *rows: torch.Tensor, **fixed):
+    """fn(*rows, **fixed), its token rows taken in chunks whose gathers hold at most
+    GATHER_BUDGET elements (`per_token`: the largest gather's elements per token); every
+    row is computed alone, so chunking changes no result. Chunk sizes follow the token count
+    (a shape), never the data."""
+    step = max(1, GATHER_BUDGET // max(1, per_token))
+    if rows[0].shape[0] <= step:
+        return fn(*rows, **fixed)
+    parts = [fn(*(row[start:start + step] for row in rows), **fixed)
+             for start in range(0, rows[0].shape[0], step)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(part) for part in zip(*parts))
+    return torch.cat(parts)
 
 
 def router_logits(x: torch.Tensor, slots: torch.Tensor, router: torch.Tensor
@@ -174,6 +195,15 @@ def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: 
                     act_fn: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
     """Each selected expert's intermediate h_k = act(g0 + dg_k) * (u0 + du_k); returns the
     weight-mixed intermediate [T, I] (fp32) and the down shrinks A_d h_k [T, k, r] (fp32)."""
+    per_token = ids.shape[1] * max(table[0, 0].numel() for table in (
+        stack.gate_up_a, stack.gate_up_b, stack.down_a))
+    return _by_token_chunks(_mixlora_experts, per_token, g0, u0, x, slots, weights, ids,
+                            stack=stack, act_fn=act_fn)
+
+
+def _mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                     weights: torch.Tensor, ids: torch.Tensor, stack: MixLoRAStack,
+                     act_fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     slot = slots.clamp(min=0)
     r = stack.down_a.shape[2]
     scale = stack.scaling[slot][:, None, None]
@@ -192,6 +222,12 @@ def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: 
 def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                        ids: torch.Tensor, stack: MixLoRAStack) -> torch.Tensor:
     """sum_k w_k s B_d,k (A_d,k h_k) -> [T, H] fp32."""
+    return _by_token_chunks(_mixlora_down_delta, ids.shape[1] * stack.down_b[0, 0].numel(),
+                            down_shrink, slots, weights, ids, stack=stack)
+
+
+def _mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                        ids: torch.Tensor, stack: MixLoRAStack) -> torch.Tensor:
     slot = slots.clamp(min=0)
     coef = weights * stack.scaling[slot][:, None]
     return torch.einsum("tkr,tkhr->th", down_shrink * coef[..., None],
@@ -214,9 +250,14 @@ def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
         routed = gated_route(logits, slots, stack)
     weights, ids = routed
     coef = torch.where(uses[:, None], weights * stack.scaling[slot][:, None], 0.0)
+    per_token = ids.shape[1] * max(stack.a[0, 0].numel(), stack.b[0, 0].numel())
+    return _by_token_chunks(_gated_delta, per_token, x, slot, coef, ids, stack=stack), uses
+
+
+def _gated_delta(x: torch.Tensor, slot: torch.Tensor, coef: torch.Tensor, ids: torch.Tensor,
+                 stack: GatedLoRAStack) -> torch.Tensor:
     shrink = torch.einsum("ti,tkri->tkr", x.float(), _gather(stack.a, slot, ids))
-    delta = torch.einsum("tkr,tkor->to", shrink * coef[..., None], _gather(stack.b, slot, ids))
-    return delta, uses
+    return torch.einsum("tkr,tkor->to", shrink * coef[..., None], _gather(stack.b, slot, ids))
 
 
 def gated_route(logits: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack

@@ -119,3 +119,39 @@ def test_empty_slots_and_bf16_stacks(adapters):
                 setattr(part, name, getattr(part, name).bfloat16().float())
     assert rel_err(mole_ffn(x, base, slots, low), mole_ffn(x, base, slots, rounded)) <= 1e-6
     assert rel_err(mole_ffn(x, base, slots, low), y32) <= 2e-2
+
+
+def test_tokens_are_taken_in_chunks_that_bound_the_gathers(adapters, monkeypatch):
+    """Per-token expert gathers stay under GATHER_BUDGET elements whatever the token count,
+    and chunking changes no result: each row is computed alone."""
+    from mole_serve import reference
+
+    names = list(adapters)
+    stack = stack_layer([adapters[n] for n in names], 1, ODD_BASE)
+    base = frozen(seed=7)
+    x = torch.randn(301, H)
+    slots = torch.randint(-1, len(names), (301,), generator=torch.Generator().manual_seed(1))
+    gathered = []
+    gather = reference._gather
+
+    def counted(table, slot, ids):
+        out = gather(table, slot, ids)
+        gathered.append(out.numel())
+        return out
+
+    def run(budget: int) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor]]:
+        gathered.clear()
+        monkeypatch.setattr(reference, "GATHER_BUDGET", budget)
+        outputs = (mole_ffn(x, base, slots, stack),
+                   mole_projection(x, base.gate, slots, "gate_proj", stack))
+        return list(gathered), outputs
+
+    monkeypatch.setattr(reference, "_gather", counted)
+    whole_sizes, whole = run(1 << 30)
+    budget = 40_000  # a few tokens' worth of the widest gathers here
+    chunk_sizes, chunked = run(budget)
+    assert max(whole_sizes) > 10 * budget, "the check must need chunks"
+    assert len(chunk_sizes) > 10 * len(whole_sizes) and max(chunk_sizes) <= budget
+    for ours, unchunked in zip(chunked, whole):
+        assert rel_err(ours, unchunked) <= 1e-6
+    assert torch.equal(chunked[0][slots < 0], whole[0][slots < 0])
