@@ -117,18 +117,12 @@ def served_as_mole(path: str, adapter: str) -> bool:
     (False: a plain PEFT LoRA dir, or a name vLLM resolves itself such as a hub id). A local
     path that cannot be an adapter raises AdapterError naming why, where vLLM would answer
     404 or 500 without saying. A missing path that is a valid hub id ('name', 'org/name') is
-    left to vLLM, which may download it, unless the hub is off (HF_HUB_OFFLINE) and holds no
-    cached copy: vLLM would then answer 500."""
+    left to vLLM, which may download it."""
     local = pathlib.Path(path).expanduser()
     if not local.exists():
-        if not _is_hub_id(path):
-            raise AdapterError(adapter, "path", "an adapter directory",
-                               f"{local} does not exist")
-        if _offline_and_not_cached(path):
-            raise AdapterError(adapter, "path", "an adapter directory or a cached hub repo",
-                               f"{local} does not exist, and HF_HUB_OFFLINE forbids "
-                               f"downloading hub repo {path!r}, which is not in the cache")
-        return False
+        if _is_hub_id(path):
+            return False
+        raise AdapterError(adapter, "path", "an adapter directory", f"{local} does not exist")
     if not local.is_dir():
         raise AdapterError(adapter, "path", "an adapter directory", f"{local} is a file")
     declared = read_config_json(local, adapter).get("peft_type")
@@ -143,19 +137,6 @@ def served_as_mole(path: str, adapter: str) -> bool:
 
 # huggingface_hub's rule for a repo id ('name' or 'org/name'), which vLLM may download
 _HUB_ID = re.compile(r"(?:\b[\w.-]{1,96}\b/)?\b[\w.-]{1,96}\b", re.ASCII)
-
-
-def _offline_and_not_cached(repo_id: str) -> bool:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if not constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        snapshot_download(repo_id, local_files_only=True)
-    except LocalEntryNotFoundError:
-        return True
-    return False
 
 
 def _is_hub_id(name: str) -> bool:

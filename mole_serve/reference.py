@@ -153,13 +153,18 @@ def _gather(table: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor) -> torch
     return table[slot[:, None], ids].float()
 
 
+def _slot_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """table[slot[t]] -> [T, ...] in fp32."""
+    return table[slot].float()
+
+
 def _by_token_chunks(fn, per_token: int, *rows: torch.Tensor, **fixed):
     """fn(*rows, **fixed), its token rows taken in chunks whose gathers hold at most
     GATHER_BUDGET elements (`per_token`: the largest gather's elements per token); every
-    row is computed alone, so chunking changes no result. Chunk sizes follow the token count
-    (a shape), never the data."""
+    row is computed alone, so chunking changes no result. Not while torch.compile traces:
+    a loop over the token count would fix that count (vLLM marks it dynamic)."""
     step = max(1, GATHER_BUDGET // max(1, per_token))
-    if rows[0].shape[0] <= step:
+    if torch.compiler.is_compiling() or rows[0].shape[0] <= step:
         return fn(*rows, **fixed)
     parts = [fn(*(row[start:start + step] for row in rows), **fixed)
              for start in range(0, rows[0].shape[0], step)]
@@ -172,7 +177,12 @@ def router_logits(x: torch.Tensor, slots: torch.Tensor, router: torch.Tensor
                   ) -> torch.Tensor:
     """Each token's logits [T, E] (fp32) through its own slot's router [S, E, in]. Linear in
     x: with x split over tensor-parallel ranks, the ranks' results sum to the whole's."""
-    return torch.einsum("ti,tei->te", x.float(), router[slots.clamp(min=0)].float())
+    return _by_token_chunks(_router_logits, router[0].numel(), x, slots.clamp(min=0),
+                            router=router)
+
+
+def _router_logits(x: torch.Tensor, slot: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ti,tei->te", x.float(), _slot_rows(router, slot))
 
 
 def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack,
@@ -271,10 +281,14 @@ def lora_stack_delta(x: torch.Tensor, slots: torch.Tensor, stack: LoRAStack
     """Plain per-slot LoRA delta [T, out] fp32 and the mask of tokens it applies to."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
-    shrink = torch.einsum("ti,tri->tr", x.float(), stack.a[slot].float())
-    delta = torch.einsum("tr,tor->to", shrink * stack.scaling[slot][:, None],
-                         stack.b[slot].float())
-    return delta, uses
+    per_token = max(stack.a[0].numel(), stack.b[0].numel())
+    return _by_token_chunks(_lora_stack_delta, per_token, x, slot, stack=stack), uses
+
+
+def _lora_stack_delta(x: torch.Tensor, slot: torch.Tensor, stack: LoRAStack) -> torch.Tensor:
+    shrink = torch.einsum("ti,tri->tr", x.float(), _slot_rows(stack.a, slot))
+    return torch.einsum("tr,tor->to", shrink * stack.scaling[slot][:, None],
+                        _slot_rows(stack.b, slot))
 
 
 def add_where(base: torch.Tensor, delta: torch.Tensor, uses: torch.Tensor) -> torch.Tensor:

@@ -626,10 +626,30 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
     local = os.path.expanduser(path)
     if served_as_mole(path, name):
         load_served_adapter(local, name, vllm_config)
+    elif not os.path.exists(local):  # a hub id (served_as_mole refuses other missing paths)
+        _check_hub_adapter_reachable(path, name)
     elif os.path.isdir(local) and MOLE_ARCHITECTURE in (
             vllm_config.model_config.architectures or []):  # a base whose shapes we know
         check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
                               slot_capacity(vllm_config)[1])
+
+
+def _check_hub_adapter_reachable(repo_id: str, name: str) -> None:
+    """vLLM downloads a hub-id adapter when it loads it (`lora.utils.get_adapter_absolute_path`)
+    and answers 500 when it cannot: with HF_HUB_OFFLINE, no ModelScope and no cached
+    snapshot, say so as a 400 instead."""
+    import vllm.envs as envs
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if envs.VLLM_USE_MODELSCOPE or not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise AdapterError(name, "path", "an adapter directory or a cached hub repo",
+                           f"{repo_id} does not exist, and HF_HUB_OFFLINE forbids downloading "
+                           f"hub repo {repo_id!r}, which is not in the cache") from None
 
 
 def tensor_parallel_shard() -> TensorShard:

@@ -122,20 +122,27 @@ def test_empty_slots_and_bf16_stacks(adapters):
 
 
 def test_tokens_are_taken_in_chunks_that_bound_the_gathers(adapters, monkeypatch):
-    """Per-token expert gathers stay under GATHER_BUDGET elements whatever the token count,
-    and chunking changes no result: each row is computed alone."""
+    """Per-token gathers (expert factors, routers, plain LoRA) stay under GATHER_BUDGET
+    elements whatever the token count, and chunking changes no result: each row is computed
+    alone."""
     from mole_serve import reference
 
     names = list(adapters)
     stack = stack_layer([adapters[n] for n in names], 1, ODD_BASE)
     base = frozen(seed=7)
     x = torch.randn(301, H)
+    q_weight = torch.randn(ODD_BASE.in_out("q_proj")[1], H) / H ** 0.5
     slots = torch.randint(-1, len(names), (301,), generator=torch.Generator().manual_seed(1))
     gathered = []
-    gather = reference._gather
+    gather, slot_rows = reference._gather, reference._slot_rows
 
     def counted(table, slot, ids):
         out = gather(table, slot, ids)
+        gathered.append(out.numel())
+        return out
+
+    def counted_rows(table, slot):  # routers and plain LoRA: one row per token
+        out = slot_rows(table, slot)
         gathered.append(out.numel())
         return out
 
@@ -143,10 +150,11 @@ def test_tokens_are_taken_in_chunks_that_bound_the_gathers(adapters, monkeypatch
         gathered.clear()
         monkeypatch.setattr(reference, "GATHER_BUDGET", budget)
         outputs = (mole_ffn(x, base, slots, stack),
-                   mole_projection(x, base.gate, slots, "gate_proj", stack))
+                   mole_projection(x, q_weight, slots, "q_proj", stack))
         return list(gathered), outputs
 
     monkeypatch.setattr(reference, "_gather", counted)
+    monkeypatch.setattr(reference, "_slot_rows", counted_rows)
     whole_sizes, whole = run(1 << 30)
     budget = 40_000  # a few tokens' worth of the widest gathers here
     chunk_sizes, chunked = run(budget)
@@ -155,3 +163,20 @@ def test_tokens_are_taken_in_chunks_that_bound_the_gathers(adapters, monkeypatch
     for ours, unchunked in zip(chunked, whole):
         assert rel_err(ours, unchunked) <= 1e-6
     assert torch.equal(chunked[0][slots < 0], whole[0][slots < 0])
+
+
+def test_chunking_leaves_the_token_count_symbolic_under_torch_compile(adapters, monkeypatch):
+    """vLLM compiles the model with a dynamic token count; a loop over chunks would fix it."""
+    from mole_serve import reference
+
+    stack = stack_layer([adapters[n] for n in adapters], 1, ODD_BASE)
+    base = frozen(seed=7)
+    monkeypatch.setattr(reference, "GATHER_BUDGET", 40_000)  # eager: many chunks
+    torch._dynamo.reset()
+    compiled = torch.compile(mole_ffn, backend="eager", fullgraph=True)
+    for tokens in (33, 70):
+        x = torch.randn(tokens, H)
+        slots = torch.arange(tokens) % (len(adapters) + 1) - 1
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(slots, 0)
+        assert rel_err(compiled(x, base, slots, stack), mole_ffn(x, base, slots, stack)) <= 1e-6

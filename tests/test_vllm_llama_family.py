@@ -135,6 +135,6 @@ def test_quantised_base_models_are_refused_before_any_layer_is_built():
     from mole_serve.model import MoleLlamaForCausalLM
 
     quantised = SimpleNamespace(model_config=SimpleNamespace(hf_config=None),
-                                quant_config=SimpleNamespace(get_name=lambda: "awq"))
+                                quant_config=object())
     with pytest.raises(ValueError, match="unquantized base models only"):
         MoleLlamaForCausalLM(vllm_config=quantised)

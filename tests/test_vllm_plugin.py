@@ -274,3 +274,31 @@ def test_hf_overrides_apply_as_vllm_applies_them():
     assert config.text_config.rope_parameters["factor"] == 2.0
     assert config.text_config.rope_parameters["rope_theta"] == 1e4
     assert config.architectures == ["MoleLlamaForCausalLM"]
+
+
+def test_a_hub_adapter_that_cannot_be_had_is_refused_naming_why(tmp_path, monkeypatch):
+    """A missing path that reads as a hub id is vLLM's to download; offline (HF_HUB_OFFLINE,
+    no ModelScope) and not cached, vLLM would answer 500: a 400 names it instead."""
+    import huggingface_hub.constants
+    import vllm.envs
+
+    from mole_serve.errors import AdapterError
+
+    vllm.envs.disable_envs_cache()  # an earlier in-process engine froze the variables
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "models--org--cached"
+    (cached / "snapshots" / "c0ffee").mkdir(parents=True)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("c0ffee")
+    check = vllm_compat._check_requested_adapter  # the vllm_config is not read for hub ids
+    for offline, modelscope in ((False, "0"), (True, "1")):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setenv("VLLM_USE_MODELSCOPE", modelscope)
+        check("org/missing", "a", None)                      # vLLM may download it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("VLLM_USE_MODELSCOPE", "0")
+    check("org/cached", "a", None)                           # vLLM finds it in the cache
+    with pytest.raises(AdapterError, match=r"HF_HUB_OFFLINE forbids downloading hub repo "
+                                           r"'org/missing', which is not in the cache"):
+        check("org/missing", "a", None)
