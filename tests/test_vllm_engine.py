@@ -19,7 +19,8 @@ import torch
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import ReferenceGenerator, make_mole_adapter, make_peft_lora, offline_llm
+from vllm_helpers import (ReferenceGenerator, make_mole_adapter, make_peft_lora, metric_total,
+                          offline_llm)
 
 MAX_TOKENS = 12
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77], [1, 5, 5, 5, 400, 123, 250, 31, 999],
@@ -200,13 +201,6 @@ def test_malformed_mole_adapter_is_refused_and_engine_keeps_serving(engine, expe
         llm.llm_engine.add_lora(LoRARequest("bad-dynmole", 99, str(bad)))
     jobs = [(None, 0), ("dynmole", 1)]
     assert generate(engine, jobs) == [expected[job] for job in jobs]
-
-
-def metric_total(name: str, **labels: str) -> float:
-    """Sum of the in-process registry's samples `name` whose labels include `labels`."""
-    from prometheus_client import REGISTRY
-    return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples
-               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def test_metrics_count_requests_tokens_routing_and_evictions(engine, expected):

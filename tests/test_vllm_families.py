@@ -11,7 +11,7 @@ import torch
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
-from vllm_helpers import ReferenceGenerator, make_mole_adapter, offline_llm
+from vllm_helpers import ReferenceGenerator, make_mole_adapter, metric_total, offline_llm
 
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
 MAX_TOKENS = 8
@@ -49,14 +49,10 @@ def test_mixlora_only_server(tmp_path):
             SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
             lora_request=[None] * len(PROMPTS) + [request] * len(PROMPTS), use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outputs] == expected
-        from prometheus_client import REGISTRY
-
-        def engine_rejections() -> float:
-            return REGISTRY.get_sample_value("mole_serve_adapter_rejections_total",
-                                             {"stage": "engine"}) or 0.0
-
-        rejected_before = engine_rejections()
+        rejections = "mole_serve_adapter_rejections_total"
+        rejected_before = metric_total(rejections, stage="engine")
         with pytest.raises(Exception, match=r"'dynmole'.*routing_strategy.*families this "
                                             r"server was started for \(\['mixlora'\]"):
             llm.llm_engine.add_lora(LoRARequest("dynmole", 2, str(tmp_path / "dynmole")))
-        assert engine_rejections() == rejected_before + 1, "counted as refused by the engine"
+        assert metric_total(rejections, stage="engine") == rejected_before + 1, \
+            "counted as refused by the engine"

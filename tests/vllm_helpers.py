@@ -85,6 +85,13 @@ def offline_llm(model_dir: pathlib.Path | str, mole: dict | None = None, **engin
             del llm
 
 
+def metric_total(name: str, **labels: str) -> float:
+    """Sum of the in-process registry's samples `name` whose labels include `labels`."""
+    from prometheus_client import REGISTRY
+    return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
 def make_mole_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape, seed: int,
                       *, as_bin: bool = False) -> MoleAdapter:
     """A random adapter strong enough to change greedy tokens; `.bin` as MoE-PEFT writes."""
