@@ -30,11 +30,12 @@ class MoleAttachment:
             raise ValueError(f"adapter names must be unique, got {names}")
         self.model = model
         self.base = BaseShape.from_hf_config(model.config)
-        act, bias = self.base.hidden_act or "silu", getattr(model.config, "mlp_bias", False)
-        if act not in ACTIVATIONS or bias:
-            raise ValueError(f"the model's MLP (hidden_act {act!r}, mlp_bias {bias}) is not one "
-                             f"the reference computes: activations {list(ACTIVATIONS)}, no "
-                             "biases")
+        self.act_fn = self.base.hidden_act or "silu"
+        bias = getattr(model.config, "mlp_bias", False)
+        if self.act_fn not in ACTIVATIONS or bias:
+            raise ValueError(f"the model's MLP (hidden_act {self.act_fn!r}, mlp_bias {bias}) "
+                             f"is not one the reference computes: activations "
+                             f"{list(ACTIVATIONS)}, no biases")
         for adapter in adapters:
             check_fits(adapter, self.base)
         self.slot_of = {name: slot for slot, name in enumerate(names)}
@@ -114,14 +115,13 @@ class _MoleMLP(nn.Module):
     def __init__(self, mlp: nn.Module, attachment: MoleAttachment, index: int):
         super().__init__()
         self.mlp, self.attachment, self.index = mlp, attachment, index
-        self.act_fn = attachment.base.hidden_act or "silu"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         slots = self.attachment.token_slots(hidden)
         if slots is None:
             return self.mlp(hidden)
         frozen = FrozenFFN(self.mlp.gate_proj.weight, self.mlp.up_proj.weight,
-                           self.mlp.down_proj.weight, self.act_fn)
+                           self.mlp.down_proj.weight, self.attachment.act_fn)
         flat = hidden.reshape(-1, hidden.shape[-1])
         stack: LayerStack = self.attachment.stacks[self.index]
         return mole_ffn(flat, frozen, slots, stack).reshape(hidden.shape)
