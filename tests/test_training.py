@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mole_serve.checkpoint import load_adapter
 from mole_serve.hf import attach_adapters
 from mole_serve.routing import entropy_loss, route_config
-from mole_serve.training.data import IGNORE, DataError, load_records, tokenize
+from mole_serve.training.data import EVAL_SPLITS, IGNORE, DataError, load_records, tokenize
 from mole_serve.training.options import AdapterSpec, TrainOptions
 from mole_serve.training.trainer import Trainer
 from tiny_model import make_tiny_llama, task_rows, write_jsonl
@@ -280,8 +280,11 @@ def test_data_errors(world, tmp_path):
                  cutoff=48, train_on_inputs=False, add_eos=True, source="chat")
     long = [long_answer]
     tokenizer.pad_token = None
-    with pytest.raises(DataError, match="no pad token"):
+    with pytest.raises(DataError, match=r"no pad token: .* \(--pad-token '</s>'\)"):
         tokenize(long, tokenizer, cutoff=16, train_on_inputs=False, add_eos=True, source="x")
+    with pytest.raises(ValueError, match=r"--pad-token '<pad1>' is not in the tokenizer's "
+                                         r"vocabulary \(its eos token '</s>' is\)"):
+        run(world, tmp_path, spec(world, "rev", "mixlora"), pad_token="<pad1>")
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "missing.json")
 
@@ -300,7 +303,8 @@ def test_chat_rows_need_a_chat_template(world):
 
 
 def test_datasets_dirs_load_like_jsonl(world, tmp_path):
-    """`datasets.save_to_disk` output, a Dataset or a DatasetDict (its "train" split)."""
+    """`datasets.save_to_disk` output, a Dataset or a DatasetDict: its "train" split to train
+    on, its "test" (else "validation") split to evaluate on."""
     import datasets
     rows = load_records(world / "reverse.jsonl")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "plain"))
@@ -309,6 +313,14 @@ def test_datasets_dirs_load_like_jsonl(world, tmp_path):
         str(tmp_path / "splits"))
     assert load_records(tmp_path / "plain") == rows
     assert load_records(tmp_path / "splits") == rows
+    assert load_records(tmp_path / "splits", EVAL_SPLITS) == rows[:2]   # never "train"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows[:2]),
+                          "extra": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "no_train"))
+    with pytest.raises(DataError, match=r"splits \['validation', 'extra'\] and none of "
+                                        r"\['train'\]"):
+        load_records(tmp_path / "no_train")
+    assert load_records(tmp_path / "no_train", EVAL_SPLITS) == rows[:2]
 
 
 def test_bf16_base_ffn_only_rslora_adapter(world, tmp_path):
@@ -344,6 +356,29 @@ def test_prompt_is_masked_unless_train_on_inputs(world):
     assert tokenizer.decode([t for t in example[0].labels if t != -100]) == "red dog\n"
 
 
+def test_answers_are_tokenized_as_the_continuation_of_the_prompt():
+    """A SentencePiece tokenizer (Llama 2, Mistral) starts a text tokenized alone with a
+    word-start '▁' that the same text never has after the prompt's newline: the trainer
+    teaches the tokens the model must generate after the prompt, not those."""
+    from mole_serve.training.data import ALPACA
+    from tiny_model import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer()
+    row = {"instruction": "capital", "output": "Paris"}
+    alone = tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    example = tokenize([row], tokenizer, cutoff=128, train_on_inputs=False, add_eos=True,
+                       source="t").examples[0]
+    joint = tokenizer(ALPACA.format(instruction="capital") + "Paris")["input_ids"]
+    assert example.input_ids == joint + [tokenizer.eos_token_id] != alone
+    prompt = len(tokenizer(ALPACA.format(instruction="capital"))["input_ids"])
+    assert example.labels == [IGNORE] * prompt + example.input_ids[prompt:]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Paris"}]
+    chat = tokenize([{"messages": messages}], tokenizer, cutoff=128, train_on_inputs=False,
+                    add_eos=True, source="t").examples[0]
+    assert chat.input_ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
+                                       add_special_tokens=False)["input_ids"]
+
+
 def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path, capsys):
     from mole_serve.train import main
     from mole_serve.training.report import COLUMNS
@@ -377,14 +412,50 @@ def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path, capsys):
         main(["--config", str(bad)])
 
 
+def test_config_file_errors_name_the_file_or_the_adapter(tmp_path):
+    from mole_serve.train import main
+
+    cases = {"list.yaml": ("- a\n", "list.yaml: expected a mapping of run options"),
+             "broken.yaml": ("a: [1\n", "broken.yaml: invalid YAML"),
+             "broken.json": ("{a: 1}", "broken.json: invalid JSON"),
+             "nodata.yaml": ("base_model: b\noutput_dir: o\nadapters:\n  - {name: x}\n",
+                             r"adapter 1 \(x\): missing \['data'\]")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=f"mole-train: .*{message}"):
+            main(["--config", str(tmp_path / name)])
+    with pytest.raises(SystemExit, match="missing.yaml: No such file"):
+        main(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit, match=r"missing \['data'\] \(--data for one adapter"):
+        main(["--base-model", "b", "--output-dir", "o", "--steps", "5"])
+
+
+def test_a_warm_up_longer_than_the_run_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match="warmup_steps 5 must be below its 4 optimizer steps"):
+        run(world, tmp_path, spec(world, "rev", "mixlora", steps=4, warmup_steps=5))
+
+
+def test_the_log_records_the_lr_each_step_used(world, tmp_path):
+    trainer = run(world, tmp_path, spec(world, "rev", "mixlora", steps=4, warmup_steps=2,
+                                        lr=0.3))
+    assert [row["lr"] for row in trainer.log.rows] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+
+
 def test_choice_accuracy_scores_label_tokens_at_the_last_prompt_position(world):
-    """MoE-PEFT's rule: argmax over the logits of ' A', ' B', ... at the last prompt token."""
+    """MoE-PEFT's rule (argmax over the labels' logits at the last prompt token), each label's
+    id being the first the trainer teaches for it as the answer to that prompt."""
     import contextlib
 
-    from mole_serve.training.evaluate import choice_accuracy, choice_items, label_token
+    from mole_serve.training.evaluate import choice_accuracy, choice_items
 
     tokenizer = AutoTokenizer.from_pretrained(world / "base")
-    favourite = label_token(tokenizer, "B")
+
+    def first_trained(row, output):
+        example = tokenize([dict(row, output=output)], tokenizer, cutoff=128,
+                           train_on_inputs=False, add_eos=False, source="t").examples[0]
+        return next(t for t in example.labels if t != IGNORE)
+
+    favourite = first_trained({"instruction": "pick"}, "B")
 
     class Stub(torch.nn.Module):
         def __init__(self):
@@ -400,7 +471,7 @@ def test_choice_accuracy_scores_label_tokens_at_the_last_prompt_position(world):
         def forward(self, input_ids):
             logits = torch.zeros(1, input_ids.shape[1], 1000)
             logits[0, -1, favourite] = 5.0      # only the last position matters
-            logits[0, :-1, label_token(tokenizer, "A")] = 9.0
+            logits[0, :-1, first_trained({"instruction": "pick"}, "A")] = 9.0
             return type("Out", (), {"logits": logits})()
 
     rows = [{"instruction": "pick", "choices": ["A", "B", "C"], "answer": "B"},
@@ -411,14 +482,21 @@ def test_choice_accuracy_scores_label_tokens_at_the_last_prompt_position(world):
             {"messages": [{"role": "user", "content": "pick"}], "choices": ["A", "B"],
              "answer": "B"}]
     stub = Stub()
-    assert choice_accuracy(stub, "rev", choice_items(rows, tokenizer)) == 0.6
+    items = choice_items(rows, tokenizer, "mc.jsonl")
+    assert choice_accuracy(stub, "rev", items) == 0.6
     assert stub.seen == [["rev"]] * 5
+    assert items[0].label_ids == [first_trained(rows[0], c) for c in "ABC"]
+    chat_answer = first_trained({"messages": rows[-1]["messages"] + [
+        {"role": "assistant", "content": "B"}]}, "")
+    assert items[-1].label_ids[1] == chat_answer   # no space merged in after "assistant: "
     chat_prompt = tokenizer.apply_chat_template(rows[-1]["messages"], tokenize=False,
                                                 add_generation_prompt=True)
-    assert choice_items(rows[-1:], tokenizer)[0].prompt_ids == tokenizer(chat_prompt)[
-        "input_ids"]
-    with pytest.raises(DataError, match="needs 'choices'"):
-        choice_items([{"instruction": "x", "answer": "A"}], tokenizer)
+    assert items[-1].prompt_ids == tokenizer(chat_prompt)["input_ids"]
+    with pytest.raises(DataError, match="mc.jsonl: row 1: needs 'choices'"):
+        choice_items([{"instruction": "x", "answer": "A"}], tokenizer, "mc.jsonl")
+    with pytest.raises(DataError, match="'x1' and 'x2' start with the same token"):
+        choice_items([{"instruction": "x", "choices": ["x1", "x2"], "answer": "x1"}], tokenizer,
+                     "mc.jsonl")
 
 
 def test_module_entry_point_with_flags(world, tmp_path):
@@ -458,11 +536,10 @@ def test_console_script_reports_bad_data_without_a_traceback(world, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-
 def test_resume_through_train_logs_each_micro_step_once(world, tmp_path):
     """A run cut after micro-step 3 with a checkpoint at 2, resumed with `train()`: the
-    re-run micro-step 3 is logged once, and a checkpoint cut off while saving (no state
-    file) is passed over."""
+    re-run micro-step 3 is logged once; a checkpoint cut off while saving (no state file), a
+    dir not named by a step and a log line cut off by the kill are passed over."""
     options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path),
                            adapters=[spec(world, "rev", "mixlora", steps=4)], progress=False,
                            save_every=2)
@@ -473,6 +550,9 @@ def test_resume_through_train_logs_each_micro_step_once(world, tmp_path):
             first.save_checkpoint()
     first.log.close()
     (tmp_path / "checkpoint-3" / "rev").mkdir(parents=True)  # cut off before its state
+    (tmp_path / "checkpoint-final").mkdir()                    # not one of ours
+    with open(tmp_path / "log.jsonl", "a") as log:             # a line cut off by a kill
+        log.write('{"step": 4, "adap')
     resumed = Trainer(dataclasses.replace(options, resume=True))
     assert resumed.micro_step == 2
     resumed.train()
@@ -484,7 +564,7 @@ def test_resume_through_train_logs_each_micro_step_once(world, tmp_path):
 def test_bad_eval_data_fails_before_training_and_adapters_are_saved_first(world, tmp_path,
                                                                          monkeypatch):
     bad_choices = write_jsonl(tmp_path / "choices.jsonl", [{"instruction": "x", "answer": "A"}])
-    with pytest.raises(DataError, match="choice data row 1: needs 'choices'"):
+    with pytest.raises(DataError, match=r"choices.jsonl: row 1: needs 'choices'"):
         run(world, tmp_path / "a", spec(world, "rev", "mixlora", choice_data=str(bad_choices)))
     with pytest.raises(DataError, match="no such file"):
         run(world, tmp_path / "b", spec(world, "rev", "mixlora",
@@ -575,8 +655,21 @@ def test_resume_refuses_a_different_run(world, tmp_path):
                                          r"\['up'\]"):
         Trainer(other)
     reordered = dataclasses.replace(options, resume=True, seed=7)
-    with pytest.raises(ValueError, match="the batches replayed would not be those trained"):
+    with pytest.raises(ValueError, match="adapter 'rev' changed since .*checkpoint-1: seed 42 "
+                                         "-> 7; resume it as it was trained"):
         Trainer(reordered)
+    # the saved scheduler would have kept the old lr: refused, like a new accumulation
+    new_lr = dataclasses.replace(options, resume=True,
+                                 adapters=[dataclasses.replace(a, lr=1e-5, accumulation=2)])
+    with pytest.raises(ValueError, match=r"lr 0.01 -> 1e-05; accumulation 1 -> 2"):
+        Trainer(new_lr)
+    edited = write_jsonl(tmp_path / "edited.jsonl", task_rows("reverse", 48, seed=9))
+    with pytest.raises(ValueError, match=r"examples \(sha256 of the token ids\)"):
+        Trainer(dataclasses.replace(options, resume=True,
+                                    adapters=[dataclasses.replace(a, data=str(edited))]))
+    longer = Trainer(dataclasses.replace(options, resume=True,  # more steps, another eval
+                                         adapters=[dataclasses.replace(a, steps=6)]))
+    assert longer.micro_step == 1
     from mole_serve.train import main  # the CLI says so without a traceback
     with pytest.raises(SystemExit, match=r"mole-train: --resume: .* holds adapters \['rev'\]"):
         main(["--base-model", str(world / "base"), "--data", str(world / "upper.jsonl"),

@@ -36,6 +36,36 @@ def build_tokenizer():
                                    chat_template=CHAT_TEMPLATE)
 
 
+LLAMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def build_sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer (SentencePiece BPE: '▁' word starts, a '▁' prepended to the
+    text, byte fallback) with Llama 2's chat template, trained on a seeded corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    words = WORDS + ["Below", "is", "an", "instruction", "task", "Response", "Instruction",
+                     "the", "A", "B", "capital", "Paris"]
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
+        + [f"<0x{i:02X}>" for i in range(256)]))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                             special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>",
+                                   chat_template=LLAMA2_CHAT_TEMPLATE)
+
+
 def make_tiny_llama(path: pathlib.Path, hidden: int = 128, intermediate: int = 256,
                     layers: int = 2, heads: int = 4, kv_heads: int = 2) -> pathlib.Path:
     """A random fp32 Llama (head_dim 32, as vLLM's CPU attention needs) plus tokenizer."""

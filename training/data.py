@@ -35,8 +35,15 @@ class Example:
     labels: list[int]
 
 
-def load_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Rows of a .json (list), .jsonl file or a `datasets.save_to_disk` dir."""
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("test", "validation")
+
+
+def load_records(path: str | pathlib.Path, splits: tuple[str, ...] = TRAIN_SPLITS
+                 ) -> list[dict[str, Any]]:
+    """Rows of a .json (list), .jsonl file or a `datasets.save_to_disk` dir; of a dir with
+    several splits, the first of `splits` it has (training data: "train"; evaluation data:
+    "test", else "validation", never the training split)."""
     path = pathlib.Path(path)
     if path.is_dir():
         try:
@@ -45,7 +52,12 @@ def load_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: a dataset dir needs the `datasets` package") from None
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+            found = [split for split in splits if split in loaded] or (
+                list(loaded) if len(loaded) == 1 else [])
+            if not found:
+                raise DataError(f"{path}: a dataset with splits {list(loaded)} and none of "
+                                f"{list(splits)}: save the split to use on its own")
+            loaded = loaded[found[0]]
         rows = [dict(r) for r in loaded]
     elif not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -119,6 +131,22 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
                      )["input_ids"]
 
 
+def encode_answer(tokenizer, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+    """The answer's ids as the model generates them after the prompt's ids (the prompt alone
+    is what vLLM tokenizes). Not the answer tokenized alone: a SentencePiece tokenizer (Llama
+    2, Mistral) starts it with a word-start '▁' that no continuation has. The joint text's ids
+    where the prompt's are their prefix; where the two merge at the seam, the answer's ids
+    after a newline (that a byte-level BPE keeps apart), or else alone."""
+    joint = encode_prompt(tokenizer, prompt + answer)
+    if joint[:len(prompt_ids)] == prompt_ids:
+        return joint[len(prompt_ids):]
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    anchored = tokenizer("\n" + answer, add_special_tokens=False)["input_ids"]
+    if anchored[:len(newline)] == newline:
+        return anchored[len(newline):]
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class Tokenized:
     examples: list[Example]
@@ -131,14 +159,14 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, *, cutoff: int, train_on_inp
              add_eos: bool, source: str) -> Tokenized:
     """Token ids and labels per row, cut to `cutoff` tokens."""
     if tokenizer.pad_token_id is None:
-        raise DataError("the tokenizer has no pad token: set one (e.g. --pad-token '<pad>' or "
-                        "tokenizer.pad_token = tokenizer.eos_token) before training")
+        raise DataError("the tokenizer has no pad token: give one of its tokens, e.g. its eos "
+                        f"token (--pad-token {tokenizer.eos_token!r})")
     result = Tokenized([], 0, 0)
     eos = tokenizer.eos_token_id
     for number, row in enumerate(rows, start=1):
         prompt, answer = prompt_and_answer(row, tokenizer, f"{source}: row {number}")
         prompt_ids = encode_prompt(tokenizer, prompt)
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        answer_ids = encode_answer(tokenizer, prompt, prompt_ids, answer)
         if add_eos and eos is not None and eos not in answer_ids:  # a template wrote it
             answer_ids = answer_ids + [eos]
         ids = prompt_ids + answer_ids

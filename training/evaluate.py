@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, DataError, Example, choice_prompt, collate, encode_prompt
+from .data import (IGNORE, DataError, Example, choice_prompt, collate, encode_answer,
+                   encode_prompt)
 
 
 @torch.no_grad()
@@ -35,12 +36,22 @@ def heldout_loss(model, adapter: str, examples: list[Example], pad_id: int,
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def label_token(tokenizer, label: str) -> int:
-    """The id MoE-PEFT scores for a label: the last sub-token of ' ' + label."""
-    ids = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise DataError(f"label {label!r} tokenizes to nothing")
-    return ids[-1]
+def label_tokens(tokenizer, prompt: str, prompt_ids: list[int], labels: list[str],
+                 where: str) -> list[int]:
+    """The id scored per label: the first the trainer teaches for that label as the answer
+    to this prompt. (MoE-PEFT's last id of ' ' + label fits its prompts ending in 'Answer:',
+    not templates ending in a newline or a space, nor labels of several tokens.)"""
+    ids = []
+    for label in labels:
+        answer = encode_answer(tokenizer, prompt, prompt_ids, label)
+        if not answer:
+            raise DataError(f"{where}: label {label!r} tokenizes to nothing")
+        if answer[0] in ids:
+            raise DataError(f"{where}: labels {labels[ids.index(answer[0])]!r} and {label!r} "
+                            "start with the same token: the last prompt position cannot tell "
+                            "them apart")
+        ids.append(answer[0])
+    return ids
 
 
 @dataclass
@@ -50,19 +61,21 @@ class ChoiceItem:
     answer: int            # index of the right choice
 
 
-def choice_items(rows: list[dict[str, Any]], tokenizer) -> list[ChoiceItem]:
+def choice_items(rows: list[dict[str, Any]], tokenizer, source: str) -> list[ChoiceItem]:
     """Multiple-choice rows, checked and tokenized before training starts. Rows: alpaca or
     chat prompt fields plus `choices` (labels, e.g. ["A", "B"]) and `answer`."""
     items = []
     for number, row in enumerate(rows, start=1):
-        where = f"choice data row {number}"
+        where = f"{source}: row {number}"
         choices = row.get("choices") if isinstance(row, dict) else None
         answer = row.get("answer") if isinstance(row, dict) else None
         if not isinstance(choices, list) or answer not in choices:
             raise DataError(f"{where}: needs 'choices' (a list of labels) and an 'answer' "
                             "among them")
-        items.append(ChoiceItem(encode_prompt(tokenizer, choice_prompt(row, tokenizer, where)),
-                                [label_token(tokenizer, str(c)) for c in choices],
+        prompt = choice_prompt(row, tokenizer, where)
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        items.append(ChoiceItem(prompt_ids, label_tokens(tokenizer, prompt, prompt_ids,
+                                                         [str(c) for c in choices], where),
                                 choices.index(answer)))
     return items
 

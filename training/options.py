@@ -208,13 +208,27 @@ def _check_device(name: str) -> None:
 
 
 def load_options_file(path: str | pathlib.Path) -> dict[str, Any]:
-    """A JSON or YAML run description as a plain dict."""
+    """A JSON or YAML run description as a plain dict; errors name the file."""
     path = pathlib.Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML ({exc})") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of run options, found "
+                         f"{type(raw).__name__}")
+    return raw
 
 
 def options_from_dict(raw: dict[str, Any]) -> TrainOptions:
@@ -229,10 +243,16 @@ def options_from_dict(raw: dict[str, Any]) -> TrainOptions:
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise ValueError(f"'adapters' must be a list of objects (one per adapter), got "
                          f"{items!r:.80}")
-    for item in items:
+    required = [f.name for f in dataclasses.fields(AdapterSpec)
+                if f.default is dataclasses.MISSING]
+    for number, item in enumerate(items, start=1):
         bad = sorted(set(item) - adapter_fields)
         if bad:
             raise ValueError(f"unknown adapter option(s) {bad}; known: {sorted(adapter_fields)}")
+        missing = [key for key in required if key not in item]
+        if missing:
+            raise ValueError(f"adapter {number} ({item.get('name', 'unnamed')}): missing "
+                             f"{missing} (--{missing[0]} for one adapter from flags)")
         specs.append(AdapterSpec(**_typed(AdapterSpec, item, f"adapter {item.get('name')!r}")))
     run = _typed(TrainOptions, {k: v for k, v in raw.items() if k != "adapters"}, "run")
     options = TrainOptions(**run, adapters=specs)

@@ -10,14 +10,24 @@ import pathlib
 COLUMNS = ("step", "adapter", "loss", "aux", "lr", "tokens_per_s", "load")
 
 
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a log being resumed; a line cut off by a killed run is left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 class RunLog:
     def __init__(self, output: pathlib.Path, progress: bool = True, resume: bool = False):
         self.output, self.progress = output, progress
         self.bar = None
         output.mkdir(parents=True, exist_ok=True)
         path = output / "log.jsonl"
-        self.rows: list[dict] = ([json.loads(line) for line in path.read_text().splitlines()]
-                                 if resume and path.exists() else [])
+        self.rows: list[dict] = read_rows(path) if resume and path.exists() else []
         self.jsonl = open(path, "a" if resume else "w")
 
     def keep_until(self, micro_step: int) -> None:

@@ -8,6 +8,9 @@ own accumulation schedule. Checkpoints hold everything needed to resume exactly.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import pathlib
 import time
@@ -20,13 +23,17 @@ from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import load_adapter, save_adapter
 from mole_serve.routing import route_config, router_loss
 
-from .data import IGNORE, Example, batches, collate, load_records, tokenize
+from .data import (EVAL_SPLITS, IGNORE, TRAIN_SPLITS, Example, batches, collate, load_records,
+                   tokenize)
 from .evaluate import ChoiceItem, choice_accuracy, choice_items, heldout_loss
 from .modules import MoleTrainingModel
 from .options import AdapterSpec, TrainOptions
 from .report import RunLog
 
 STATE_NAME = "trainer_state.pt"
+# What a resumed adapter may change: its length and its evaluation. Its data file may move or
+# be renamed; the examples themselves are compared.
+RESUMABLE = ("data", "steps", "epochs", "eval_data", "choice_data")
 
 
 class ResumeError(ValueError):
@@ -64,6 +71,11 @@ def load_base(options: TrainOptions):
                                                  local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(options.base_model, local_files_only=True)
     if options.pad_token is not None:
+        pad_id = tokenizer.convert_tokens_to_ids(options.pad_token)
+        if pad_id is None or (pad_id == tokenizer.unk_token_id
+                              and options.pad_token != tokenizer.unk_token):
+            raise ValueError(f"--pad-token {options.pad_token!r} is not in the tokenizer's "
+                             f"vocabulary (its eos token {tokenizer.eos_token!r} is)")
         tokenizer.pad_token = options.pad_token
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
@@ -109,11 +121,16 @@ class Trainer:
             examples = self._examples(spec, spec.data)
             per_step = spec.batch_size * spec.accumulation
             total = spec.steps or max(1, math.ceil(spec.epochs * len(examples) / per_step))
+            if spec.warmup_steps >= total:
+                raise ValueError(f"adapter {spec.name!r}: warmup_steps {spec.warmup_steps} "
+                                 f"must be below its {total} optimizer steps (its lr would "
+                                 f"peak at {total / (spec.warmup_steps + 1):.2g} x lr)")
             run = self.runs[spec.name] = AdapterRun(spec, examples, total)
             if spec.eval_data:
-                run.eval_examples = self._examples(spec, spec.eval_data)
+                run.eval_examples = self._examples(spec, spec.eval_data, EVAL_SPLITS)
             if spec.choice_data:
-                run.choices = choice_items(load_records(spec.choice_data), tokenizer)
+                run.choices = choice_items(load_records(spec.choice_data, EVAL_SPLITS),
+                                           tokenizer, str(spec.choice_data))
         device = next(model.parameters()).device
         self.model = MoleTrainingModel(
             model, adapters, [options.seed + s.seed_offset for s in specs]).to(device)
@@ -131,9 +148,10 @@ class Trainer:
             self._resume()
             self.log.keep_until(self.micro_step)  # re-run micro-steps are logged again
 
-    def _examples(self, spec: AdapterSpec, source: str) -> list[Example]:
-        tokenized = tokenize(load_records(source), self.tokenizer, cutoff=spec.cutoff_len,
-                             train_on_inputs=spec.train_on_inputs,
+    def _examples(self, spec: AdapterSpec, source: str,
+                  splits: tuple[str, ...] = TRAIN_SPLITS) -> list[Example]:
+        tokenized = tokenize(load_records(source, splits), self.tokenizer,
+                             cutoff=spec.cutoff_len, train_on_inputs=spec.train_on_inputs,
                              add_eos=self.options.add_eos, source=source)
         rows = len(tokenized.examples) + tokenized.dropped
         where = f"adapter {spec.name!r}, {source}: "
@@ -184,6 +202,8 @@ class Trainer:
             if router_logits is not None:
                 aux = router_loss(router_logits, config, balance_coef=run.spec.balance_coef,
                                   entropy_coef=run.spec.entropy_coef)
+            # each micro-batch's mean weighs the same, however many answer tokens it holds
+            # (MoE-PEFT's accumulation, whose adapters these reproduce)
             total = total + (ce + aux) / run.spec.accumulation
             metrics[run.spec.name] = {"loss": ce.item(), "aux": aux.item(),
                                       "load": expert_load(router_logits, config)}
@@ -193,6 +213,7 @@ class Trainer:
     def _finish_step(self, active: list[AdapterRun], metrics: dict, tokens: int,
                      started: float) -> dict[str, float]:
         elapsed = time.perf_counter() - started
+        used_lr = {run.spec.name: run.scheduler.get_last_lr()[0] for run in active}
         for run in active:
             run.micro_steps += 1
             run.history.append(metrics[run.spec.name]["loss"])
@@ -208,7 +229,7 @@ class Trainer:
         for run in active:
             m = metrics[run.spec.name]
             self.log.write(step=self.micro_step, adapter=run.spec.name, loss=m["loss"],
-                           aux=m["aux"], lr=run.scheduler.get_last_lr()[0],
+                           aux=m["aux"], lr=used_lr[run.spec.name],
                            tokens_per_s=tokens / elapsed, load=m["load"])
         return {name: m["loss"] for name, m in metrics.items()}
 
@@ -254,7 +275,7 @@ class Trainer:
             name: {"optimizer": run.optimizer.state_dict(),
                    "scheduler": run.scheduler.state_dict(), "micro_steps": run.micro_steps,
                    "steps": run.steps, "batches_taken": run.batches_taken,
-                   "history": run.history, "data_order": self._data_order(run),
+                   "history": run.history, "fingerprint": self._fingerprint(run),
                    # inside an accumulation window: the gradients summed so far
                    "grads": {key: p.grad.detach().cpu() for key, p in
                              self.model.adapters[name].named_parameters()
@@ -263,14 +284,19 @@ class Trainer:
         torch.save(state, path / STATE_NAME)
         return path
 
-    def _data_order(self, run: AdapterRun) -> list[int]:
-        """What an adapter's batch stream depends on, to replay it on resume."""
-        return [self.options.seed, run.spec.batch_size, len(run.examples)]
+    def _fingerprint(self, run: AdapterRun) -> dict:
+        """What an adapter's training so far depends on: a resume that changes any of it would
+        mix two runs (a new lr, say, would be overwritten by the saved scheduler's)."""
+        examples = json.dumps([[e.input_ids, e.labels] for e in run.examples]).encode()
+        return {**{key: value for key, value in dataclasses.asdict(run.spec).items()
+                   if key not in RESUMABLE},
+                "seed": self.options.seed, "dtype": self.options.dtype,
+                "examples (sha256 of the token ids)": hashlib.sha256(examples).hexdigest()}
 
     def _resume(self) -> None:
         # the state file is written last: a checkpoint without it was cut off while saving
         checkpoints = sorted((p for p in self.output.glob("checkpoint-*")
-                              if (p / STATE_NAME).is_file()),
+                              if p.name.split("-")[1].isdigit() and (p / STATE_NAME).is_file()),
                              key=lambda p: int(p.name.split("-")[1]))
         if not checkpoints:
             print(f"resume: no checkpoint in {self.output}, starting fresh")
@@ -284,11 +310,13 @@ class Trainer:
         self.micro_step = state["micro_step"]
         for name, run in self.runs.items():
             saved = state["runs"][name]
-            order = self._data_order(run)
-            if saved.get("data_order", order) != order:  # none saved before 2026-11-24
-                raise ResumeError(f"--resume: adapter {name!r} was trained with [seed, "
-                                 f"batch_size, examples] {saved['data_order']}, this run has "
-                                 f"{order}: the batches replayed would not be those trained")
+            now, then = self._fingerprint(run), saved.get("fingerprint", {})
+            changed = [f"{key} {then.get(key)!r} -> {value!r}" for key, value in now.items()
+                       if then.get(key) != value]
+            if changed:
+                raise ResumeError(f"--resume: adapter {name!r} changed since {path}: "
+                                  f"{'; '.join(changed)}; resume it as it was trained, or use "
+                                  "another --output-dir")
             params = self.model.adapters[name]
             params.copy_from(load_adapter(path / name, name))
             for key, p in params.named_parameters():
