@@ -558,15 +558,21 @@ def install_request_metrics() -> None:
 
     @functools.wraps(process)
     def process_and_count(self, engine_core_outputs, *args, **kwargs):
+        # Read after vLLM's pass: its detokenizer ends a request on a stop string (which the
+        # engine's finish_reason does not say) and trims the tokens generated past it. A
+        # request is finished when the pass drops its state.
+        live = {}
         for output in engine_core_outputs:
             state = self.request_states.get(output.request_id)
-            if state is None:  # aborted
-                continue
+            if state is not None:  # else aborted
+                live[output.request_id] = (state.lora_name, output)
+        result = process(self, engine_core_outputs, *args, **kwargs)
+        for request_id, (adapter, output) in live.items():
             if output.new_token_ids:
-                metrics.tokens_generated(state.lora_name, len(output.new_token_ids))
-            if output.finish_reason is not None:
-                metrics.request_finished(state.lora_name)
-        return process(self, engine_core_outputs, *args, **kwargs)
+                metrics.tokens_generated(adapter, len(output.new_token_ids))
+            if request_id not in self.request_states:
+                metrics.request_finished(adapter)
+        return result
 
     setattr(process_and_count, _PATCHED, True)
     OutputProcessor.process_outputs = process_and_count

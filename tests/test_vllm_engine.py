@@ -203,6 +203,28 @@ def test_malformed_mole_adapter_is_refused_and_engine_keeps_serving(engine, expe
     assert generate(engine, jobs) == [expected[job] for job in jobs]
 
 
+def test_a_request_ended_by_a_stop_string_is_counted(engine, expected, workspace):
+    """vLLM's detokenizer, not the engine, ends a request on a stop string."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    llm, requests = engine
+    tokens = expected[("mixlora", 0)]
+    text = AutoTokenizer.from_pretrained(workspace["model"]).decode(tokens)
+    stop = text[len(text) // 2:][:2]
+    count = {"requests": lambda: metric_total("mole_serve_requests_total", adapter="mixlora"),
+             "tokens": lambda: metric_total("mole_serve_generated_tokens_total",
+                                            adapter="mixlora")}
+    before = {key: f() for key, f in count.items()}
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            stop=[stop])
+    output = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params,
+                          lora_request=[requests["mixlora"]], use_tqdm=False)[0].outputs[0]
+    assert output.finish_reason == "stop" and len(output.token_ids) < MAX_TOKENS, stop
+    assert count["requests"]() - before["requests"] == 1
+    assert count["tokens"]() - before["tokens"] == len(output.token_ids)
+
+
 def test_metrics_count_requests_tokens_routing_and_evictions(engine, expected):
     """Requests, tokens and routing per adapter, counted in the engine (routing on the
     device, exported at the next step boundary: the trailing base request)."""
