@@ -218,24 +218,21 @@ class RoutingStats(nn.Module):
                            dim=1)
         self.counts.view(-1).index_add_(0, index.view(-1), values.view(-1))
 
-    def take(self, current: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Per router, per-slot counts added since the last call, on the host (outside the
-        forward): `selections` [S, E], `experts_per_token` [S, E + 1], `entropy_buckets`
-        [S, B + 1] (integers) and `entropy_sum` [S]. `current`: a host copy of `counts`
-        made by the caller (`take_all`)."""
+    def added(self, current: torch.Tensor | None = None) -> torch.Tensor:
+        """Counts added since the last call [routers, slots, columns], on the host (outside
+        the forward); slots not routed through a router read 0 there. `current`: a host
+        copy of `counts` made by the caller (`RoutingExport`)."""
         current = self.counts.to("cpu", copy=True) if current is None else current
         added = current - (self._exported if self._exported is not None else 0)
         self._exported = current
-        taken = {}
-        for index, name in enumerate(self.routers):
-            mine = added[index]
-            mine[[s for s in range(mine.shape[0]) if s not in self.routed_slots[index]]] = 0
-            E, counts = self.experts, mine[:, :-1].round().long()
-            taken[name] = {"selections": counts[:, :E],
-                           "experts_per_token": counts[:, E:2 * E + 1],
-                           "entropy_buckets": counts[:, 2 * E + 1:],
-                           "entropy_sum": mine[:, -1]}
-        return taken
+        for index, slots in enumerate(self.routed_slots):
+            added[index, [s for s in range(added.shape[1]) if s not in slots]] = 0
+        return added
+
+    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        """`added`, per router and kind of count (`split_counts`)."""
+        return {name: split_counts(counts, self.experts)
+                for name, counts in zip(self.routers, self.added())}
 
     def reset_slot(self, slot: int, routed: list[bool]) -> None:
         """Forget a slot's counts (its adapter left; `take` its counts first). `routed[i]`:
@@ -247,28 +244,44 @@ class RoutingStats(nn.Module):
             (slots.add if routes else slots.discard)(slot)
 
 
-def take_all(stats: list[RoutingStats]) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Each module's `take`, through one device-to-host copy for all: a copy waits for the
-    device, and a model has a few routing-stats modules per layer."""
-    if not stats:
-        return []
-    host = torch.cat([s.counts.reshape(-1) for s in stats]).cpu()  # a new tensor on any device
-    parts = host.split([s.counts.numel() for s in stats])
-    return [s.take(part.view(s.counts.shape)) for s, part in zip(stats, parts)]
+def split_counts(counts: torch.Tensor, experts: int) -> dict[str, torch.Tensor]:
+    """A `RoutingStats` row block [..., columns] by kind: `selections` [..., E],
+    `experts_per_token` [..., E + 1], `entropy_buckets` [..., B + 1] (integers) and
+    `entropy_sum` [...]."""
+    whole = counts[..., :-1].round().long()
+    return {"selections": whole[..., :experts],
+            "experts_per_token": whole[..., experts:2 * experts + 1],
+            "entropy_buckets": whole[..., 2 * experts + 1:], "entropy_sum": counts[..., -1]}
 
 
-def export_routing(stats: list[RoutingStats], slot_names: list[str | None]) -> None:
-    """Add every router's per-slot counts since the last export to the Prometheus series of
-    the adapter in that slot (None: an empty slot), outside the forward."""
-    for module, taken in zip(stats, take_all(stats)):
-        for router, counts in taken.items():
-            for slot, name in enumerate(slot_names):
-                if name is None or not counts["experts_per_token"][slot].any():
-                    continue
-                metrics.routing_observed(
-                    name, module.layer_index, router, counts["selections"][slot].tolist(),
-                    counts["experts_per_token"][slot].tolist(),
-                    counts["entropy_buckets"][slot].tolist(), float(counts["entropy_sum"][slot]))
+class RoutingExport:
+    """The host side of a model's routing counters. `collect` (a step boundary or a slot
+    change) brings every router's counts since the last call to the host in one copy and adds
+    them to their adapter's pending sums; `flush` (every `metrics_interval_s`) writes those to
+    Prometheus, one pass per adapter. A slot change, which must collect the leaving adapter's
+    counts first, thus costs a copy, not a Prometheus update of every layer's series."""
+
+    def __init__(self, stats: list[RoutingStats]):
+        self.stats = stats
+        self.routers = [(s.layer_index, name) for s in stats for name in s.routers]
+        self.pending: dict[str, torch.Tensor] = {}  # adapter -> [routers, columns]
+
+    def collect(self, slot_names: list[str | None]) -> None:
+        if not self.stats:
+            return
+        host = torch.cat([s.counts.reshape(-1) for s in self.stats]).cpu()  # one copy
+        parts = host.split([s.counts.numel() for s in self.stats])
+        added = torch.cat([s.added(part.view(s.counts.shape))
+                           for s, part in zip(self.stats, parts)])
+        for slot, name in enumerate(slot_names):
+            if name is not None and added[:, slot].any():
+                self.pending[name] = added[:, slot] + self.pending.get(name, 0)
+
+    def flush(self) -> None:
+        experts = self.stats[0].experts if self.stats else 0
+        for name, counts in self.pending.items():
+            metrics.routing_observed(name, self.routers, **split_counts(counts, experts))
+        self.pending.clear()
 
 
 class _SlotTables(nn.Module):

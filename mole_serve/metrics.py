@@ -20,8 +20,12 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 BASE_MODEL_LABEL = "(base)"  # `adapter` label of requests served by the base model
 ENTROPY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))    # normalised, in [0, 1]
@@ -64,6 +68,17 @@ class _Metrics:
         self.slot_fills = Counter(
             "mole_serve_slot_fills",
             "Adapters copied into a slot's buffers (MoLE or, to empty it, plain LoRA)")
+        self._selections: dict[tuple, Counter] = {}
+
+    def selections_of(self, adapter: str, layer: int, router: str, expert: int) -> Counter:
+        """One expert's selection series, looked up once: an export touches every layer's
+        routers, and `labels()` costs several times the increment."""
+        key = (adapter, layer, router, expert)
+        series = self._selections.get(key)
+        if series is None:
+            series = self._selections[key] = self.expert_selections.labels(
+                adapter=adapter, layer=str(layer), router=router, expert=str(expert))
+        return series
 
 
 @functools.cache
@@ -99,24 +114,27 @@ def slot_filled() -> None:
     _metrics().slot_fills.inc()
 
 
-def routing_observed(adapter: str, layer: int, router: str, selections: Sequence[int],
-                     experts_per_token: Sequence[int], entropy_buckets: Sequence[int],
-                     entropy_sum: float) -> None:
-    """Add one router's routing counts since the last export: `selections[e]` tokens chose
-    expert e, `experts_per_token[k]` tokens kept k experts, `entropy_buckets[i]` tokens fell
-    in `ENTROPY_BUCKETS[i]` (last: above 1, rounding), with entropies summing to
-    `entropy_sum`."""
+def routing_observed(adapter: str, routers: Sequence[tuple[int, str]], selections: Tensor,
+                     experts_per_token: Tensor, entropy_buckets: Tensor, entropy_sum: Tensor
+                     ) -> None:
+    """Add an adapter's routing counts since the last export, one row per router
+    `routers[i]` = (layer, router name): `selections[i, e]` tokens chose expert e,
+    `experts_per_token[i, k]` tokens kept k experts, `entropy_buckets[i, b]` tokens fell in
+    `ENTROPY_BUCKETS[b]` (last: above 1, rounding), with entropies summing to
+    `entropy_sum[i]` (integer tensors; the sum float)."""
     m = _metrics()
-    for expert, count in enumerate(selections):
-        if count:
-            m.expert_selections.labels(adapter=adapter, layer=str(layer), router=router,
-                                       expert=str(expert)).inc(count)
+    rows, experts = selections.nonzero(as_tuple=True)
+    for row, expert, count in zip(rows.tolist(), experts.tolist(),
+                                  selections[rows, experts].tolist()):
+        m.selections_of(adapter, *routers[row], expert).inc(count)
     per_bucket = [0] * (len(EXPERTS_PER_TOKEN_BUCKETS) + 1)
-    for k, count in enumerate(experts_per_token):
+    per_k = experts_per_token.sum(0).tolist()
+    for k, count in enumerate(per_k):
         per_bucket[bisect.bisect_left(EXPERTS_PER_TOKEN_BUCKETS, k)] += count
-    total_experts = sum(k * count for k, count in enumerate(experts_per_token))
+    total_experts = sum(k * count for k, count in enumerate(per_k))
     observe_counts(m.experts_per_token.labels(adapter=adapter), per_bucket, total_experts)
-    observe_counts(m.routing_entropy.labels(adapter=adapter), entropy_buckets, entropy_sum)
+    observe_counts(m.routing_entropy.labels(adapter=adapter), entropy_buckets.sum(0).tolist(),
+                   float(entropy_sum.sum()))
 
 
 def observe_counts(histogram: Histogram, bucket_counts: Sequence[int], total: float) -> None:

@@ -27,7 +27,7 @@ from . import metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
 from .errors import AdapterError
 from .layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
-                     TensorShard, TokenSlots, export_routing)
+                     TensorShard, TokenSlots, RoutingExport)
 
 
 class MoleLlamaAttention(LlamaAttention):
@@ -143,6 +143,9 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
         self.mole_reports_metrics = vllm_compat.counts_adapter_events()
+        self.mole_routing = RoutingExport([stats for module in self.modules()
+                                           if isinstance(module, ProjectionAdapters)
+                                           for stats in module.routing_stats()])
         self._mole_last_export = time.monotonic()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -167,9 +170,9 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
 
     def set_mole_slot(self, slot: int, adapter: MoleAdapter | None, name: str | None) -> None:
         """Copy `adapter` into slot `slot` of every layer (None empties it; a plain LoRA
-        adapter `name` gets an empty MoLE slot). The slot's routing counts are exported
+        adapter `name` gets an empty MoLE slot). The slot's routing counts are collected
         first: they belong to the adapter that leaves."""
-        self.export_routing_metrics()
+        self.mole_routing.collect(self.mole_slot_names)
         leaving = self.mole_slot_names[slot]
         if self.mole_reports_metrics and leaving is not None and leaving != name:
             metrics.adapter_evicted(leaving, "slot")
@@ -181,7 +184,7 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         for module in self.modules():
             if isinstance(module, ProjectionAdapters):
                 module.fill(slot, adapter)
-        if self.mole_reports_metrics:
+        if self.mole_reports_metrics and name is not None:  # not emptied, not a dummy
             metrics.slot_filled()
 
     def set_mole_token_slots(self, slots: list[int]) -> None:
@@ -199,6 +202,5 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         """Add every router's per-slot counts since the last export to the Prometheus
         series of the adapter in that slot (outside the forward)."""
         self._mole_last_export = time.monotonic()
-        export_routing([stats for module in self.modules()
-                        if isinstance(module, ProjectionAdapters)
-                        for stats in module.routing_stats()], self.mole_slot_names)
+        self.mole_routing.collect(self.mole_slot_names)
+        self.mole_routing.flush()

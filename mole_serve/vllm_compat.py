@@ -38,8 +38,9 @@ wrapped to count requests and generated tokens per adapter; adapter loads, evict
 (`AdapterLRUCache._on_remove`, slot deactivation) are counted by the hooks above; and
 `WorkerLoRAManager.set_active_adapters`, which runs at every step boundary before the
 forward, exports the routing counts the layers keep on the device. `vllm serve
---enable-mole-adapters` without `PROMETHEUS_MULTIPROC_DIR` gets a fresh one, so worker-side
-series reach `/metrics` (`use_multiprocess_metrics`).
+--enable-mole-adapters` (or `mole.enabled` in `--additional-config`) without
+`PROMETHEUS_MULTIPROC_DIR` gets a fresh one, so worker-side series reach `/metrics`
+(`use_multiprocess_metrics`).
 
 Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags) and the CPU
 LoRA -1 slot bug fix.
@@ -105,7 +106,7 @@ class ServeSettings:
     enabled: bool = False
     max_experts: int = DEFAULT_MAX_EXPERTS
     routing_metrics: bool = True       # per-adapter routing counts (layers.RoutingStats)
-    metrics_interval_s: float = 1.0    # at most one routing-count export per interval
+    metrics_interval_s: float = 5.0    # at most one routing-count export per interval
     backend: str = "auto"              # one of BACKENDS
     # Adapter families served (config.FAMILIES). Each costs slot buffers and kernel launches
     # in every layer whether or not such an adapter is loaded (CUDA graphs fix the launches
@@ -332,9 +333,11 @@ def add_cli_flags() -> None:
 
     def from_cli_args_with_mole(cls, args):
         engine_args = from_cli_args(cls, args)
-        if getattr(args, "enable_mole_adapters", False):
+        current = ServeSettings.from_additional_config(engine_args.additional_config)
+        flag = getattr(args, "enable_mole_adapters", False)
+        if flag or current.enabled:  # the flag, or the setting it writes given by hand
             use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
-            current = ServeSettings.from_additional_config(engine_args.additional_config)
+        if flag:
             user_chose = "families" in _mole_section(engine_args.additional_config)
             families = None if user_chose else startup_families(
                 [module.path for module in getattr(args, "lora_modules", None) or []])

@@ -174,33 +174,57 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
         "reset with the slot"
 
 
-def test_take_all_equals_each_take_through_one_copy():
-    """The model exports every layer's counters through one host copy; what each module
-    reports, and its running baseline for the next export, are what its own `take` gives."""
+def test_routing_export_adds_up_per_adapter_and_writes_only_when_flushed(monkeypatch):
+    """Every layer's counters reach the host in one copy and add up per adapter, each
+    module's running baseline as its own `added` keeps it; a slot change (a collect) writes
+    no series, the next flush each adapter's once, the leaving adapter's included."""
     import copy
 
-    from mole_serve.layers import RoutingStats, take_all
+    from mole_serve import metrics
+    from mole_serve.layers import RoutingExport, RoutingStats, split_counts
 
+    observed = []
+    monkeypatch.setattr(metrics, "routing_observed",
+                        lambda name, routers, **counts: observed.append((name, routers, counts)))
     g = torch.Generator().manual_seed(5)
     stats = [RoutingStats(3, 4, 0, ("ffn",)), RoutingStats(3, 4, 1, ("q_proj", "k_proj"))]
     for module in stats:
         for slot in range(3):
             module.reset_slot(slot, [slot != 1] * len(module.routers))  # slot 1: not routed
     twins = copy.deepcopy(stats)
+    export = RoutingExport(stats)
+    assert export.routers == [(0, "ffn"), (1, "q_proj"), (1, "k_proj")]
+    expected = {}
+
+    def collect(names):
+        export.collect(names)
+        alone = torch.cat([twin.added() for twin in twins])
+        for slot, name in enumerate(names):
+            if alone[:, slot].any():
+                expected[name] = alone[:, slot] + expected.get(name, 0)
+
+    names = ["a", "b", "c"]
     for round in range(3):  # later rounds check the baseline kept from the one before
-        if round == 2:  # a slot changes adapter: its baseline is zeroed in the host copy
-            for module in (stats[0], twins[0]):
-                module.reset_slot(2, [True])
+        if round == 2:  # slot 2 changes adapter: "c"'s counts are collected, then reset
+            collect(names)
+            for module in stats + twins:
+                module.reset_slot(2, [True] * len(module.routers))
+            names = ["a", "b", "d"]
         for module, twin in zip(stats, twins):
             added = torch.randint(0, 5, module.counts.shape, generator=g).double()
             module.counts += added
             twin.counts += added
-        for together, alone in zip(take_all(stats), [twin.take() for twin in twins]):
-            assert together.keys() == alone.keys()
-            for router, values in together.items():
-                for key, value in values.items():
-                    assert torch.equal(value, alone[router][key]), (router, key)
-    assert take_all([]) == []
+        collect(names)
+    assert observed == [] and sorted(expected) == ["a", "c", "d"], "b is not routed"
+    export.flush()
+    assert [name for name, _, _ in observed] == ["a", "c", "d"]
+    for name, routers, counts in observed:
+        assert routers == export.routers
+        for key, value in split_counts(expected[name], 4).items():
+            assert torch.equal(counts[key], value), (name, key)
+    export.flush()
+    assert len(observed) == 3, "flushed once"
+    RoutingExport([]).collect(names)  # a server without routing counters
 
 
 def test_routing_stats_change_no_output():

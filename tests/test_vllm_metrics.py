@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, Histogram
 
 from mole_serve import metrics, vllm_compat
@@ -41,17 +42,27 @@ def test_routing_observed_reaches_the_series():
 
     labels = dict(adapter="metrics-test", layer="3", router="ffn", expert="1")
     before = value("mole_serve_expert_selections_total", **labels)
+    other = value("mole_serve_expert_selections_total", **dict(labels, layer="4", expert="0"))
     mean_before = (value("mole_serve_experts_per_token_sum", adapter="metrics-test"),
                    value("mole_serve_experts_per_token_count", adapter="metrics-test"))
-    metrics.routing_observed("metrics-test", 3, "ffn", selections=[4, 6, 0, 2],
-                             experts_per_token=[0, 0, 6, 0, 0], entropy_buckets=[0] * 9 + [6, 0],
-                             entropy_sum=5.7)
+    # two routers: (layer 3, ffn) routed 6 tokens, 2 experts each; (layer 4, ffn) 1 token, 1
+    metrics.routing_observed(
+        "metrics-test", [(3, "ffn"), (4, "ffn")],
+        selections=torch.tensor([[4, 6, 0, 2], [1, 0, 0, 0]]),
+        experts_per_token=torch.tensor([[0, 0, 6, 0, 0], [0, 1, 0, 0, 0]]),
+        entropy_buckets=torch.tensor([[0] * 9 + [6, 0], [1] + [0] * 10]),
+        entropy_sum=torch.tensor([5.7, 0.05], dtype=torch.float64))
     assert value("mole_serve_expert_selections_total", **labels) - before == 6
+    assert value("mole_serve_expert_selections_total",
+                 **dict(labels, layer="4", expert="0")) - other == 1
     sums = (value("mole_serve_experts_per_token_sum", adapter="metrics-test") - mean_before[0],
             value("mole_serve_experts_per_token_count", adapter="metrics-test") - mean_before[1])
-    assert sums == (12, 6), "mean experts per token = 2"
-    assert value("mole_serve_routing_entropy_bucket", adapter="metrics-test", le="0.9") == 0
-    assert value("mole_serve_routing_entropy_bucket", adapter="metrics-test", le="1.0") >= 6
+    assert sums == (13, 7), "6 tokens with 2 experts, 1 with 1"
+    assert value("mole_serve_routing_entropy_bucket", adapter="metrics-test", le="0.1") == 1
+    assert value("mole_serve_routing_entropy_bucket", adapter="metrics-test", le="0.9") == 1
+    assert value("mole_serve_routing_entropy_bucket", adapter="metrics-test", le="1.0") >= 7
+    assert value("mole_serve_routing_entropy_sum", adapter="metrics-test") == pytest.approx(
+        5.75)
 
 
 def test_multiprocess_dir_is_made_only_when_the_user_set_none(monkeypatch, tmp_path):

@@ -74,6 +74,20 @@ def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
     assert parse_serve_args(model).additional_config == {}
 
 
+def test_the_enabled_setting_alone_sets_up_multiprocess_metrics(tiny_llama, monkeypatch):
+    """`mole.enabled` given by hand serves MoLE as the flag does: the worker's series must
+    reach /metrics too."""
+    from mole_serve import vllm_compat
+
+    calls = []
+    monkeypatch.setattr(vllm_compat, "use_multiprocess_metrics", lambda: calls.append(1))
+    model = ["--model", str(tiny_llama)]
+    parse_serve_args(model)
+    assert calls == [], "stock vLLM: untouched"
+    parse_serve_args([*model, "--additional-config", '{"mole": {"enabled": true}}'])
+    assert calls == [1]
+
+
 @pytest.fixture(scope="module")
 def startup_adapters(tmp_path_factory):
     """One dir per kind an adapter of `--lora-modules` can be (tiny shapes: only the
