@@ -47,4 +47,4 @@ demo: setup
 	$(PY) scripts/demo.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(GPU_TRITON) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) $(GPU_TRITON) build *.egg-info .demo

@@ -221,7 +221,8 @@ async def run_point(url: str, requests: list[Request]) -> list[Outcome]:
     import httpx
 
     limits = httpx.Limits(max_connections=len(requests))
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    # trust_env off: proxy variables must not reroute requests to our own server
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         t0 = time.perf_counter()
         return await asyncio.gather(*(send(client, url, r, t0) for r in requests))
 

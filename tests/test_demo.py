@@ -43,7 +43,7 @@ def test_each_adapter_does_its_task_on_held_out_prompts(first_run):
         checks = [r["correct"] for r in results if r["model"] == task]
         assert len(checks) == 8 and sum(checks) >= 6, (task, results)
     assert len([r for r in results if r["model"] == "base"]) == 8
-    assert "held-out prompts done right" in first_run["stdout"]
+    assert "tasks done right" in first_run["stdout"]
 
 
 def test_metrics_are_printed_and_the_server_group_is_gone(first_run):
@@ -98,10 +98,11 @@ def test_own_base_and_adapter_dirs_by_path(first_run, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(work / "base", base)
     (base / "chat_template.jinja").unlink()   # a base model's tokenizer: no chat template
+    adapter = tmp_path / "runs" / "mixlora_r=8,e=4"  # vLLM's --lora-modules NAME=PATH splits
+    shutil.copytree(work / "adapters" / "reverse", adapter)  # at commas: the JSON form
     report = tmp_path / "report.json"
     done = subprocess.run(demo_command(
-        tmp_path / "own", "--base", str(base),
-        "--adapter", f"mine={work / 'adapters' / 'reverse'}",
+        tmp_path / "own", "--base", str(base), "--adapter", f"mine={adapter}",
         "--prompt", "red cat moon", "--report", str(report)),
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -116,27 +117,67 @@ def test_own_base_and_adapter_dirs_by_path(first_run, tmp_path):
     assert refused.returncode != 0 and "has no adapter_config.json" in refused.stderr
 
 
-def test_adapter_names_are_unique_and_not_the_base_models(tmp_path):
+def test_adapter_names_are_unique_and_not_the_base_models(tmp_path, monkeypatch):
     from mole_serve.demo.cli import parse_adapters
 
     (tmp_path / "adapter_config.json").write_text("{}")
     assert parse_adapters([f"a={tmp_path}"]) == {"a": tmp_path}
+    monkeypatch.setenv("HOME", str(tmp_path.parent))  # `make` runs sh: NAME=~/x stays as is
+    assert parse_adapters([f"a=~/{tmp_path.name}"]) == {"a": tmp_path}
     for given in ([f"base={tmp_path}"], [f"a={tmp_path}", f"b={tmp_path}", f"a={tmp_path}"]):
         with pytest.raises(SystemExit, match="the name is taken"):
             parse_adapters(given)
 
 
+def test_serve_args_fit_the_adapters_and_keep_the_demos_own_flags(tmp_path):
+    """vLLM checks a PEFT adapter's rank_pattern against --max-lora-rank too; the flags the
+    demo polls and asks by cannot be overridden from --serve-args."""
+    from mole_serve.demo.cli import serve_args
+
+    peft = tmp_path / "runs" / "lora_r=8,q=64"
+    peft.mkdir(parents=True)
+    (peft / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 64}}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16}))
+
+    def max_rank(args):
+        return args[args.index("--max-lora-rank") + 1]
+
+    assert max_rank(serve_args(tmp_path, {"plain": plain}, "")) == "16"
+    args = serve_args(tmp_path, {"p": peft, "plain": plain}, "--max-model-len 128")
+    assert max_rank(args) == "64"
+    assert json.loads(args[args.index("--lora-modules") + 1]) == {"name": "p",
+                                                                  "path": str(peft)}
+    assert args[-2:] == ["--max-model-len", "128"]
+    for extra in ("--port 8000", "--served-model-name=x", "--lora-modules a=b"):
+        with pytest.raises(SystemExit, match=f"--serve-args may not set {extra.split()[0]}"):
+            serve_args(tmp_path, {"p": peft}, extra)
+
+
 def test_the_build_is_redone_on_request_or_for_another_recipe(tmp_path, monkeypatch):
-    """`make demo ARGS=--rebuild` builds again; an unchanged recipe reuses the cache."""
+    """`make demo ARGS=--rebuild` builds again; an unchanged build reuses the cache."""
     import torch
 
     from mole_serve.demo import build as demo_build
     from mole_serve.demo.cli import parse_args
 
     made = []
-    monkeypatch.setattr(demo_build, "pretrain_base", lambda path, recipe: made.append("base"))
-    monkeypatch.setattr(demo_build, "train_adapters",
-                        lambda base, adapters, recipe: made.append("adapters"))
+
+    def pretrain_base(path, recipe):
+        made.append("base")
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+    def train_adapters(base, out, recipe):
+        made.append("adapters")
+        for name in demo_build.ADAPTER_SHAPES:
+            (out / name).mkdir(parents=True)
+            (out / name / "adapter_config.json").write_text("{}")
+
+    monkeypatch.setattr(demo_build, "pretrain_base", pretrain_base)
+    monkeypatch.setattr(demo_build, "train_adapters", train_adapters)
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # this process's
     recipe, quiet = demo_build.Recipe(), lambda message: None
     demo_build.build(tmp_path, recipe, log=quiet)
@@ -145,3 +186,17 @@ def test_the_build_is_redone_on_request_or_for_another_recipe(tmp_path, monkeypa
     demo_build.build(tmp_path, recipe, rebuild=parse_args(["--rebuild"]).rebuild, log=quiet)
     demo_build.build(tmp_path, dataclasses.replace(recipe, seed=1), log=quiet)
     assert made == ["base", "adapters"] * 3
+    # ... and for other adapter shapes, other code, or a part of the build gone
+    monkeypatch.setitem(demo_build.ADAPTER_SHAPES, "upper", dict(strategy="mixlora"))
+    demo_build.build(tmp_path, recipe, log=quiet)
+    source = tmp_path / "package" / "demo" / "corpus.py"
+    source.parent.mkdir(parents=True)
+    source.write_text("WORDS = []\n")
+    monkeypatch.setattr(demo_build, "PACKAGE", tmp_path / "package")
+    demo_build.build(tmp_path, recipe, log=quiet)
+    demo_build.build(tmp_path, recipe, log=quiet)
+    source.write_text("WORDS = ['sun']\n")
+    demo_build.build(tmp_path, recipe, log=quiet)
+    shutil.rmtree(tmp_path / "adapters" / "upper")
+    demo_build.build(tmp_path, recipe, log=quiet)
+    assert made == ["base", "adapters"] * 7

@@ -33,6 +33,10 @@ class Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
+if os.environ.get("STAND_IN_STUBBORN_CHILD"):  # a member of the group that ignores SIGTERM
+    import subprocess
+    subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                      "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
 try:
     served = http.server.HTTPServer(("127.0.0.1", port), Health)
 except OSError as exc:
@@ -134,6 +138,43 @@ def test_a_signal_while_stopping_is_held_until_the_group_is_gone(stand_in, monke
         signal.signal(signal.SIGTERM, previous)
         release.set()
         bystander.join()
+
+
+def running(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+class GoneStream:
+    """stderr after the terminal closed, or a `| tee` killed by the same Ctrl-C."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_every_member_stops_one_ignoring_sigterm_too_with_stderr_gone(stand_in, monkeypatch):
+    """The stop reaches the whole group, SIGKILLs what outlives the grace period, and a
+    failing 'stopping ...' message does not skip it."""
+    monkeypatch.setattr(server_module, "STOP_GRACE_S", 1)
+    env = {**os.environ, "STAND_IN_STUBBORN_CHILD": "1"}
+    with pytest.raises(Interrupted):
+        with VllmServer("model", [], log_path=stand_in / "log", env=env,
+                        metrics=False) as served:
+            deadline = time.monotonic() + 30
+            while len(live_group_members(served.pgid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            members = live_group_members(served.pgid)
+            monkeypatch.setattr(sys, "stderr", GoneStream())
+            raise Interrupted
+    assert served.pgid in members and len(members) == 2, members
+    assert not any(running(pid) for pid in members)
 
 
 DRIVER = """

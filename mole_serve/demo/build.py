@@ -1,13 +1,15 @@
 """Build the demo's default: a tiny Llama pre-trained here in seconds, and two adapters
 trained on it by `mole_serve.training` (the same trainer as `python -m mole_serve.train`).
 
-Results are cached under the work dir with the recipe that made them; a later run reuses
-them when the recipe is unchanged (or rebuilds on request).
+Results are cached under the work dir with what made them (the recipe, the adapters' shapes,
+the code and library versions); a later run reuses them when all of that is unchanged and the
+files are there (or rebuilds on request).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import shutil
@@ -22,6 +24,10 @@ from mole_serve.training.data import IGNORE
 from . import corpus
 
 RECIPE_FILE = "recipe.json"
+PACKAGE = pathlib.Path(__file__).parent.parent
+# The code a build runs: the demo's corpus and recipe, the trainer and what it imports.
+BUILD_SOURCES = ("demo/corpus.py", "demo/build.py", "training/*.py", "adapter.py",
+                 "checkpoint.py", "config.py", "reference.py", "routing.py", "stack.py")
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,10 @@ def build(workdir: pathlib.Path, recipe: Recipe, *, rebuild: bool = False,
     (workdir / ".gitignore").write_text("# built by mole_serve.demo; never committed\n*\n")
     base, adapters = workdir / "base", workdir / "adapters"
     stamp = workdir / RECIPE_FILE
-    wanted = dataclasses.asdict(recipe)
-    if rebuild or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+    wanted = build_inputs(recipe)
+    present = (base / "config.json").is_file() and all(
+        (adapters / name / "adapter_config.json").is_file() for name in ADAPTER_SHAPES)
+    if rebuild or not present or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         # Matrices this small gain nothing from more threads, and OpenMP threads spinning
         # against other work on a 2-core box made pre-training 7x slower.
         torch.set_num_threads(1)
@@ -85,6 +93,19 @@ def build(workdir: pathlib.Path, recipe: Recipe, *, rebuild: bool = False,
         log(f"reusing the demo build in {workdir} (--rebuild to make it again)")
     return Build(base, {name: adapters / name for name in ADAPTER_SHAPES},
                  corpus.held_out_prompts(recipe.held_out))
+
+
+def build_inputs(recipe: Recipe) -> dict:
+    """Everything a build depends on, as stamped beside it."""
+    import transformers
+
+    code = hashlib.sha256()
+    for pattern in BUILD_SOURCES:
+        for path in sorted(PACKAGE.glob(pattern)):
+            code.update(path.relative_to(PACKAGE).as_posix().encode() + path.read_bytes())
+    return {"recipe": dataclasses.asdict(recipe), "adapters": ADAPTER_SHAPES,
+            "code_sha256": code.hexdigest(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def pretrain_base(path: pathlib.Path, recipe: Recipe) -> None:

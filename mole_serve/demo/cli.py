@@ -21,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from ..checkpoint import is_mole_adapter_dir
 from . import corpus
 from .build import Recipe, build
-from .server import (ServerError, VllmServer, default_env, exit_on_termination,
+from .server import (ServerError, VllmServer, default_env, exit_on_termination, local_http,
                      vllm_max_lora_rank)
 
 BASE_NAME = "base"
+# `vllm serve` flags the demo sets itself and relies on (where it polls, the names it asks)
+OWN_FLAGS = ("--host", "--port", "--uds", "--served-model-name", "--lora-modules")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,9 +65,10 @@ def parse_adapters(texts: list[str]) -> dict[str, pathlib.Path]:
         if name == BASE_NAME or name in adapters:
             raise SystemExit(f"--adapter {name}: the name is taken "
                              f"({'the base model' if name == BASE_NAME else 'given twice'})")
-        if not (pathlib.Path(path) / "adapter_config.json").is_file():
-            raise SystemExit(f"--adapter {name}: {path} has no adapter_config.json")
-        adapters[name] = pathlib.Path(path)
+        directory = pathlib.Path(path).expanduser()  # `make` runs sh, which leaves NAME=~/x
+        if not (directory / "adapter_config.json").is_file():
+            raise SystemExit(f"--adapter {name}: {directory} has no adapter_config.json")
+        adapters[name] = directory
     return adapters
 
 
@@ -79,9 +82,17 @@ def has_chat_template(base: pathlib.Path) -> bool:
 
 def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str) -> list[str]:
     """Flags sized to the adapters: rank bound (a value vLLM allows), expert bound, one slot
-    per adapter. `extra` comes last, so it overrides."""
+    per adapter. `extra` comes last, so it overrides them (not the flags in OWN_FLAGS)."""
+    extra_args = shlex.split(extra)
+    clashing = [a for a in extra_args if a.split("=")[0] in OWN_FLAGS]
+    if clashing:
+        raise SystemExit(f"demo: --serve-args may not set {', '.join(clashing)}: the demo sets "
+                         f"{', '.join(OWN_FLAGS)} itself (--base and --adapter choose what is "
+                         "served)")
     configs = [json.loads((p / "adapter_config.json").read_text()) for p in adapters.values()]
-    rank = max((c.get("r", 8) for c in configs), default=8)
+    # vLLM checks a PEFT adapter's largest rank, its rank_pattern's included
+    rank = max((max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()])
+                for c in configs), default=8)
     experts = max((c.get("num_experts", 1) for c in configs), default=1)
     try:
         max_rank = vllm_max_lora_rank(rank)
@@ -94,8 +105,10 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
         args += ["--enable-mole-adapters", "--max-mole-experts", str(experts),
                  "--max-lora-rank", str(max_rank),
                  "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)),
-                 "--lora-modules", *(f"{n}={p.resolve()}" for n, p in adapters.items())]
-    return args + shlex.split(extra)
+                 # the JSON form: vLLM reads a NAME=PATH with a comma in it as broken JSON
+                 "--lora-modules", *(json.dumps({"name": n, "path": str(p.resolve())})
+                                     for n, p in adapters.items())]
+    return args + extra_args
 
 
 def _is_cpu() -> bool:
@@ -109,7 +122,7 @@ def ask_all(url: str, models: list[str], prompts: list[str], *, chat: bool,
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                           timeout=300)
+                           timeout=300, http_client=local_http())
 
     def ask(job: tuple[str, str]) -> str:
         model, prompt = job
@@ -117,7 +130,7 @@ def ask_all(url: str, models: list[str], prompts: list[str], *, chat: bool,
             response = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}],
                 max_tokens=max_tokens, temperature=0.0)
-            return response.choices[0].message.content.strip()
+            return (response.choices[0].message.content or "").strip()
         response = client.completions.create(model=model, prompt=prompt,
                                              max_tokens=max_tokens, temperature=0.0)
         return response.choices[0].text.strip()
@@ -134,11 +147,10 @@ def mole_series(url: str, routed: bool) -> list[str]:
     """The MoLE lines of /metrics, without histogram buckets and creation stamps. With
     `routed` (MoLE adapters served) it waits a moment for the routing series: the engine
     exports them when it goes idle, just after the last answer."""
-    import httpx
-
     deadline = time.monotonic() + (10 if routed else 0)
     while True:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
+        with local_http() as client:
+            text = client.get(f"{url}/metrics", timeout=30).text
         if "mole_serve_expert_selections_total{" in text or time.monotonic() >= deadline:
             return [line for line in text.splitlines() if line.startswith("mole_serve_")
                     and "_bucket{" not in line and "_created" not in line]
@@ -151,7 +163,9 @@ def run(args: argparse.Namespace) -> dict:
     adapters = parse_adapters(args.adapter)
     embedded = args.base is None and not adapters
     prompts = list(args.prompt)
-    base = args.base
+    base = args.base and args.base.expanduser()
+    if base is not None and not (base / "config.json").is_file():
+        raise SystemExit(f"--base {base}: not a checkpoint dir (no config.json)")
     if base is None:
         recipe = dataclasses.replace(Recipe(), pretrain_steps=args.pretrain_steps,
                                      train_steps=args.train_steps)
@@ -209,7 +223,7 @@ def _print_report(report: dict, models: list[str], prompts: list[str], embedded:
         for task in corpus.TASKS:
             checked = [r["correct"] for r in report["results"] if r["model"] == task]
             scores.append(f"{task} {sum(checked)}/{len(checked)}")
-        print("held-out prompts done right: " + ", ".join(scores))
+        print("tasks done right: " + ", ".join(scores))
     print("\n== MoLE series at /metrics ==")
     print("\n".join(report["metrics"]) or "(none)")
     t = report["seconds"]
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.workdir / 'server.log'})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ndemo: interrupted; server stopped", file=sys.stderr)
+        print("\ndemo: interrupted", file=sys.stderr)
         return 130
     if args.report:
         args.report.write_text(json.dumps(report, indent=1))

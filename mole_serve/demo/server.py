@@ -8,6 +8,7 @@ sends the API server SIGTERM (Linux parent-death signal), which shuts down the r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -22,6 +23,7 @@ import time
 import httpx
 
 STOP_GRACE_S = 30
+KILL_WAIT_S = 5
 PORT_ATTEMPTS = 3  # a port picked free may be taken before vllm serve binds it
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
@@ -125,16 +127,17 @@ class VllmServer:
         """Poll /health until 200; raise ServerError with the log tail if the server exits
         or the timeout passes."""
         started = time.monotonic()
-        while time.monotonic() - started < self.startup_timeout_s:
-            if self.process.poll() is not None:
-                raise ServerError(f"vllm serve exited with {self.process.returncode}:\n"
-                                  f"{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        with local_http() as client:
+            while time.monotonic() - started < self.startup_timeout_s:
+                if self.process.poll() is not None:
+                    raise ServerError(f"vllm serve exited with {self.process.returncode}:\n"
+                                      f"{self.log_tail()}")
+                try:
+                    if client.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
         raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s:.0f} s:\n"
                           f"{self.log_tail()}")
 
@@ -146,9 +149,6 @@ class VllmServer:
         number returned for the caller to raise once done."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            print(f"stopping vllm serve (process group {self.pgid}) ...", file=sys.stderr,
-                  flush=True)
         held: list[int] = []
         previous = {}
         if threading.current_thread() is threading.main_thread():  # where handlers are set
@@ -156,6 +156,10 @@ class VllmServer:
                         for sig in STOP_SIGNALS
                         if signal.getsignal(sig) is not None}  # None: set outside Python
         try:
+            if self.process.poll() is None:
+                with contextlib.suppress(OSError):  # stderr gone with the terminal or a pipe
+                    print(f"stopping vllm serve (process group {self.pgid}) ...",
+                          file=sys.stderr, flush=True)
             self._stop_group()
         finally:
             for sig, handler in previous.items():
@@ -175,6 +179,9 @@ class VllmServer:
         if live_group_members(self.pgid):
             _signal_group(self.pgid, signal.SIGKILL)
             self.process.wait()
+            deadline = time.monotonic() + KILL_WAIT_S  # SIGKILL is delivered, not awaited
+            while live_group_members(self.pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -185,6 +192,12 @@ def exit_on_termination() -> None:
     so a killed script still stops its server's group and runs its cleanup."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda number, _frame: sys.exit(128 + number))
+
+
+def local_http() -> httpx.Client:
+    """A client for our own server on 127.0.0.1: proxy variables (http_proxy, ALL_PROXY)
+    are for the outside world, and would send these requests to the proxy."""
+    return httpx.Client(trust_env=False)
 
 
 def vllm_max_lora_rank(rank: int) -> int:
