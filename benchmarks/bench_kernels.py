@@ -7,7 +7,8 @@ MixLoRA dynamic top-p and per-linear DynMoLE, both calibrated to the same mean e
 token as top-2) x impl:
 - `base`: merged gate/up GEMM + SiLU·mul + down GEMM (what a server without adapters runs);
 - `mole`: the layer as vLLM runs it: the same two GEMMs and SiLU·mul plus the kernels
-  (3 launches for MixLoRA and for DynMoLE), token plan prebuilt;
+  (3 launches for MixLoRA and for DynMoLE; up to E experts per token, as a served slot),
+  token plan prebuilt;
 - `naive`: `reference.ffn_literal` per adapter on its tokens (host syncs; every selected expert
   runs the whole frozen FFN, as MoE-PEFT does).
 `median_us`: CUDA-graph replay (`do_bench_cudagraph`) where the impl is capturable, else
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import os
 import pathlib
@@ -63,11 +65,12 @@ class Setup:
     popularities: tuple[str, ...]
     calibration_tokens: int
     calibration_steps: int
+    calibration_tolerance: float  # of the mean experts per token the top_p bisection reaches
 
 
 FULL = Setup(4096, 11008, 8, 16, torch.bfloat16, (1, 16, 64, 256, 1024, 4096), (1, 32),
-             ("uniform", "zipf1.0"), 512, 10)
-SMOKE = Setup(64, 96, 4, 4, torch.float32, (6,), (1, 3), ("uniform", "zipf1.0"), 32, 3)
+             ("uniform", "zipf1.0"), 512, 10, 0.05)
+SMOKE = Setup(64, 96, 4, 4, torch.float32, (6,), (1, 3), ("uniform", "zipf1.0"), 32, 3, 1.0)
 
 
 def shape_of(setup: Setup) -> BaseShape:
@@ -85,9 +88,11 @@ def config(strategy: str, setup: Setup, top_p: float) -> MoleConfig:
 
 def make_adapters(strategy: str, setup: Setup, count: int, top_p: float) -> list[MoleAdapter]:
     g = torch.Generator().manual_seed(0)
-    # Router std 1/sqrt(H): unit-variance logits, so top-p picks a varying number of experts.
+    # Router std 2/sqrt(H): logits of std 2, so top-p picks a varying number of experts, and
+    # DynMoLE's entropy broadcast (flatter routers send many tokens to all experts) leaves
+    # top-2's mean of 2 experts per token within reach (unit logits: 2.6 at any top_p).
     return [init_adapter(config(strategy, setup, top_p), shape_of(setup), f"a{i}", generator=g,
-                         b_std=0.02, router_std=setup.hidden ** -0.5) for i in range(count)]
+                         b_std=0.02, router_std=2 * setup.hidden ** -0.5) for i in range(count)]
 
 
 def mean_experts(strategy: str, setup: Setup, top_p: float, device: str) -> float:
@@ -106,13 +111,19 @@ def mean_experts(strategy: str, setup: Setup, top_p: float, device: str) -> floa
 
 
 def calibrate_top_p(strategy: str, setup: Setup, device: str, target: float = 2.0) -> float:
-    """Bisect top_p so the mean experts per token matches top-2's."""
+    """Bisect top_p so the mean experts per token matches top-2's; refuse to go on at
+    another mean (the comparison with top-2 would be of unequal work)."""
     low, high = 0.0, 1.0
     for _ in range(setup.calibration_steps):
         mid = (low + high) / 2
         low, high = (mid, high) if mean_experts(strategy, setup, mid, device) < target else (
             low, mid)
-    return (low + high) / 2
+    top_p = (low + high) / 2
+    reached = mean_experts(strategy, setup, top_p, device)
+    if abs(reached - target) > setup.calibration_tolerance:
+        raise SystemExit(f"{strategy}: no top_p gives {target} experts per token with these "
+                         f"routers (top_p={top_p:.4f} gives {reached:.2f})")
+    return top_p
 
 
 def draw_slots(tokens: int, adapters: int, popularity: str, device: str) -> torch.Tensor:
@@ -122,6 +133,15 @@ def draw_slots(tokens: int, adapters: int, popularity: str, device: str) -> torc
     else:  # Zipf(1.0): adapter a drawn with probability proportional to 1 / (a + 1)
         probs = 1.0 / torch.arange(1, adapters + 1, dtype=torch.float)
     return torch.multinomial(probs, tokens, replacement=True, generator=g).to(device)
+
+
+def served_k_max(stack: LayerStack) -> LayerStack:
+    """The served layer routes to as many experts per token as a slot has (`layers.py`: any
+    strategy may come to a slot), not the adapters' own most (2 for top-2)."""
+    return LayerStack(
+        stack.ffn and dataclasses.replace(stack.ffn, k_max=stack.ffn.router.shape[1]),
+        {proj: dataclasses.replace(g, k_max=g.router.shape[1]) for proj, g in stack.gated.items()},
+        stack.lora)
 
 
 class Layer:
@@ -137,8 +157,8 @@ class Layer:
         self.gate_up, self.down = weight(2 * I, H), weight(H, I)
         self.frozen = FrozenFFN(self.gate_up[:I], self.gate_up[I:], self.down)
         self.adapters = [_to_device(a, device) for a in adapters]
-        self.stack: LayerStack = stack_layer(adapters, 0, shape_of(setup)).to(device,
-                                                                               setup.dtype)
+        self.stack: LayerStack = served_k_max(stack_layer(adapters, 0, shape_of(setup)).to(
+            device, setup.dtype))
         # DynMoLE's gate and up share x: one grouped route, as the served layer runs.
         self.gate_up_group = dynmole_gate_up(self.stack)
         self.intermediate = I

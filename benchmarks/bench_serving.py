@@ -29,6 +29,7 @@ import asyncio
 import csv
 import datetime
 import json
+import math
 import os
 import pathlib
 import random
@@ -72,8 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", default="base,lora,mole")
     p.add_argument("--adapters", type=ints, default=[1, 8, 32] if ON_GPU else [1, 4],
                    help="adapter counts N to sweep")
-    p.add_argument("--rates", type=floats, default=[1, 4, 16] if ON_GPU else [1, 4],
-                   help="request rates (requests/s, Poisson)")
+    p.add_argument("--rates", type=floats,
+                   default=[1, 4, 16, math.inf] if ON_GPU else [1, 4],
+                   help="request rates (requests/s, Poisson; inf: all at once, the saturated "
+                        "throughput)")
     p.add_argument("--num-requests", type=int, default=200 if ON_GPU else 16,
                    help="requests per (N, rate) point")
     p.add_argument("--prompt-len", type=int, default=256 if ON_GPU else 32)
@@ -88,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="", help="extra `vllm serve` arguments")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--startup-timeout", type=float, default=300 if ON_GPU else 600,
+                   help="seconds a server may take to become healthy")
     p.add_argument("--keep", action="store_true",
                    help="keep the work dir (model, adapters, server logs; GBs at 7B shape) "
                         "also when nothing failed")
@@ -114,10 +119,13 @@ def make_model_dir(path: pathlib.Path, shape: str) -> BaseShape:
     return BaseShape.from_hf_config(config)
 
 
-def make_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape) -> pathlib.Path:
+def make_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape,
+                 dtype: torch.dtype) -> pathlib.Path:
+    """One adapter dir, which every adapter name serves (each name is still loaded and
+    slotted apart); in the served dtype: half the bytes to write and read at bf16."""
     generator = torch.Generator().manual_seed(0)
     return save_adapter(init_adapter(config, base, path.name, generator=generator, b_std=0.01),
-                        path)
+                        path, dtype=dtype)
 
 
 def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]:
@@ -265,34 +273,63 @@ def write_rows(out: pathlib.Path, rows: list[dict]) -> pathlib.Path:
     return path
 
 
+def read_rows(path: pathlib.Path, stamp: dict) -> list[dict]:
+    """The CSV's rows of this device, shape and commit: the configs of earlier runs too (a
+    GPU call fits one 7B config), for plots that compare them."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f)
+                if all(row[key] == str(value) for key, value in stamp.items()
+                       if key != "date")]
+    for row in rows:
+        for key in COLUMNS[6:]:
+            row[key] = float(row[key])
+        row["adapters"] = int(row["adapters"])
+    return rows
+
+
 def plot(out: pathlib.Path, rows: list[dict]) -> None:
+    """Throughput and latency percentiles against the request rate, a line per config and N
+    (rate inf, all requests at once, drawn right of the largest finite rate)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    finite = sorted({r["request_rate"] for r in rows if math.isfinite(r["request_rate"])})
+    saturated = 2 * finite[-1] if finite else 1.0
+    all_at_once = any(not math.isfinite(r["request_rate"]) for r in rows)
+
+    def x(row: dict) -> float:
+        return row["request_rate"] if math.isfinite(row["request_rate"]) else saturated
+
+    def label_rates(ax) -> None:
+        ax.set_xticks(finite + [saturated] * all_at_once,
+                      [f"{t:g}" for t in finite] + ["all at once"] * all_at_once)
+
     series: dict[str, list[dict]] = {}
-    for row in rows:
+    for row in sorted(rows, key=x):
         label = row["config"] if row["config"] == "base" else \
             f"{row['config']} N={row['adapters']}"
         series.setdefault(label, []).append(row)
     title = f"{rows[0]['model_shape']} on {rows[0]['device']}"
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
-        ax.plot([p["request_rate"] for p in points], [p["output_tok_s"] for p in points],
-                marker="o", label=label)
+        ax.plot([x(p) for p in points], [p["output_tok_s"] for p in points], marker="o",
+                label=label)
     ax.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title=title)
+    label_rates(ax)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "serving_throughput.png", dpi=120)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("ttft", "tpot")):
         for label, points in series.items():
-            rates = [p["request_rate"] for p in points]
+            rates = [x(p) for p in points]
             line, = ax.plot(rates, [p[f"{metric}_p50_ms"] for p in points], marker="o",
                             label=f"{label} p50")
             ax.plot(rates, [p[f"{metric}_p99_ms"] for p in points], marker="x", ls="--",
                     color=line.get_color(), label=f"{label} p99")
         ax.set(xlabel="request rate (req/s)", ylabel=f"{metric.upper()} (ms)", title=title)
+        label_rates(ax)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "serving_latency.png", dpi=120)
@@ -339,13 +376,15 @@ def sweep(args: argparse.Namespace, configs: list[str], work: pathlib.Path) -> i
                  model_shape=args.shape)
     rows, failures = [], 0
     for config in configs:
-        adapter_dir = make_adapter(work / config, adapters[config], base) \
-            if config in adapters else None
+        adapter_dir = make_adapter(work / config, adapters[config], base,
+                                   getattr(torch, args.dtype)) if config in adapters else None
         counts = [0] if config == "base" else args.adapters
-        print(f"[{config}] starting vllm serve ...", flush=True)
+        print(f"[{config}] {time.strftime('%H:%M:%S')} starting vllm serve ...", flush=True)
         try:
             with VllmServer(work / "model", serve_args(config, args, adapter_dir),
-                            log_path=work / f"{config}.log", env=env, metrics=False) as server:
+                            log_path=work / f"{config}.log", env=env, metrics=False,
+                            startup_timeout_s=args.startup_timeout) as server:
+                print(f"[{config}] {time.strftime('%H:%M:%S')} healthy", flush=True)
                 error = warm_up(server.url, ["base"] if config == "base"
                                 else [f"{config}{i}" for i in range(max(counts))])
                 if error:
@@ -363,7 +402,7 @@ def sweep(args: argparse.Namespace, configs: list[str], work: pathlib.Path) -> i
             failures += 1
             print(f"[{config}] skipped: {exc}", flush=True)
     if rows:
-        plot(args.out, rows)
+        plot(args.out, read_rows(args.out / "serving.csv", stamp))
         print(f"rows appended to {args.out / 'serving.csv'}; plots in {args.out}")
     return 1 if failures else 0
 

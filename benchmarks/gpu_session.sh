@@ -1,8 +1,8 @@
 #!/bin/bash
 # What a session with the GPU host checks and measures, in as few device calls as possible
 # (each machine start costs a minute of the session's 30). Run from the repository root there:
-#   bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]
-# STEPs (default: all, in this order; each fits one 10-minute call):
+#   bash benchmarks/gpu_session.sh OUT_DIR STEP ...
+# STEPs (at least one; each fits one 10-minute call, not several together):
 #   tune     benchmarks/tune_tiles.py      -> OUT_DIR/tiles.csv and the device's tuned table,
 #            also installed in $HOME/mole-tuned, which every later step (and call of the
 #            same warm lease) reads
@@ -22,19 +22,23 @@
 #            warnings summary lists the in-process engines' host syncs by source line (vLLM's
 #            LoRA metadata syncs on mapping changes; none may be under mole_serve/ or kernels/)
 #   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
-#            $SERVING_ARGS (default: N = 1, 8, 32 adapters, rates 4 and 16, 80 requests a
-#            point, every config; three cold 7B servers do not fit one 10-minute call: give
-#            `--configs mole` in one call and `--configs base,lora` in the next; rows are
-#            written as they are measured, so a cut-off run keeps them)
+#            $SERVING_ARGS (default: the mole config, N = 1, 8, 32 adapters, rates 4, 16 and
+#            inf (all at once: the saturated throughput), 80 requests a point; three cold 7B
+#            servers do not fit one 10-minute call: `--configs base,lora` in the next call
+#            adds its rows to the same OUT_DIR/serving.csv; rows are written as they are
+#            measured, so a cut-off run keeps them)
 # Every step's log goes to OUT_DIR/STEP.log; the script goes on after a failing step and
 # exits non-zero if any failed. The checkout sent to the host has no .git: run it as
 # `MOLE_SERVE_COMMIT=<short sha> bash benchmarks/gpu_session.sh ...` (the CSVs name it).
 # Copy the CSVs to benchmarks/results/ and the figures to benchmarks/RESULTS.md (with the
 # GPU, the date and the commit) back on the CPU box.
 set -uo pipefail
-OUT=${1:?usage: gpu_session.sh OUT_DIR [tune|kernels|tests|metrics|train ...]}
+USAGE="usage: gpu_session.sh OUT_DIR STEP... (stage vllm serving-tests serving tune kernels
+  tests metrics train)"
+OUT=${1:?$USAGE}
 shift
-STEPS=${*:-tune kernels tests metrics train}
+[ $# -gt 0 ] || { echo "$USAGE" >&2; exit 2; }
+STEPS=$*
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The image has torch, triton, pytest, prometheus-client, safetensors, transformers; only our
@@ -68,7 +72,7 @@ export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$HOME/vllm-cache}  # compiled graphs, 
 export MOLE_SERVE_TUNED_CONFIG_FOLDER=$HOME/mole-tuned
 echo "tuned tiles: $(ls "$MOLE_SERVE_TUNED_CONFIG_FOLDER" 2>/dev/null || echo none)" \
   | tee -a "$OUT/gpu.txt"
-SERVING_ARGS=${SERVING_ARGS:---adapters 1,8,32 --rates 4,16 --num-requests 80}
+SERVING_ARGS=${SERVING_ARGS:---configs mole --adapters 1,8,32 --rates 4,16,inf --num-requests 80}
 
 failed=0
 for step in $STEPS; do

@@ -352,14 +352,16 @@ def _expected_shapes(config: MoleConfig, num_layers: int, dims: dict[str, tuple[
 
 
 def save_adapter(adapter: MoleAdapter, adapter_dir: str | pathlib.Path, *,
-                 safetensors: bool = True, bin: bool = False) -> pathlib.Path:
-    """Write config + weights. `bin=True` adds the `.bin` that MoE-PEFT / mixlora read."""
+                 safetensors: bool = True, bin: bool = False,
+                 dtype: torch.dtype = torch.float32) -> pathlib.Path:
+    """Write config + weights. `bin=True` adds the `.bin` that MoE-PEFT / mixlora read;
+    `dtype` bfloat16 halves the files (a server computes in its own dtype anyway)."""
     if not (safetensors or bin):
         raise ValueError("save_adapter: ask for safetensors, bin or both")
     path = pathlib.Path(adapter_dir)
     path.mkdir(parents=True, exist_ok=True)
     adapter.config.save(path)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+    tensors = {k: v.detach().to("cpu", dtype).contiguous()
                for k, v in state_dict_items(adapter)}
     if safetensors:
         save_file(tensors, str(path / SAFETENSORS_NAME), metadata={"format": "pt"})

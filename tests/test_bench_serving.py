@@ -6,6 +6,7 @@ import asyncio
 import collections
 import csv
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -25,7 +26,7 @@ def test_bench_serving_smallest(tmp_path):
     scratch.mkdir()
     done = subprocess.run(
         [sys.executable, "benchmarks/bench_serving.py", "--shape", "tiny", "--adapters", "2",
-         "--rates", "8", "--num-requests", "4", "--prompt-len", "8", "--output-len", "4",
+         "--rates", "8,inf", "--num-requests", "4", "--prompt-len", "8", "--output-len", "4",
          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "TMPDIR": str(scratch)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -33,13 +34,35 @@ def test_bench_serving_smallest(tmp_path):
     with open(tmp_path / "serving.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == COLUMNS
-    assert [(r["config"], r["adapters"]) for r in rows] == [("base", "0"), ("lora", "2"),
-                                                             ("mole", "2")]
+    assert [(r["config"], r["adapters"], r["request_rate"]) for r in rows] == [
+        (config, n, rate) for config, n in (("base", "0"), ("lora", "2"), ("mole", "2"))
+        for rate in ("8.0", "inf")]
     for row in rows:
         assert float(row["output_tok_s"]) > 0 and float(row["ttft_p50_ms"]) > 0
         assert float(row["ttft_p99_ms"]) >= float(row["ttft_p50_ms"])
     for plot in ("serving_throughput.png", "serving_latency.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_plots_draw_every_config_of_the_csv_of_this_commit(tmp_path):
+    """A GPU call serves one 7B config: the plots read back the configs earlier calls of
+    the same commit wrote, and draw rate inf (all requests at once) too."""
+    from bench_serving import COLUMNS, plot, read_rows, write_rows
+
+    stamp = dict(device="gpu", date="2026-11-24", commit="abc", model_shape="llama2-7b")
+    rows = [dict(stamp, config=config, adapters=n, request_rate=rate, output_tok_s=100.0,
+                 ttft_p50_ms=1.0, ttft_p99_ms=2.0, tpot_p50_ms=1.0, tpot_p99_ms=2.0)
+            for config, n in (("base", 0), ("mole", 8)) for rate in (4.0, math.inf)]
+    write_rows(tmp_path, rows[:2])
+    write_rows(tmp_path, [dict(rows[0], commit="older")])
+    write_rows(tmp_path, [dict(rows[2], date="2026-11-25"), rows[3]])
+    read = read_rows(tmp_path / "serving.csv", stamp)
+    assert [(r["config"], r["request_rate"]) for r in read] == [
+        ("base", 4.0), ("base", math.inf), ("mole", 4.0), ("mole", math.inf)]
+    assert list(read[0]) == COLUMNS and read[2]["adapters"] == 8
+    plot(tmp_path, read)
+    for name in ("serving_throughput.png", "serving_latency.png"):
+        assert (tmp_path / name).stat().st_size > 1000
 
 
 def bench_args(*argv):

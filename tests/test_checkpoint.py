@@ -39,6 +39,17 @@ def test_round_trip(tmp_path, adapters, name, fmt):
     assert_same_adapter(load_adapter(tmp_path, name), adapter)  # shapes inferred, no base
 
 
+def test_bf16_files_load_as_the_bf16_rounded_weights(tmp_path, adapters):
+    adapter = adapters["dynmole"]
+    save_adapter(adapter, tmp_path / "fp32")
+    save_adapter(adapter, tmp_path / "bf16", dtype=torch.bfloat16)
+    sizes = [(tmp_path / d / SAFETENSORS_NAME).stat().st_size for d in ("fp32", "bf16")]
+    assert sizes[1] < 0.6 * sizes[0]
+    loaded = dict(state_dict_items(load_adapter(tmp_path / "bf16", "dynmole", base=ODD_BASE)))
+    for key, value in state_dict_items(adapter):
+        assert torch.equal(loaded[key], value.bfloat16().float()), key
+
+
 def test_modern_key_names(adapters):
     keys = [k for k, _ in state_dict_items(adapters["topk"])]
     assert keys[0] == "mixlora.layers.0.mlp.moe_gate.weight"
