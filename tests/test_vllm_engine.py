@@ -238,7 +238,9 @@ def test_metrics_count_requests_tokens_routing_and_evictions(engine, expected):
         "ffn_selections": lambda a: metric_total("mole_serve_expert_selections_total",
                                                  adapter=a, router="ffn"),
         "slot_evictions": lambda a: metric_total("mole_serve_adapter_evictions_total",
-                                                 place="slot"),
+                                                 adapter=a, place="slot"),
+        "cpu_evictions": lambda a: metric_total("mole_serve_adapter_evictions_total",
+                                                adapter=a, place="cpu_cache"),
     }
     generate(engine, [(None, 0)])  # exports what earlier tests' last step left
     before = {(key, a): f(a) for key, f in series.items() for a in names}
@@ -265,8 +267,10 @@ def test_metrics_count_requests_tokens_routing_and_evictions(engine, expected):
         assert delta[("entropy", name)] == delta[("routed", name)]
     for name in ("peft", "(base)"):
         assert delta[("routed", name)] == 0
+    # one at a time, 3 adapters through 2 slots and a CPU cache of 2: the least recently
+    # used (mixlora) leaves both
     assert delta[("slot_evictions", "mixlora")] >= 1
+    assert delta[("cpu_evictions", "mixlora")] >= 1
     assert metric_total("mole_serve_adapter_loads_total", adapter="dynmole",
                         strategy="dynmole") >= 1
     assert metric_total("mole_serve_adapter_loads_total", adapter="peft", strategy="lora") >= 1
-    assert metric_total("mole_serve_adapter_evictions_total", place="cpu_cache") >= 1
