@@ -21,15 +21,19 @@ Usage: python benchmarks/bench_metrics_overhead.py [--out DIR]   (default sizes:
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
 import pathlib
+import shutil
 import statistics
 import tempfile
 import time
 
 # Before prometheus_client is imported: it picks its value storage then.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="mole-metrics-"))
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mole-metrics-")
+    atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 import torch  # noqa: E402
 

@@ -165,8 +165,9 @@ class RoutingStats(nn.Module):
     down router: the down kernel; a few atomics per block, no extra launch); on the
     reference backend `record` does, ending in a single scatter-add into the same
     fixed-size buffer. Either way: no host sync, no data-dependent shapes
-    (CUDA-graph and compile safe). `take` runs outside the forward (step boundary, slot
-    change) and returns what was added since its last call; the device counters only grow
+    (CUDA-graph and compile safe). `added` runs outside the forward (`RoutingExport`, at a
+    step boundary or slot change) and returns what was added since its last call; the
+    device counters only grow
     (until `reset_slot`), so nothing in the forward waits for the host. float64 holds the
     integer counts exactly (to 2**53) and the entropy sum in the same buffer.
 
@@ -229,13 +230,8 @@ class RoutingStats(nn.Module):
             added[index, [s for s in range(added.shape[1]) if s not in slots]] = 0
         return added
 
-    def take(self) -> dict[str, dict[str, torch.Tensor]]:
-        """`added`, per router and kind of count (`split_counts`)."""
-        return {name: split_counts(counts, self.experts)
-                for name, counts in zip(self.routers, self.added())}
-
     def reset_slot(self, slot: int, routed: list[bool]) -> None:
-        """Forget a slot's counts (its adapter left; `take` its counts first). `routed[i]`:
+        """Forget a slot's counts (its adapter left; collect its counts first). `routed[i]`:
         whether the new adapter routes through router i."""
         self.counts[:, slot].zero_()
         if self._exported is not None:

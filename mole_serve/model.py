@@ -200,7 +200,8 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
 
     def export_routing_metrics(self) -> None:
         """Add every router's per-slot counts since the last export to the Prometheus
-        series of the adapter in that slot (outside the forward)."""
+        series of the adapter in that slot, and those collected from slots since left
+        (outside the forward)."""
         self._mole_last_export = time.monotonic()
         self.mole_routing.collect(self.mole_slot_names)
         self.mole_routing.flush()

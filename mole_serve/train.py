@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"mole-train: {exc}") from None
-    from mole_serve.training.trainer import Trainer
+    from mole_serve.training.data import DataError
+    from mole_serve.training.options import OptionsError
+    from mole_serve.training.trainer import ResumeError, Trainer
 
     try:
         paths = Trainer(options).train()
-    except (ValueError, OSError) as exc:  # the user's data, options, checkpoints or base
+    except (DataError, OptionsError, ResumeError, OSError) as exc:  # the user's, not ours
         raise SystemExit(f"mole-train: {exc}") from None
     for name, path in paths.items():
         print(f"adapter {name!r} written to {path}")

@@ -15,6 +15,13 @@ import gc
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 
+def take(stats) -> dict[str, dict[str, torch.Tensor]]:
+    """A `RoutingStats`' counts since the last look, per router and kind of count."""
+    from mole_serve.layers import split_counts
+    return {name: split_counts(counts, stats.experts)
+            for name, counts in zip(stats.routers, stats.added())}
+
+
 # Odd sizes on purpose (DESIGN §9): nothing may assume powers of two.
 ODD_BASE = BaseShape(hidden=96, intermediate=200, num_layers=2, num_heads=3, num_kv_heads=1,
                      head_dim=32)

@@ -151,7 +151,7 @@ def test_serve_args_fit_the_adapters_and_keep_the_demos_own_flags(tmp_path):
     assert json.loads(args[args.index("--lora-modules") + 1]) == {"name": "p",
                                                                   "path": str(peft)}
     assert args[-2:] == ["--max-model-len", "128"]
-    for extra in ("--port 8000", "--served-model-name=x", "--lora-modules a=b"):
+    for extra in ("--port 8000", "--served-model-name=x", "--lora_modules a=b"):
         with pytest.raises(SystemExit, match=f"--serve-args may not set {extra.split()[0]}"):
             serve_args(tmp_path, {"p": peft}, extra)
 
@@ -189,10 +189,11 @@ def test_the_build_is_redone_on_request_or_for_another_recipe(tmp_path, monkeypa
     # ... and for other adapter shapes, other code, or a part of the build gone
     monkeypatch.setitem(demo_build.ADAPTER_SHAPES, "upper", dict(strategy="mixlora"))
     demo_build.build(tmp_path, recipe, log=quiet)
-    source = tmp_path / "package" / "demo" / "corpus.py"
-    source.parent.mkdir(parents=True)
+    assert {"corpus.py", "trainer.py", "data.py", "checkpoint.py"} <= {
+        path.name for path in demo_build.build_sources()}
+    source = tmp_path / "corpus.py"
     source.write_text("WORDS = []\n")
-    monkeypatch.setattr(demo_build, "PACKAGE", tmp_path / "package")
+    monkeypatch.setattr(demo_build, "build_sources", lambda: [source])
     demo_build.build(tmp_path, recipe, log=quiet)
     demo_build.build(tmp_path, recipe, log=quiet)
     source.write_text("WORDS = ['sun']\n")

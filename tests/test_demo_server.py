@@ -34,9 +34,11 @@ class Health(http.server.BaseHTTPRequestHandler):
 
 
 if os.environ.get("STAND_IN_STUBBORN_CHILD"):  # a member of the group that ignores SIGTERM
-    import subprocess
-    subprocess.Popen([sys.executable, "-c", "import signal, time; "
-                      "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    import subprocess                            # (it says so in that file once it does)
+    subprocess.Popen([sys.executable, "-c", "import pathlib, signal, sys, time; "
+                      "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                      "pathlib.Path(sys.argv[1]).touch(); time.sleep(600)",
+                      os.environ["STAND_IN_STUBBORN_CHILD"]])
 try:
     served = http.server.HTTPServer(("127.0.0.1", port), Health)
 except OSError as exc:
@@ -163,12 +165,13 @@ def test_every_member_stops_one_ignoring_sigterm_too_with_stderr_gone(stand_in, 
     """The stop reaches the whole group, SIGKILLs what outlives the grace period, and a
     failing 'stopping ...' message does not skip it."""
     monkeypatch.setattr(server_module, "STOP_GRACE_S", 1)
-    env = {**os.environ, "STAND_IN_STUBBORN_CHILD": "1"}
+    ignoring = stand_in / "ignoring_sigterm"
+    env = {**os.environ, "STAND_IN_STUBBORN_CHILD": str(ignoring)}
     with pytest.raises(Interrupted):
         with VllmServer("model", [], log_path=stand_in / "log", env=env,
                         metrics=False) as served:
             deadline = time.monotonic() + 30
-            while len(live_group_members(served.pgid)) < 2 and time.monotonic() < deadline:
+            while not ignoring.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             members = live_group_members(served.pgid)
             monkeypatch.setattr(sys, "stderr", GoneStream())

@@ -40,6 +40,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import take
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import ACTIVATIONS, MoleConfig
 from mole_serve.kernels import (as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_,
@@ -292,7 +293,7 @@ def counter_pair(num_slots: int, experts: int, router: str):
 
 def take_equal_counts(kernel_stats, reference_stats, router: str):
     """What both counters added since their last take, the integer counts checked equal."""
-    got, want = kernel_stats.take()[router], reference_stats.take()[router]
+    got, want = take(kernel_stats)[router], take(reference_stats)[router]
     for key in ("selections", "experts_per_token", "entropy_buckets"):
         assert torch.equal(got[key], want[key]), key
     return got, want

@@ -377,6 +377,20 @@ def test_answers_are_tokenized_as_the_continuation_of_the_prompt():
                     add_eos=True, source="t").examples[0]
     assert chat.input_ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
                                        add_special_tokens=False)["input_ids"]
+    # a choice label is scored by that first trained id: Llama 2's template writes ' ' + it
+    from mole_serve.training.evaluate import choice_items
+
+    question = {"messages": messages[:1], "choices": ["Paris", "A"], "answer": "A"}
+
+    def first_trained(label):
+        row = {"messages": messages[:1] + [{"role": "assistant", "content": label}]}
+        example = tokenize([row], tokenizer, cutoff=128, train_on_inputs=False, add_eos=True,
+                           source="t").examples[0]
+        return next(t for t in example.labels if t != IGNORE)
+
+    trained = [first_trained(label) for label in ("Paris", "A")]
+    assert tokenizer.convert_ids_to_tokens(trained) == ["▁Paris", "▁A"]
+    assert choice_items([question], tokenizer, "mc")[0].label_ids == trained
 
 
 def test_cli_trains_two_adapters_from_a_yaml_file(world, tmp_path, capsys):

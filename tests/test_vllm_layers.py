@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import take
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
@@ -147,7 +148,7 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
     h, gu = randn(40, 96, generator=g), randn(40, 96, generator=g)
     batch = ffn.slot_batch(40)
     ffn.mix_experts(h.clone(), gu, gu, x, batch)
-    counts = ffn.mixlora_stats.take()["ffn"]
+    counts = take(ffn.mixlora_stats)["ffn"]
 
     selections, per_token, entropies = routing_counts(x.cpu(), slots.cpu(), mix, 0)
     assert torch.equal(counts["selections"][0], selections)
@@ -161,16 +162,16 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
 
     # DynMoLE's per-linear routers count in their own stats.
     ffn.project(randn(40, 192, generator=g), x, batch, "gate_up")
-    up = ffn.gated_stats["gate_up"].take()["up_proj"]
+    up = take(ffn.gated_stats["gate_up"])["up_proj"]
     assert up["experts_per_token"][2].sum() == (slots == 2).sum()
     assert not up["experts_per_token"][:2].any()
 
     ffn.token_slots.prepare(10)  # the next step: 10 tokens
     ffn.mix_experts(h[:10].clone(), gu[:10], gu[:10], x[:10], ffn.slot_batch(10))
-    again = ffn.mixlora_stats.take()["ffn"]
+    again = take(ffn.mixlora_stats)["ffn"]
     assert again["experts_per_token"][0].sum() == (slots[:10] == 0).sum()
     ffn.fill(0, None)
-    assert not any(v.any() for v in ffn.mixlora_stats.take()["ffn"].values()), \
+    assert not any(v.any() for v in take(ffn.mixlora_stats)["ffn"].values()), \
         "reset with the slot"
 
 

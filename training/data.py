@@ -113,14 +113,15 @@ def prompt_and_answer(row: dict[str, Any], tokenizer, where: str) -> tuple[str, 
         row["output"]
 
 
-def choice_prompt(row: dict[str, Any], tokenizer, where: str) -> str:
-    """The prompt of a multiple-choice row: alpaca fields, or chat `messages` up to the
-    question (a trailing assistant turn is taken as the answer and left out)."""
+def with_answer(row: dict[str, Any], answer: str) -> dict[str, Any]:
+    """A multiple-choice row as a training row answered `answer`: alpaca fields with that
+    `output`, or chat `messages` up to the question (a trailing assistant turn is left out)
+    and an assistant turn saying it."""
     messages = row.get("messages") if isinstance(row, dict) else None
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") != "assistant":
-        row = dict(row, messages=messages + [{"role": "assistant", "content": ""}])
-    return prompt_and_answer(dict(row, output=row.get("output", "")), tokenizer, where)[0]
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        asked = messages[:-1] if messages[-1].get("role") == "assistant" else messages
+        return dict(row, messages=asked + [{"role": "assistant", "content": answer}])
+    return dict(row, output=answer) if isinstance(row, dict) else row
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

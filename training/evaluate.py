@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import (IGNORE, DataError, Example, choice_prompt, collate, encode_answer,
-                   encode_prompt)
+from .data import (IGNORE, DataError, Example, collate, encode_answer, encode_prompt,
+                   prompt_and_answer, with_answer)
 
 
 @torch.no_grad()
@@ -36,22 +36,26 @@ def heldout_loss(model, adapter: str, examples: list[Example], pad_id: int,
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def label_tokens(tokenizer, prompt: str, prompt_ids: list[int], labels: list[str],
-                 where: str) -> list[int]:
-    """The id scored per label: the first the trainer teaches for that label as the answer
-    to this prompt. (MoE-PEFT's last id of ' ' + label fits its prompts ending in 'Answer:',
-    not templates ending in a newline or a space, nor labels of several tokens.)"""
-    ids = []
+def label_tokens(tokenizer, row: dict[str, Any], labels: list[str], where: str
+                 ) -> tuple[list[int], list[int]]:
+    """The row's prompt ids, and the id scored per label: the first one training teaches for
+    the row answered with that label (the answer as its template renders it: Llama 2's chat
+    template puts a space before it). MoE-PEFT's last id of ' ' + label fits its prompts
+    ending in 'Answer:', not templates ending in a newline or a space, nor longer labels."""
+    prompt_ids, ids = None, []
     for label in labels:
-        answer = encode_answer(tokenizer, prompt, prompt_ids, label)
-        if not answer:
+        prompt, answer = prompt_and_answer(with_answer(row, label), tokenizer, where)
+        if prompt_ids is None:  # the same prompt for every label
+            prompt_ids = encode_prompt(tokenizer, prompt)
+        first = encode_answer(tokenizer, prompt, prompt_ids, answer)[:1]
+        if not first:
             raise DataError(f"{where}: label {label!r} tokenizes to nothing")
-        if answer[0] in ids:
-            raise DataError(f"{where}: labels {labels[ids.index(answer[0])]!r} and {label!r} "
+        if first[0] in ids:
+            raise DataError(f"{where}: labels {labels[ids.index(first[0])]!r} and {label!r} "
                             "start with the same token: the last prompt position cannot tell "
                             "them apart")
-        ids.append(answer[0])
-    return ids
+        ids.append(first[0])
+    return prompt_ids, ids
 
 
 @dataclass
@@ -72,11 +76,8 @@ def choice_items(rows: list[dict[str, Any]], tokenizer, source: str) -> list[Cho
         if not isinstance(choices, list) or answer not in choices:
             raise DataError(f"{where}: needs 'choices' (a list of labels) and an 'answer' "
                             "among them")
-        prompt = choice_prompt(row, tokenizer, where)
-        prompt_ids = encode_prompt(tokenizer, prompt)
-        items.append(ChoiceItem(prompt_ids, label_tokens(tokenizer, prompt, prompt_ids,
-                                                         [str(c) for c in choices], where),
-                                choices.index(answer)))
+        prompt_ids, label_ids = label_tokens(tokenizer, row, [str(c) for c in choices], where)
+        items.append(ChoiceItem(prompt_ids, label_ids, choices.index(answer)))
     return items
 
 

@@ -29,6 +29,10 @@ from mole_serve.config import (ALL_PROJS, CONFIG_NAME, DYNMOLE, FFN_PROJS, MIXLO
 from mole_serve.errors import AdapterError
 
 
+class OptionsError(ValueError):
+    """Run or adapter options that cannot work; names the option."""
+
+
 @dataclass
 class AdapterSpec:
     """One adapter to train: its data, its MoLE shape and its optimizer."""
@@ -120,13 +124,13 @@ class TrainOptions:
     def validate(self) -> None:
         """Refuse what would fail later, naming the option (the adapters as they will run)."""
         if not self.adapters:
-            raise ValueError("no adapters to train: give --data (and --name) or a config file "
-                             "with an 'adapters' list")
+            raise OptionsError("no adapters to train: give --data (and --name) or a config file "
+                               "with an 'adapters' list")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
-            raise ValueError(f"adapter names must be unique, got {names}")
+            raise OptionsError(f"adapter names must be unique, got {names}")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+            raise OptionsError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.device is not None:
             _check_device(self.device)
         _check_schedule("run", self)
@@ -139,10 +143,10 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
     where = f"adapter {spec.name!r}"
     _check_schedule(where, spec)
     if spec.strategy not in TRAINABLE:
-        raise ValueError(f"{where}: strategy must be one of {list(TRAINABLE)}, got "
-                         f"{spec.strategy!r}" + (" (switch routing's expert capacity and "
-                         "jitter are not trained here; the server serves MoE-PEFT's switch "
-                         "adapters)" if spec.strategy == MIXLORA_SWITCH else ""))
+        raise OptionsError(f"{where}: strategy must be one of {list(TRAINABLE)}, got "
+                           f"{spec.strategy!r}" + (" (switch routing's expert capacity and "
+                           "jitter are not trained here; the server serves MoE-PEFT's switch "
+                           "adapters)" if spec.strategy == MIXLORA_SWITCH else ""))
     for key, ok, rule in (("batch_size", spec.batch_size >= 1, ">= 1"),
                           ("accumulation", spec.accumulation >= 1, ">= 1"),
                           ("lr", spec.lr > 0, "> 0"), ("epochs", spec.epochs > 0, "> 0"),
@@ -152,23 +156,23 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
                           ("balance_coef", spec.balance_coef >= 0, ">= 0"),
                           ("entropy_coef", spec.entropy_coef >= 0, ">= 0")):
         if not ok:
-            raise ValueError(f"{where}: {key} must be {rule}, got {getattr(spec, key)!r}")
+            raise OptionsError(f"{where}: {key} must be {rule}, got {getattr(spec, key)!r}")
     defaults = {f.name: f.default for f in dataclasses.fields(AdapterSpec)}
     for key, strategies in ONLY_FOR.items():
         if getattr(spec, key) != defaults[key] and spec.strategy not in strategies:
-            raise ValueError(f"{where}: {key} applies to {' / '.join(strategies)} only, not "
-                             f"to {spec.strategy} (it would be ignored)")
+            raise OptionsError(f"{where}: {key} applies to {' / '.join(strategies)} only, not "
+                               f"to {spec.strategy} (it would be ignored)")
     if spec.target_modules and not spec.attention:
-        raise ValueError(f"{where}: give target_modules or attention=false (--no-attention), "
-                         "not both")
+        raise OptionsError(f"{where}: give target_modules or attention=false (--no-attention), "
+                           "not both")
     try:
         spec.mole_config(run.base_model)
     except AdapterError as exc:  # named as the option, not as the config file it becomes
         option = exc.item.removeprefix(f"{CONFIG_NAME}:")
-        raise ValueError(f"{where}: {option} must be {exc.expected}, got {exc.found}") from None
+        raise OptionsError(f"{where}: {option} must be {exc.expected}, got {exc.found}") from None
     if run.write_bin and spec.lora_dropout == 0:
-        raise ValueError(f"{where}: lora_dropout 0 with write_bin: MoE-PEFT and mixlora "
-                         "assert lora_dropout > 0 when they load an adapter (e.g. 0.05)")
+        raise OptionsError(f"{where}: lora_dropout 0 with write_bin: MoE-PEFT and mixlora "
+                           "assert lora_dropout > 0 when they load an adapter (e.g. 0.05)")
 
 
 RUN_DEFAULTS = ("scheduler", "warmup_steps", "cutoff_len", "train_on_inputs")
@@ -182,11 +186,11 @@ ONLY_FOR = {"top_k": (MIXLORA,), "top_p": (MIXLORA_DYNAMIC, DYNMOLE),
 
 def _check_schedule(where: str, options: TrainOptions | AdapterSpec) -> None:
     if options.scheduler not in ("constant", "cosine"):
-        raise ValueError(f"{where}: scheduler must be constant or cosine, "
-                         f"got {options.scheduler!r}")
+        raise OptionsError(f"{where}: scheduler must be constant or cosine, "
+                           f"got {options.scheduler!r}")
     for key, least in (("warmup_steps", 0), ("cutoff_len", 2)):
         if getattr(options, key) < least:
-            raise ValueError(f"{where}: {key} must be >= {least}, got {getattr(options, key)}")
+            raise OptionsError(f"{where}: {key} must be >= {least}, got {getattr(options, key)}")
 
 
 def _absolute(base_model: str | None) -> str | None:
@@ -202,9 +206,9 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"device {name!r}: {exc}") from None
+        raise OptionsError(f"device {name!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: this torch sees no CUDA device")
+        raise OptionsError(f"device {name!r}: this torch sees no CUDA device")
 
 
 def load_options_file(path: str | pathlib.Path) -> dict[str, Any]:
@@ -213,21 +217,21 @@ def load_options_file(path: str | pathlib.Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+        raise OptionsError(f"{path}: {exc.strerror or exc}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML ({exc})") from None
+            raise OptionsError(f"{path}: invalid YAML ({exc})") from None
     else:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc})") from None
+            raise OptionsError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of run options, found "
-                         f"{type(raw).__name__}")
+        raise OptionsError(f"{path}: expected a mapping of run options, found "
+                           f"{type(raw).__name__}")
     return raw
 
 
@@ -236,23 +240,23 @@ def options_from_dict(raw: dict[str, Any]) -> TrainOptions:
     known = {f.name for f in dataclasses.fields(TrainOptions)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"unknown run option(s) {unknown}; known: {sorted(known)}")
+        raise OptionsError(f"unknown run option(s) {unknown}; known: {sorted(known)}")
     adapter_fields = {f.name for f in dataclasses.fields(AdapterSpec)}
     specs = []
     items = raw.get("adapters", [])
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise ValueError(f"'adapters' must be a list of objects (one per adapter), got "
-                         f"{items!r:.80}")
+        raise OptionsError(f"'adapters' must be a list of objects (one per adapter), got "
+                           f"{items!r:.80}")
     required = [f.name for f in dataclasses.fields(AdapterSpec)
                 if f.default is dataclasses.MISSING]
     for number, item in enumerate(items, start=1):
         bad = sorted(set(item) - adapter_fields)
         if bad:
-            raise ValueError(f"unknown adapter option(s) {bad}; known: {sorted(adapter_fields)}")
+            raise OptionsError(f"unknown adapter option(s) {bad}; known: {sorted(adapter_fields)}")
         missing = [key for key in required if key not in item]
         if missing:
-            raise ValueError(f"adapter {number} ({item.get('name', 'unnamed')}): missing "
-                             f"{missing} (--{missing[0]} for one adapter from flags)")
+            raise OptionsError(f"adapter {number} ({item.get('name', 'unnamed')}): missing "
+                               f"{missing} (--{missing[0]} for one adapter from flags)")
         specs.append(AdapterSpec(**_typed(AdapterSpec, item, f"adapter {item.get('name')!r}")))
     run = _typed(TrainOptions, {k: v for k, v in raw.items() if k != "adapters"}, "run")
     options = TrainOptions(**run, adapters=specs)
@@ -297,4 +301,4 @@ def _as(kind: Any, value: Any, where: str) -> Any:
             isinstance(v, str) for v in value):
         return value
     expected = getattr(kind, "__name__", str(kind))
-    raise ValueError(f"{where} must be {expected}, got {value!r}")
+    raise OptionsError(f"{where} must be {expected}, got {value!r}")

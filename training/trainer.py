@@ -27,7 +27,7 @@ from .data import (EVAL_SPLITS, IGNORE, TRAIN_SPLITS, Example, batches, collate,
                    tokenize)
 from .evaluate import ChoiceItem, choice_accuracy, choice_items, heldout_loss
 from .modules import MoleTrainingModel
-from .options import AdapterSpec, TrainOptions
+from .options import AdapterSpec, OptionsError, TrainOptions
 from .report import RunLog
 
 STATE_NAME = "trainer_state.pt"
@@ -56,6 +56,7 @@ class AdapterRun:
     history: list[float] = field(default_factory=list)
     eval_examples: list[Example] | None = None    # read before training: a bad eval file
     choices: list[ChoiceItem] | None = None       # must not cost a finished run
+    fingerprint: dict = field(default_factory=dict)  # what a resume must find unchanged
 
     @property
     def done(self) -> bool:
@@ -74,8 +75,8 @@ def load_base(options: TrainOptions):
         pad_id = tokenizer.convert_tokens_to_ids(options.pad_token)
         if pad_id is None or (pad_id == tokenizer.unk_token_id
                               and options.pad_token != tokenizer.unk_token):
-            raise ValueError(f"--pad-token {options.pad_token!r} is not in the tokenizer's "
-                             f"vocabulary (its eos token {tokenizer.eos_token!r} is)")
+            raise OptionsError(f"--pad-token {options.pad_token!r} is not in the tokenizer's "
+                               f"vocabulary (its eos token {tokenizer.eos_token!r} is)")
         tokenizer.pad_token = options.pad_token
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
@@ -122,10 +123,11 @@ class Trainer:
             per_step = spec.batch_size * spec.accumulation
             total = spec.steps or max(1, math.ceil(spec.epochs * len(examples) / per_step))
             if spec.warmup_steps >= total:
-                raise ValueError(f"adapter {spec.name!r}: warmup_steps {spec.warmup_steps} "
-                                 f"must be below its {total} optimizer steps (its lr would "
-                                 f"peak at {total / (spec.warmup_steps + 1):.2g} x lr)")
+                raise OptionsError(f"adapter {spec.name!r}: warmup_steps {spec.warmup_steps} "
+                                   f"must be below its {total} optimizer steps (its lr would "
+                                   f"peak at {total / (spec.warmup_steps + 1):.2g} x lr)")
             run = self.runs[spec.name] = AdapterRun(spec, examples, total)
+            run.fingerprint = self._fingerprint(run)
             if spec.eval_data:
                 run.eval_examples = self._examples(spec, spec.eval_data, EVAL_SPLITS)
             if spec.choice_data:
@@ -275,7 +277,7 @@ class Trainer:
             name: {"optimizer": run.optimizer.state_dict(),
                    "scheduler": run.scheduler.state_dict(), "micro_steps": run.micro_steps,
                    "steps": run.steps, "batches_taken": run.batches_taken,
-                   "history": run.history, "fingerprint": self._fingerprint(run),
+                   "history": run.history, "fingerprint": run.fingerprint,
                    # inside an accumulation window: the gradients summed so far
                    "grads": {key: p.grad.detach().cpu() for key, p in
                              self.model.adapters[name].named_parameters()
@@ -287,11 +289,13 @@ class Trainer:
     def _fingerprint(self, run: AdapterRun) -> dict:
         """What an adapter's training so far depends on: a resume that changes any of it would
         mix two runs (a new lr, say, would be overwritten by the saved scheduler's)."""
-        examples = json.dumps([[e.input_ids, e.labels] for e in run.examples]).encode()
+        examples = hashlib.sha256()
+        for example in run.examples:
+            examples.update(json.dumps([example.input_ids, example.labels]).encode())
         return {**{key: value for key, value in dataclasses.asdict(run.spec).items()
                    if key not in RESUMABLE},
                 "seed": self.options.seed, "dtype": self.options.dtype,
-                "examples (sha256 of the token ids)": hashlib.sha256(examples).hexdigest()}
+                "examples (sha256 of the token ids)": examples.hexdigest()}
 
     def _resume(self) -> None:
         # the state file is written last: a checkpoint without it was cut off while saving
@@ -310,9 +314,12 @@ class Trainer:
         self.micro_step = state["micro_step"]
         for name, run in self.runs.items():
             saved = state["runs"][name]
-            now, then = self._fingerprint(run), saved.get("fingerprint", {})
-            changed = [f"{key} {then.get(key)!r} -> {value!r}" for key, value in now.items()
-                       if then.get(key) != value]
+            # keys a later version adds are not in an older checkpoint: not compared (none
+            # saved before 2026-11-24)
+            then = saved.get("fingerprint", {})
+            changed = [f"{key} {then[key]!r} -> {value!r}"
+                       for key, value in run.fingerprint.items()
+                       if key in then and then[key] != value]
             if changed:
                 raise ResumeError(f"--resume: adapter {name!r} changed since {path}: "
                                   f"{'; '.join(changed)}; resume it as it was trained, or use "

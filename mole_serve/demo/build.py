@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -24,10 +25,10 @@ from mole_serve.training.data import IGNORE
 from . import corpus
 
 RECIPE_FILE = "recipe.json"
-PACKAGE = pathlib.Path(__file__).parent.parent
 # The code a build runs: the demo's corpus and recipe, the trainer and what it imports.
-BUILD_SOURCES = ("demo/corpus.py", "demo/build.py", "training/*.py", "adapter.py",
-                 "checkpoint.py", "config.py", "reference.py", "routing.py", "stack.py")
+BUILD_MODULES = ("mole_serve.demo.corpus", "mole_serve.demo.build", "mole_serve.training",
+                 "mole_serve.adapter", "mole_serve.checkpoint", "mole_serve.config",
+                 "mole_serve.reference", "mole_serve.routing", "mole_serve.stack")
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,24 @@ def build_inputs(recipe: Recipe) -> dict:
     import transformers
 
     code = hashlib.sha256()
-    for pattern in BUILD_SOURCES:
-        for path in sorted(PACKAGE.glob(pattern)):
-            code.update(path.relative_to(PACKAGE).as_posix().encode() + path.read_bytes())
+    for path in build_sources():
+        code.update(path.name.encode() + path.read_bytes())
     return {"recipe": dataclasses.asdict(recipe), "adapters": ADAPTER_SHAPES,
             "code_sha256": code.hexdigest(), "torch": torch.__version__,
             "transformers": transformers.__version__}
+
+
+def build_sources() -> list[pathlib.Path]:
+    """The files of BUILD_MODULES, found through the import system (`mole_serve.training` is
+    the repository's top-level training/ dir, mapped into the package)."""
+    files = []
+    for name in BUILD_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec.submodule_search_locations:  # a package: all its modules
+            files += sorted(pathlib.Path(spec.origin).parent.glob("*.py"))
+        else:
+            files.append(pathlib.Path(spec.origin))
+    return files
 
 
 def pretrain_base(path: pathlib.Path, recipe: Recipe) -> None:

@@ -84,7 +84,8 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
     """Flags sized to the adapters: rank bound (a value vLLM allows), expert bound, one slot
     per adapter. `extra` comes last, so it overrides them (not the flags in OWN_FLAGS)."""
     extra_args = shlex.split(extra)
-    clashing = [a for a in extra_args if a.split("=")[0] in OWN_FLAGS]
+    clashing = [a for a in extra_args  # vLLM reads --served_model_name as --served-model-name
+                if a.split("=")[0].replace("_", "-") in OWN_FLAGS]
     if clashing:
         raise SystemExit(f"demo: --serve-args may not set {', '.join(clashing)}: the demo sets "
                          f"{', '.join(OWN_FLAGS)} itself (--base and --adapter choose what is "
