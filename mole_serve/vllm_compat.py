@@ -634,13 +634,28 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
     rank or shapes do not fit (vLLM would answer 500 without saying why)."""
     local = os.path.expanduser(path)
     if served_as_mole(path, name):
-        load_served_adapter(local, name, vllm_config)
+        state = _dir_state(local)  # a dir served under many names is read once
+        if state not in _PASSED_MOLE_DIRS:
+            load_served_adapter(local, name, vllm_config)
+            _PASSED_MOLE_DIRS.add(state)
     elif not os.path.exists(local):  # a hub id (served_as_mole refuses other missing paths)
         _check_hub_adapter_reachable(path, name)
     elif os.path.isdir(local) and MOLE_ARCHITECTURE in (
             vllm_config.model_config.architectures or []):  # a base whose shapes we know
         check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
                               slot_capacity(vllm_config)[1])
+
+
+# MoLE dirs that passed this server's check, as they were then (`_dir_state`): one server
+# process checks against one vllm_config.
+_PASSED_MOLE_DIRS: set[tuple] = set()
+
+
+def _dir_state(path: str) -> tuple:
+    """A dir's real path and its files' names, sizes and modification times."""
+    real = os.path.realpath(path)
+    return real, tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                              for entry in os.scandir(real) if entry.is_file()))
 
 
 def _check_hub_adapter_reachable(repo_id: str, name: str) -> None:

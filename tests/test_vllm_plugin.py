@@ -316,3 +316,31 @@ def test_a_hub_adapter_that_cannot_be_had_is_refused_naming_why(tmp_path, monkey
     with pytest.raises(AdapterError, match=r"HF_HUB_OFFLINE forbids downloading hub repo "
                                            r"'org/missing', which is not in the cache"):
         check("org/missing", "a", None)
+
+
+def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, monkeypatch):
+    """A dir served under many names (`--lora-modules a=DIR b=DIR ...`) is read once at the
+    API server; a changed dir, or one that failed, is read again."""
+    checked = []
+
+    def load(path, name, vllm_config):
+        checked.append(name)
+        if name == "bad":
+            raise AdapterError(name, "weights", "readable", "not")
+
+    monkeypatch.setattr(vllm_compat, "load_served_adapter", load)
+    monkeypatch.setattr(vllm_compat, "_PASSED_MOLE_DIRS", set())
+    adapter = startup_adapters / "dynmole"
+    for name in ("a", "b", "c"):
+        vllm_compat._check_requested_adapter(str(adapter), name, None)
+    assert checked == ["a"]
+    config = adapter / "adapter_config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    vllm_compat._check_requested_adapter(str(adapter), "d", None)
+    assert checked == ["a", "d"]
+    for _ in range(2):
+        with pytest.raises(AdapterError):
+            vllm_compat._check_requested_adapter(str(startup_adapters / "mixlora-dynamic"),
+                                                 "bad", None)
+    assert checked == ["a", "d", "bad", "bad"]
