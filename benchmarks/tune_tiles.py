@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_kernels import (FULL, SMOKE, Layer, Setup, draw_slots, make_adapters, median_seconds,
-                           parse_args)
+from bench_kernels import (FULL, SMOKE, Layer, Setup, calibrate_top_p, draw_slots, make_adapters,
+                           median_seconds, parse_args)
 from mole_serve.kernels import (configs, dynmole_down_delta_, dynmole_gate_up_route,
                                 dynmole_intermediate_, mixlora_down_delta_, mixlora_experts_,
                                 mixlora_route, num_slots, ops, plan_tokens)
@@ -43,7 +43,6 @@ from mole_serve.kernels.configs import ExpandTiles, ExpertsTiles, RouteTiles, Ti
 from provenance import commit
 
 ADAPTERS = 32
-DYNMOLE_TOP_P = 0.6
 MIN_GAIN = 0.03
 COLUMNS = ["gpu", "date", "commit", "tokens", "kernel", "tiles", "median_us", "default_us"]
 
@@ -112,8 +111,10 @@ def tune(setup: Setup, candidates: dict[str, list], device: str, head: list,
     """Sweep every token count; after each, `save` the table so far, every measurement's CSV
     row and whether the sweep is complete: a run cut off keeps what it measured."""
     table, rows = {}, []
-    layers = [Layer(setup, make_adapters(strategy, setup, ADAPTERS, DYNMOLE_TOP_P), device)
-              for strategy in ("top-2", "dynmole")]
+    # DynMoLE at the benchmark's load: top-2's mean of 2 experts per token
+    top_p = {"top-2": 0.0, "dynmole": calibrate_top_p("dynmole", setup, device)}
+    layers = [Layer(setup, make_adapters(strategy, setup, ADAPTERS, p), device)
+              for strategy, p in top_p.items()]
     for tokens in setup.tokens:
         calls = kernel_calls(layers, setup, tokens, device)
         default = configs.table_tiles(tokens)
