@@ -634,7 +634,8 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
     rank or shapes do not fit (vLLM would answer 500 without saying why)."""
     local = os.path.expanduser(path)
     if served_as_mole(path, name):
-        state = _dir_state(local)  # a dir served under many names is read once
+        # a dir served under many names is read once
+        state = (_dir_state(local), _check_context(vllm_config))
         if state not in _PASSED_MOLE_DIRS:
             load_served_adapter(local, name, vllm_config)
             _PASSED_MOLE_DIRS.add(state)
@@ -646,9 +647,14 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
                               slot_capacity(vllm_config)[1])
 
 
-# MoLE dirs that passed this server's check, as they were then (`_dir_state`): one server
-# process checks against one vllm_config.
+# MoLE dirs that passed the check, as they were then, and what they were checked against.
 _PASSED_MOLE_DIRS: set[tuple] = set()
+
+
+def _check_context(vllm_config: Any) -> str:
+    """What `load_served_adapter` checks a dir against, besides the dir."""
+    return repr((vllm_config.model_config.architectures, slot_capacity(vllm_config),
+                 serve_settings(vllm_config).families, base_shape(vllm_config)))
 
 
 def _dir_state(path: str) -> tuple:

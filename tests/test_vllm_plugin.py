@@ -330,17 +330,20 @@ def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, mo
 
     monkeypatch.setattr(vllm_compat, "load_served_adapter", load)
     monkeypatch.setattr(vllm_compat, "_PASSED_MOLE_DIRS", set())
+    monkeypatch.setattr(vllm_compat, "_check_context", lambda vllm_config: vllm_config)
     adapter = startup_adapters / "dynmole"
     for name in ("a", "b", "c"):
-        vllm_compat._check_requested_adapter(str(adapter), name, None)
+        vllm_compat._check_requested_adapter(str(adapter), name, "server 1")
     assert checked == ["a"]
+    vllm_compat._check_requested_adapter(str(adapter), "x", "server 2")  # other limits
+    assert checked == ["a", "x"]
     config = adapter / "adapter_config.json"
     stat = config.stat()
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    vllm_compat._check_requested_adapter(str(adapter), "d", None)
-    assert checked == ["a", "d"]
+    vllm_compat._check_requested_adapter(str(adapter), "d", "server 1")
+    assert checked == ["a", "x", "d"]
     for _ in range(2):
         with pytest.raises(AdapterError):
             vllm_compat._check_requested_adapter(str(startup_adapters / "mixlora-dynamic"),
-                                                 "bad", None)
-    assert checked == ["a", "d", "bad", "bad"]
+                                                 "bad", "server 1")
+    assert checked == ["a", "x", "d", "bad", "bad"]
