@@ -634,11 +634,7 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
     rank or shapes do not fit (vLLM would answer 500 without saying why)."""
     local = os.path.expanduser(path)
     if served_as_mole(path, name):
-        # a dir served under many names is read once
-        state = (_dir_state(local), _check_context(vllm_config))
-        if state not in _PASSED_MOLE_DIRS:
-            load_served_adapter(local, name, vllm_config)
-            _PASSED_MOLE_DIRS.add(state)
+        _check_mole_dir(local, name, vllm_config)
     elif not os.path.exists(local):  # a hub id (served_as_mole refuses other missing paths)
         _check_hub_adapter_reachable(path, name)
     elif os.path.isdir(local) and MOLE_ARCHITECTURE in (
@@ -647,21 +643,44 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
                               slot_capacity(vllm_config)[1])
 
 
-# MoLE dirs that passed the check, as they were then, and what they were checked against.
-_PASSED_MOLE_DIRS: set[tuple] = set()
+# Per MoLE dir (real path): its files and what it was checked against when it last passed.
+_PASSED_MOLE_DIRS: dict[str, tuple] = {}
 
 
-def _check_context(vllm_config: Any) -> str:
-    """What `load_served_adapter` checks a dir against, besides the dir."""
-    return repr((vllm_config.model_config.architectures, slot_capacity(vllm_config),
-                 serve_settings(vllm_config).families, base_shape(vllm_config)))
-
-
-def _dir_state(path: str) -> tuple:
-    """A dir's real path and its files' names, sizes and modification times."""
+def _check_mole_dir(path: str, name: str, vllm_config: Any) -> None:
+    """`load_served_adapter`, skipped for a dir that passed as its files are now against the
+    same limits: a dir served under many names (`--lora-modules a=DIR b=DIR ...`) is read
+    once. The engine checks every adapter it loads again."""
+    context = _check_context(vllm_config)
+    before = _dir_state(path)
     real = os.path.realpath(path)
-    return real, tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                              for entry in os.scandir(real) if entry.is_file()))
+    if context is not None and before is not None and \
+            _PASSED_MOLE_DIRS.get(real) == (before, context):
+        return
+    load_served_adapter(path, name, vllm_config)
+    if context is not None and before is not None and _dir_state(path) == before:
+        _PASSED_MOLE_DIRS[real] = (before, context)
+
+
+def _check_context(vllm_config: Any) -> str | None:
+    """What `load_served_adapter` checks a dir against, besides the dir; None for a base it
+    refuses MoLE adapters on (its other checks would not apply)."""
+    if MOLE_ARCHITECTURE not in (vllm_config.model_config.architectures or []):
+        return None
+    return repr((slot_capacity(vllm_config), serve_settings(vllm_config).families,
+                 base_shape(vllm_config)))
+
+
+def _dir_state(path: str) -> tuple | None:
+    """A dir's files: names, inodes, sizes, modification and change times (a copy that keeps
+    the mtime still changes the ctime); None if it cannot be listed."""
+    try:
+        return tuple(sorted((entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                             stat.st_ctime_ns)
+                            for entry in os.scandir(path) if entry.is_file()
+                            for stat in (entry.stat(),)))
+    except OSError:
+        return None
 
 
 def _check_hub_adapter_reachable(repo_id: str, name: str) -> None:

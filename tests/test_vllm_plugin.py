@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -318,7 +319,8 @@ def test_a_hub_adapter_that_cannot_be_had_is_refused_naming_why(tmp_path, monkey
         check("org/missing", "a", None)
 
 
-def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, monkeypatch):
+def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, monkeypatch,
+                                                            tmp_path):
     """A dir served under many names (`--lora-modules a=DIR b=DIR ...`) is read once at the
     API server; a changed dir, or one that failed, is read again."""
     checked = []
@@ -329,9 +331,10 @@ def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, mo
             raise AdapterError(name, "weights", "readable", "not")
 
     monkeypatch.setattr(vllm_compat, "load_served_adapter", load)
-    monkeypatch.setattr(vllm_compat, "_PASSED_MOLE_DIRS", set())
+    monkeypatch.setattr(vllm_compat, "_PASSED_MOLE_DIRS", {})
     monkeypatch.setattr(vllm_compat, "_check_context", lambda vllm_config: vllm_config)
-    adapter = startup_adapters / "dynmole"
+    adapter = tmp_path / "dynmole"  # a copy: its files change below
+    shutil.copytree(startup_adapters / "dynmole", adapter)
     for name in ("a", "b", "c"):
         vllm_compat._check_requested_adapter(str(adapter), name, "server 1")
     assert checked == ["a"]
@@ -347,3 +350,11 @@ def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, mo
             vllm_compat._check_requested_adapter(str(startup_adapters / "mixlora-dynamic"),
                                                  "bad", "server 1")
     assert checked == ["a", "x", "d", "bad", "bad"]
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # other weights, however stamped
+    vllm_compat._check_requested_adapter(str(adapter), "e", "server 1")
+    assert checked[-1] == "e"
+    monkeypatch.setattr(vllm_compat, "_check_context", lambda vllm_config: None)
+    vllm_compat._check_requested_adapter(str(adapter), "f", "server 1")  # another base
+    vllm_compat._check_requested_adapter(str(adapter), "g", "server 1")
+    assert checked[-2:] == ["f", "g"]
