@@ -167,9 +167,9 @@ class RoutingStats(nn.Module):
     fixed-size buffer. Either way: no host sync, no data-dependent shapes
     (CUDA-graph and compile safe). `added` runs outside the forward (`RoutingExport`, at a
     step boundary or slot change) and returns what was added since its last call; the
-    device counters only grow
-    (until `reset_slot`), so nothing in the forward waits for the host. float64 holds the
-    integer counts exactly (to 2**53) and the entropy sum in the same buffer.
+    device counters only grow (until `reset_slot`), so nothing in the forward waits for the
+    host. float64 holds the integer counts exactly (to 2**53) and the entropy sum in the same
+    buffer.
 
     `counts` [routers, slots, columns]; columns of a slot's row: expert selections [E],
     tokens by experts kept [E + 1], tokens by entropy bucket [len(ENTROPY_BUCKETS) + 1, the

@@ -182,12 +182,18 @@ def base_shape(vllm_config: Any) -> BaseShape:
     return BaseShape.from_hf_config(vllm_config.model_config.hf_config.get_text_config())
 
 
+def serves_mole(vllm_config: Any) -> bool:
+    """Whether the served model is ours (a Llama-family base), whose shapes and slots the
+    adapter checks read."""
+    return MOLE_ARCHITECTURE in (vllm_config.model_config.architectures or [])
+
+
 def load_served_adapter(path: str, name: str, vllm_config: Any) -> MoleAdapter:
     """Read and check a MoLE adapter against the served base model and the server's limits."""
-    architectures = vllm_config.model_config.architectures or []
-    if MOLE_ARCHITECTURE not in architectures:
+    if not serves_mole(vllm_config):
         raise AdapterError(name, "base model", f"a checkpoint of {list(LLAMA_FAMILY)}",
-                           f"{architectures}, which mole_serve does not serve MoLE adapters on")
+                           f"{vllm_config.model_config.architectures or []}, which mole_serve "
+                           "does not serve MoLE adapters on")
     _, max_rank, max_experts = slot_capacity(vllm_config)
     adapter = load_adapter(path, name, base=base_shape(vllm_config),
                            limits=AdapterLimits(max_rank=max_rank, max_experts=max_experts))
@@ -637,8 +643,7 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
         _check_mole_dir(local, name, vllm_config)
     elif not os.path.exists(local):  # a hub id (served_as_mole refuses other missing paths)
         _check_hub_adapter_reachable(path, name)
-    elif os.path.isdir(local) and MOLE_ARCHITECTURE in (
-            vllm_config.model_config.architectures or []):  # a base whose shapes we know
+    elif os.path.isdir(local) and serves_mole(vllm_config):  # a base whose shapes we know
         check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
                               slot_capacity(vllm_config)[1])
 
@@ -665,7 +670,7 @@ def _check_mole_dir(path: str, name: str, vllm_config: Any) -> None:
 def _check_context(vllm_config: Any) -> str | None:
     """What `load_served_adapter` checks a dir against, besides the dir; None for a base it
     refuses MoLE adapters on (its other checks would not apply)."""
-    if MOLE_ARCHITECTURE not in (vllm_config.model_config.architectures or []):
+    if not serves_mole(vllm_config):
         return None
     return repr((slot_capacity(vllm_config), serve_settings(vllm_config).families,
                  base_shape(vllm_config)))

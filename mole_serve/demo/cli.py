@@ -149,13 +149,13 @@ def mole_series(url: str, routed: bool) -> list[str]:
     `routed` (MoLE adapters served) it waits a moment for the routing series: the engine
     exports them when it goes idle, just after the last answer."""
     deadline = time.monotonic() + (10 if routed else 0)
-    while True:
-        with local_http() as client:
+    with local_http() as client:
+        while True:
             text = client.get(f"{url}/metrics", timeout=30).text
-        if "mole_serve_expert_selections_total{" in text or time.monotonic() >= deadline:
-            return [line for line in text.splitlines() if line.startswith("mole_serve_")
-                    and "_bucket{" not in line and "_created" not in line]
-        time.sleep(0.2)
+            if "mole_serve_expert_selections_total{" in text or time.monotonic() >= deadline:
+                return [line for line in text.splitlines() if line.startswith("mole_serve_")
+                        and "_bucket{" not in line and "_created" not in line]
+            time.sleep(0.2)
 
 
 def run(args: argparse.Namespace) -> dict:
