@@ -136,14 +136,15 @@ def _select(logits, table_row, E_PAD: tl.constexpr):
 
     use_temperature = (strategy == TOP_P_CODE) & (temperature > 0.0)
     scaled = tl.where(use_temperature, probs / tl.maximum(temperature, 1e-30), probs)
-    # rank = position in a stable descending sort; cumulative = inclusive sum in that order.
+    # rank = position in a stable descending sort; cumulative / exclusive = the sums up to
+    # and including / before it in that order, each summed directly (a difference of the
+    # two would round once more and move the top-p cut-off).
     mine, other = scaled[:, :, None], scaled[:, None, :]
     ahead = (other > mine) | ((other == mine) & (cols[None, None, :] < cols[None, :, None]))
     rank = tl.sum(ahead.to(tl.int32), axis=2)
     rank_f = rank.to(tl.float32)
-    upto = rank[:, None, :] <= rank[:, :, None]
-    cumulative = tl.sum(tl.where(upto, other, 0.0), axis=2)
-    exclusive = cumulative - scaled
+    exclusive = tl.sum(tl.where(rank[:, None, :] < rank[:, :, None], other, 0.0), axis=2)
+    cumulative = tl.sum(tl.where(rank[:, None, :] <= rank[:, :, None], other, 0.0), axis=2)
 
     broadcast = _normalised_tsallis(probs, valid, n_exp, q, eps) > threshold
     keep = rank_f < top_k

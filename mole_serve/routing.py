@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .config import DYNMOLE, MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH, MoleConfig
 
@@ -96,7 +97,10 @@ def selection_mask(probs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Ten
                          probs / temperature.clamp_min(1e-30), probs)
     sorted_p, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
     cumulative = sorted_p.cumsum(-1)
-    exclusive = cumulative - sorted_p
+    # The sum before each position is the previous running sum, as MoE-PEFT compares it; the
+    # difference cumulative - p rounds differently and moves the cut-off when a running sum
+    # meets top_p exactly.
+    exclusive = F.pad(cumulative[:, :-1], (1, 0))
     top_p = params[:, TOP_P:TOP_P + 1]
 
     top_k_keep = rank < params[:, TOP_K:TOP_K + 1].round()

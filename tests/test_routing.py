@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mole_serve.config import MoleConfig
-from mole_serve.routing import (NUM_EXPERTS, entropy_loss, load_balance_loss, route,
+from mole_serve.routing import (NUM_EXPERTS, TOP_P, entropy_loss, load_balance_loss, route,
                                 route_config, routing_row, router_loss, tsallis_entropy)
 
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -48,6 +48,30 @@ def test_dynamic_top_p_includes_the_crossing_expert_with_raw_weights():
     check(cfg("mixlora-dynamic", 4, top_p=0.8), [0.25, 0.5, 0.1, 0.15], [0.25, 0.5, 0.0, 0.15])
     # the top expert alone already crosses top_p: exactly one expert
     check(cfg("mixlora-dynamic", 3, top_p=0.8), [0.05, 0.9, 0.05], [0.0, 0.9, 0.0])
+
+
+def moe_peft_dynamic_count(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Experts MoE-PEFT's `_dynamic_top_p` keeps, computed its way: drop those whose running
+    sum exceeds top_p, except the first of them."""
+    over = probs.sort(-1, descending=True).values.cumsum(-1) > top_p[:, None]
+    first = torch.nn.functional.one_hot(over.long().argmax(-1), probs.shape[-1]).bool()
+    return (~(over & ~first)).sum(-1)
+
+
+def test_dynamic_top_p_cut_off_is_moe_peft_s_where_a_running_sum_meets_top_p():
+    """top_p set to a token's own running sums (and the floats either side): the boundary a
+    re-derived sum (cumulative - p) rounds across."""
+    torch.manual_seed(0)
+    logits = torch.randn(4000, 8) * 2
+    probs = torch.softmax(logits, -1)
+    running = probs.sort(-1, descending=True).values.cumsum(-1)
+    params = routing_row(cfg("mixlora-dynamic", 8, top_p=0.5)).expand(len(logits), -1).clone()
+    for position in range(7):
+        exact = running[:, position]
+        for top_p in (exact, exact.nextafter(torch.zeros(())), exact.nextafter(torch.ones(()))):
+            params[:, TOP_P] = top_p.clamp(max=1.0)
+            weights, _ = route(logits, params, 8)
+            assert torch.equal((weights > 0).sum(-1), moe_peft_dynamic_count(probs, top_p))
 
 
 def test_dynamic_temperature_divides_probabilities_not_logits():
