@@ -192,6 +192,10 @@ def _tensor_shapes(adapter_dir: pathlib.Path, adapter: str) -> dict[str, tuple[i
     return {}
 
 
+# Read exactly (then kept in fp32); fp8 and other formats would need their scales.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Tensor]:
     """The raw tensor dict of an adapter dir (safetensors preferred over the .bin pickle)."""
     st, pt = adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME
@@ -201,9 +205,11 @@ def read_tensors(adapter_dir: pathlib.Path, adapter: str) -> dict[str, torch.Ten
         if pt.is_file():
             loaded = torch.load(str(pt), map_location="cpu", weights_only=True)
             if not isinstance(loaded, dict) or not all(
-                    isinstance(v, torch.Tensor) for v in loaded.values()):
-                raise AdapterError(adapter, BIN_NAME, "a dict of tensors",
-                                   type(loaded).__name__)
+                    isinstance(k, str) and isinstance(v, torch.Tensor)
+                    for k, v in loaded.items()):
+                raise AdapterError(adapter, BIN_NAME, "a dict of tensors by name",
+                                   "a dict with other keys or values"
+                                   if isinstance(loaded, dict) else type(loaded).__name__)
             return {k: v.detach() for k, v in loaded.items()}
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError,
             pickle.UnpicklingError) as exc:
@@ -252,8 +258,8 @@ def from_state_dict(config: MoleConfig, tensors: dict[str, torch.Tensor], name: 
                            f"an unexpected key ({len(extra)} unexpected keys in all)")
     for key, shape in expected.items():
         tensor = tensors[key]
-        if not tensor.is_floating_point():
-            raise AdapterError(name, key, "a floating-point tensor", str(tensor.dtype))
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise AdapterError(name, key, "fp32, fp16, bf16 or fp64 weights", str(tensor.dtype))
         if tuple(tensor.shape) != shape:
             raise AdapterError(name, key, f"shape {list(shape)}", f"shape {list(tensor.shape)}")
         if not bool(torch.isfinite(tensor).all()):

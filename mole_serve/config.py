@@ -169,7 +169,7 @@ class MoleConfig:
             raise AdapterError(adapter, f"{CONFIG_NAME}:expert_lora", "a JSON object",
                                repr(expert_lora))
         for key, source in (("use_dora", raw), ("expert_lora.use_dora", expert_lora)):
-            if source.get("use_dora"):
+            if _flag(adapter, key, source.get("use_dora")):
                 raise AdapterError(
                     adapter, f"{CONFIG_NAME}:{key}", "false",
                     "true (DoRA is refused: MoE-PEFT does not save the DoRA magnitude vectors, "
@@ -192,7 +192,7 @@ class MoleConfig:
         # The peers build the experts' LoRA from the top level updated with expert_lora, so a
         # key set there alone applies to the experts only (e.g. rsLoRA scaling).
         for key in ("r", "lora_alpha", "use_rslora"):
-            top = bool(raw.get(key, False)) if key == "use_rslora" else raw.get(key)
+            top = _flag(adapter, key, raw.get(key)) if key == "use_rslora" else raw.get(key)
             if key in expert_lora and expert_lora[key] != top:
                 raise AdapterError(
                     adapter, f"{CONFIG_NAME}:expert_lora.{key}", f"equal to top-level {key} "
@@ -235,7 +235,7 @@ class MoleConfig:
             entropy_index=_number(adapter, "entropy_index", raw.get("entropy_index", 1.1)),
             entropy_eps=_number(adapter, "entropy_eps", raw.get("entropy_eps", 1e-5)),
             expert_capacity=_integer(adapter, "expert_capacity", raw.get("expert_capacity", 32)),
-            use_rslora=bool(raw.get("use_rslora", False)),
+            use_rslora=_flag(adapter, "use_rslora", raw.get("use_rslora")),
             act_fn=raw.get("act_fn") or None,
             base_model_name_or_path=raw.get("base_model_name_or_path") or None,
             task_type=raw.get("task_type", "CAUSAL_LM"),
@@ -274,7 +274,8 @@ class MoleConfig:
                   f"in [1, num_experts={self.num_experts}]", self.keep_top_k)
             check(0.0 < self.entropy_index <= 2.0, "entropy_index", "in (0, 2]",
                   self.entropy_index)
-            check(self.entropy_eps >= 0.0, "entropy_eps", ">= 0", self.entropy_eps)
+            # > 0 as DynMoLE asserts: log(p + eps) of a zero probability is -inf otherwise
+            check(self.entropy_eps > 0.0, "entropy_eps", "> 0", self.entropy_eps)
         if limits is not None:
             if limits.max_rank is not None:
                 check(self.r <= limits.max_rank, "r", f"<= the server's max rank "
@@ -379,6 +380,13 @@ def _integer(adapter: str, key: str, value: Any) -> int:
             isinstance(value, float) and not value.is_integer()):
         raise AdapterError(adapter, f"{CONFIG_NAME}:{key}", "an integer", repr(value))
     return int(value)
+
+
+def _flag(adapter: str, key: str, value: Any) -> bool:
+    """A JSON boolean (absent = false): the peers read the string "false" as true."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise AdapterError(adapter, f"{CONFIG_NAME}:{key}", "true or false", repr(value))
 
 
 def _number(adapter: str, key: str, value: Any) -> float:

@@ -99,6 +99,14 @@ def test_bin_with_parameters_loads_with_weights_only(tmp_path, adapters):
     assert_same_adapter(load_adapter(tmp_path, "p"), adapters["topk"])
 
 
+def test_bin_not_a_name_to_tensor_dict_is_refused(tmp_path, adapters):
+    adapters["topk"].config.save(tmp_path)
+    torch.save({0: torch.zeros(4, 96)}, tmp_path / BIN_NAME)
+    with pytest.raises(AdapterError, match="adapter_model.bin: expected a dict of tensors by "
+                                           "name, found a dict with other keys"):
+        load_adapter(tmp_path, "p")
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
@@ -136,7 +144,9 @@ EXPERT_B = "mixlora.layers.0.mlp.up_proj.experts.2.lora_B.weight"
     (lambda t: t[GATE].__setitem__((1, 1), float("inf")), GATE, "finite values",
      "1 NaN/Inf values"),
     (lambda t: t.update({GATE: torch.zeros(4, 96, dtype=torch.int32)}), GATE,
-     "a floating-point tensor", "torch.int32"),
+     "fp32, fp16, bf16 or fp64 weights", "torch.int32"),
+    (lambda t: t.update({GATE: torch.zeros(4, 96, dtype=torch.float8_e4m3fn)}), GATE,
+     "fp32, fp16, bf16 or fp64 weights", "torch.float8_e4m3fn"),
 ])
 def test_malformed_tensors_name_the_tensor(tmp_path, adapters, edit, item, expected, found):
     write_tensors(tmp_path, adapters["topk"], edit)

@@ -93,6 +93,8 @@ def test_save_and_load(tmp_path):
     ({"act_fn": ["silu"]}, "act_fn", "one of"),
     ({"target_modules": "q_proj"}, "target_modules", "a list of module names"),
     ({"use_dora": True}, "use_dora", "false"),
+    ({"use_dora": "false"}, "use_dora", "true or false"),  # the peers read it as true
+    ({"use_rslora": "false"}, "use_rslora", "true or false"),
     ({"lora_alpha": 16.5}, "lora_alpha", "an integer"),
     ({"lora_alpha": "16"}, "lora_alpha", "an integer"),
     ({"r": 0}, "r", ">= 1"),
@@ -130,6 +132,8 @@ def test_bad_dynmole_values():
         MoleConfig.from_dict(dict(DYNMOLE, entropy_type="renyi"))
     with pytest.raises(AdapterError, match="top_p"):
         MoleConfig.from_dict(dict(DYNMOLE, top_p=1.5))
+    with pytest.raises(AdapterError, match="entropy_eps: expected > 0"):
+        MoleConfig.from_dict(dict(DYNMOLE, entropy_eps=0.0))
 
 
 def test_limits_exclude_rank_and_experts():
