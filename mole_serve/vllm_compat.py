@@ -643,6 +643,12 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
         _check_mole_dir(local, name, vllm_config)
     elif not os.path.exists(local):  # a hub id (served_as_mole refuses other missing paths)
         _check_hub_adapter_reachable(path, name)
+        # Fetched as the engine would fetch it (into the same cache, which it then reuses),
+        # so a MoLE adapter from the hub gets the same 400s as a local dir, not a 500.
+        from vllm.lora.utils import get_adapter_absolute_path
+        resolved = get_adapter_absolute_path(path)
+        if resolved != path and os.path.isdir(resolved):
+            _check_requested_adapter(resolved, name, vllm_config)
     elif os.path.isdir(local) and serves_mole(vllm_config):  # a base whose shapes we know
         check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
                               slot_capacity(vllm_config)[1])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -293,7 +294,8 @@ def test_hf_overrides_apply_as_vllm_applies_them():
 
 def test_a_hub_adapter_that_cannot_be_had_is_refused_naming_why(tmp_path, monkeypatch):
     """A missing path that reads as a hub id is vLLM's to download; offline (HF_HUB_OFFLINE,
-    no ModelScope) and not cached, vLLM would answer 500: a 400 names it instead."""
+    no ModelScope) and not cached, vLLM would answer 500: a 400 names it instead. One it
+    can have is checked as a local dir is."""
     import huggingface_hub.constants
     import vllm.envs
 
@@ -306,17 +308,27 @@ def test_a_hub_adapter_that_cannot_be_had_is_refused_naming_why(tmp_path, monkey
     (cached / "snapshots" / "c0ffee").mkdir(parents=True)
     (cached / "refs").mkdir()
     (cached / "refs" / "main").write_text("c0ffee")
-    check = vllm_compat._check_requested_adapter  # the vllm_config is not read for hub ids
+    (cached / "snapshots" / "c0ffee" / "adapter_config.json").write_text('{"r": 8}')
+    check = vllm_compat._check_requested_adapter
+    not_ours = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(architectures=["GPT2LMHeadModel"]))
     for offline, modelscope in ((False, "0"), (True, "1")):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
         monkeypatch.setenv("VLLM_USE_MODELSCOPE", modelscope)
-        check("org/missing", "a", None)                      # vLLM may download it
+        # vLLM may download it; a download that fails leaves the path as it was
+        with mock.patch("vllm.lora.utils.get_adapter_absolute_path", lambda path: path):
+            check("org/missing", "a", not_ours)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "0")
-    check("org/cached", "a", None)                           # vLLM finds it in the cache
+    check("org/cached", "a", not_ours)                       # vLLM finds it in the cache
     with pytest.raises(AdapterError, match=r"HF_HUB_OFFLINE forbids downloading hub repo "
                                            r"'org/missing', which is not in the cache"):
-        check("org/missing", "a", None)
+        check("org/missing", "a", not_ours)
+    # a cached (or fetched) MoLE adapter is checked as a local dir is: a 400, not the engine's 500
+    (cached / "snapshots" / "c0ffee" / "adapter_config.json").write_text(
+        '{"peft_type": "MIXLORA"}')
+    with pytest.raises(AdapterError, match="does not serve MoLE adapters on"):
+        check("org/cached", "a", not_ours)
 
 
 def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, monkeypatch,
