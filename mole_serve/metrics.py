@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -86,34 +87,55 @@ def _metrics() -> _Metrics:
     return _Metrics()
 
 
+def _never_raises(record):
+    """Metrics are recorded inside adapter loads and engine steps: a failing write (e.g. a
+    multiprocess dir removed under the server) is logged, never allowed to fail the request
+    or take the engine down."""
+    @functools.wraps(record)
+    def guarded(*args, **kwargs):
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            logging.getLogger("vllm.mole_serve").exception(
+                "mole_serve: recording metrics (%s) failed", record.__name__)
+    return guarded
+
+
+@_never_raises
 def request_finished(adapter: str | None) -> None:
     _metrics().requests.labels(adapter=adapter or BASE_MODEL_LABEL).inc()
 
 
+@_never_raises
 def tokens_generated(adapter: str | None, count: int) -> None:
     _metrics().generated_tokens.labels(adapter=adapter or BASE_MODEL_LABEL).inc(count)
 
 
+@_never_raises
 def adapter_loaded(adapter: str, strategy: str, seconds: float) -> None:
     m = _metrics()
     m.adapter_loads.labels(adapter=adapter, strategy=strategy).inc()
     m.adapter_load_seconds.labels(strategy=strategy).observe(seconds)
 
 
+@_never_raises
 def adapter_evicted(adapter: str, place: str) -> None:
     """`place`: "slot" (the adapter left a device slot) or "cpu_cache"."""
     _metrics().adapter_evictions.labels(adapter=adapter, place=place).inc()
 
 
+@_never_raises
 def adapter_rejected(stage: str) -> None:
     """`stage`: "api_server" (load request refused with 400) or "engine" (worker load)."""
     _metrics().adapter_rejections.labels(stage=stage).inc()
 
 
+@_never_raises
 def slot_filled() -> None:
     _metrics().slot_fills.inc()
 
 
+@_never_raises
 def routing_observed(adapter: str, routers: Sequence[tuple[int, str]], selections: Tensor,
                      experts_per_token: Tensor, entropy_buckets: Tensor, entropy_sum: Tensor
                      ) -> None:

@@ -143,9 +143,16 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
         self.mole_reports_metrics = vllm_compat.counts_adapter_events()
-        self.mole_routing = RoutingExport([stats for module in self.modules()
-                                           if isinstance(module, ProjectionAdapters)
+        adapter_modules = [m for m in self.modules() if isinstance(m, ProjectionAdapters)]
+        self.mole_routing = RoutingExport([stats for module in adapter_modules
                                            for stats in module.routing_stats()])
+        slot_bytes = sum(b.nbytes for b in {id(b): b for m in adapter_modules
+                                             for b in m.buffers()}.values())
+        vllm_compat.logger.info(
+            "mole_serve: MoLE adapter slots take %.2f GiB on %s (%d slots x %d experts x "
+            "rank %d, %s layers); --max-loras, --max-mole-experts and --max-mole-rank size "
+            "them", slot_bytes / 2**30, vllm_config.device_config.device, slots, experts, rank,
+            "/".join(settings.families))
         self._mole_last_export = time.monotonic()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

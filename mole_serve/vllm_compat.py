@@ -48,6 +48,7 @@ LoRA -1 slot bug fix.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -71,7 +72,9 @@ from .config import CONFIG_NAME, FAMILIES, AdapterLimits, MoleConfig
 from .errors import AdapterError
 from .layers import TensorShard
 
-logger = logging.getLogger(__name__)
+# Under "vllm": vLLM's logging config gives only its own logger tree a handler, so a
+# "mole_serve" logger's info lines would never be printed.
+logger = logging.getLogger("vllm.mole_serve")
 
 TESTED_VLLM_VERSIONS = ("0.26.", "0.32.")
 MOLE_KEY = "mole"                 # our section of vLLM's --additional-config
@@ -99,12 +102,21 @@ def _switch(section: dict, key: str, default: bool) -> bool:
     return value
 
 
+def _count(section: dict, key: str, default: int | None) -> int | None:
+    value = section.get(key, default)
+    if key in section and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"--additional-config {MOLE_KEY}.{key}: expected an integer >= 1, "
+                         f"found {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """`--additional-config '{"mole": {...}}'`: reaches every vLLM process, Ray workers too."""
 
     enabled: bool = False
     max_experts: int = DEFAULT_MAX_EXPERTS
+    max_rank: int | None = None        # None: vLLM's --max-lora-rank
     routing_metrics: bool = True       # per-adapter routing counts (layers.RoutingStats)
     metrics_interval_s: float = 5.0    # at most one routing-count export per interval
     backend: str = "auto"              # one of BACKENDS
@@ -123,10 +135,8 @@ class ServeSettings:
         if unknown:
             raise ValueError(f"--additional-config {MOLE_KEY}: unknown keys {sorted(unknown)}; "
                              f"expected some of {sorted(_SETTING_KEYS)}")
-        max_experts = section.get("max_experts", DEFAULT_MAX_EXPERTS)
-        if not isinstance(max_experts, int) or max_experts < 1:
-            raise ValueError(f"--additional-config {MOLE_KEY}.max_experts: expected an integer "
-                             f">= 1, found {max_experts!r}")
+        max_experts = _count(section, "max_experts", DEFAULT_MAX_EXPERTS)
+        max_rank = _count(section, "max_rank", None)
         interval = section.get("metrics_interval_s", cls.metrics_interval_s)
         if not isinstance(interval, (int, float)) or interval < 0:
             raise ValueError(f"--additional-config {MOLE_KEY}.metrics_interval_s: expected "
@@ -142,7 +152,7 @@ class ServeSettings:
                 or not set(families) <= set(FAMILIES)):
             raise ValueError(f"--additional-config {MOLE_KEY}.families: expected a non-empty "
                              f"list of {list(FAMILIES)}, found {families!r}")
-        return cls(enabled=enabled, max_experts=max_experts,
+        return cls(enabled=enabled, max_experts=max_experts, max_rank=max_rank,
                    routing_metrics=routing_metrics,
                    metrics_interval_s=float(interval), backend=backend,
                    families=tuple(f for f in FAMILIES if f in families))
@@ -170,12 +180,13 @@ def serve_settings(vllm_config: Any) -> ServeSettings:
 
 
 def slot_capacity(vllm_config: Any) -> tuple[int, int, int]:
-    """(slots, max rank, max experts) the server was started with."""
+    """(slots, max MoLE rank, max experts) the server was started with."""
     lora = vllm_config.lora_config
     if lora is None:
         raise ValueError(f"{MOLE_ARCHITECTURE} serves adapters through vLLM's LoRA slots: "
                          "start it with --enable-mole-adapters (which implies --enable-lora)")
-    return lora.max_loras, lora.max_lora_rank, serve_settings(vllm_config).max_experts
+    settings = serve_settings(vllm_config)
+    return lora.max_loras, settings.max_rank or lora.max_lora_rank, settings.max_experts
 
 
 def base_shape(vllm_config: Any) -> BaseShape:
@@ -331,10 +342,16 @@ def add_cli_flags() -> None:
                  "layers the --lora-modules adapters' families need are built (all local "
                  "dirs; else every family).")
         group.add_argument(
-            "--max-mole-experts", type=int, default=None,
+            "--max-mole-experts", type=_at_least_one, default=None,
             help=f"Most experts per layer a MoLE adapter may have; sizes the per-slot "
                  f"buffers. Unset: --additional-config's mole.max_experts, else "
                  f"{DEFAULT_MAX_EXPERTS}.")
+        group.add_argument(
+            "--max-mole-rank", type=_at_least_one, default=None,
+            help="Largest rank a MoLE adapter may have; sizes the per-slot buffers (every "
+                 "layer holds --max-loras x experts x rank factors), apart from plain LoRA's "
+                 "--max-lora-rank. Unset: --additional-config's mole.max_rank, else "
+                 "--max-lora-rank.")
         return parser
 
     def from_cli_args_with_mole(cls, args):
@@ -343,12 +360,15 @@ def add_cli_flags() -> None:
         flag = getattr(args, "enable_mole_adapters", False)
         if flag or current.enabled:  # the flag, or the setting it writes given by hand
             use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
-        if flag:
-            user_chose = "families" in _mole_section(engine_args.additional_config)
-            families = None if user_chose else startup_families(
-                [module.path for module in getattr(args, "lora_modules", None) or []])
+        if flag or current.enabled:
+            families = None
+            if flag and "families" not in _mole_section(engine_args.additional_config):
+                families = startup_families(
+                    [module.path for module in getattr(args, "lora_modules", None) or []])
             settings = dataclasses.replace(
-                current, enabled=True, max_experts=args.max_mole_experts or current.max_experts,
+                current, enabled=True,
+                max_experts=getattr(args, "max_mole_experts", None) or current.max_experts,
+                max_rank=getattr(args, "max_mole_rank", None) or current.max_rank,
                 families=families or current.families)
             engine_args.additional_config = settings.merged_into(engine_args.additional_config)
         return engine_args
@@ -362,6 +382,13 @@ def add_cli_flags() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args_with_mole)
     EngineArgs.from_cli_args = classmethod(from_cli_args_with_mole)
     EngineArgs.create_engine_config = create_engine_config_with_mole
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text}")
+    return value
 
 
 def startup_families(adapter_paths: list[str]) -> tuple[str, ...] | None:
@@ -651,7 +678,7 @@ def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
             _check_requested_adapter(resolved, name, vllm_config)
     elif os.path.isdir(local) and serves_mole(vllm_config):  # a base whose shapes we know
         check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
-                              slot_capacity(vllm_config)[1])
+                              vllm_config.lora_config.max_lora_rank)
 
 
 # Per MoLE dir (real path): its files and what it was checked against when it last passed.

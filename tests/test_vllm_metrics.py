@@ -84,3 +84,28 @@ def test_multiprocess_dir_is_made_only_when_the_user_set_none(monkeypatch, tmp_p
     assert made == prometheus._prometheus_multiproc_dir.name and os.path.isdir(made)
     assert values.ValueClass.__name__ == "MmapedValue", "new metrics must go to the directory"
     prometheus._prometheus_multiproc_dir.cleanup()
+
+
+def test_a_failing_metrics_write_is_logged_not_raised(monkeypatch):
+    """Loads and engine steps record metrics: a write that fails must not fail them."""
+    import logging
+
+    def broken():
+        raise FileNotFoundError("the multiprocess dir is gone")
+
+    monkeypatch.setattr(metrics, "_metrics", broken)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logger = logging.getLogger("vllm.mole_serve")
+    logger.addHandler(handler)
+    try:
+        metrics.adapter_loaded("math", "mixlora", 0.1)
+        metrics.slot_filled()
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in logged] == [
+        "mole_serve: recording metrics (adapter_loaded) failed",
+        "mole_serve: recording metrics (slot_filled) failed"]
+    assert all(isinstance(r.exc_info[1], FileNotFoundError) for r in logged)
+

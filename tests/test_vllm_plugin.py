@@ -67,13 +67,37 @@ def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     model = ["--model", str(tiny_llama)]
     engine_args = parse_serve_args([*model, "--enable-mole-adapters", "--max-mole-experts", "4",
-                                    "--additional-config",
+                                    "--max-mole-rank", "8", "--additional-config",
                                     '{"other": 1, "mole": {"metrics_interval_s": 0}}'])
     assert engine_args.additional_config == {
-        "other": 1, "mole": {"enabled": True, "max_experts": 4, "routing_metrics": True,
-                             "metrics_interval_s": 0.0, "backend": "auto",
-                             "families": ["mixlora", "dynmole"]}}
+        "other": 1, "mole": {"enabled": True, "max_experts": 4, "max_rank": 8,
+                             "routing_metrics": True, "metrics_interval_s": 0.0,
+                             "backend": "auto", "families": ["mixlora", "dynmole"]}}
     assert parse_serve_args(model).additional_config == {}
+    # enabled by hand: the flags still apply
+    by_hand = parse_serve_args([*model, "--max-mole-experts", "16", "--additional-config",
+                                '{"mole": {"enabled": true, "max_rank": 4}}'])
+    assert (by_hand.additional_config["mole"]["max_experts"],
+            by_hand.additional_config["mole"]["max_rank"]) == (16, 4)
+    for flag in ("--max-mole-experts", "--max-mole-rank"):
+        with pytest.raises(SystemExit):
+            parse_serve_args([*model, "--enable-mole-adapters", flag, "0"])
+
+
+def test_max_mole_rank_sizes_moles_slots_apart_from_plain_lora(tiny_llama):
+    """A server with rank-64 plain LoRA need not give every MoLE slot rank 64."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    def capacity(**mole):
+        config = EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=128,
+                            max_loras=3, max_lora_rank=64, additional_config={
+                                "mole": {"enabled": True, **mole}}).create_engine_config()
+        return vllm_compat.slot_capacity(config)
+
+    assert capacity() == (3, 64, 8)
+    assert capacity(max_rank=8, max_experts=4) == (3, 8, 4)
+    with pytest.raises(ValueError, match=r"max_rank: expected an integer >= 1, found 0"):
+        capacity(max_rank=0)
 
 
 def test_the_enabled_setting_alone_sets_up_multiprocess_metrics(tiny_llama, monkeypatch):
@@ -211,7 +235,7 @@ def test_vllm_serve_help_documents_the_flags():
     assert "MoLE adapters" in groups and "Mixture-of-LoRA-Experts" in groups
     flags = run([vllm, "serve", "--help=MoLE adapters"]).stdout
     assert "--enable-mole-adapters" in flags and "Implies --enable-lora" in flags
-    assert "--max-mole-experts" in flags
+    assert "--max-mole-experts" in flags and "--max-mole-rank" in flags
 
 
 def test_plugin_leaves_vllm_code_alone_until_a_mole_model_is_served(tiny_llama):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import time
 
 import httpx
@@ -139,6 +140,15 @@ def test_chat_uses_the_adapter_and_streams(client, reference):
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True,
                                                                                **kwargs))
     assert streamed == whole
+
+
+def test_the_log_says_what_the_adapter_slots_cost(server, workspace):
+    """Slot buffers are sized before vLLM sizes the KV cache: the server log says how
+    much they take and which flags size them (our lines must reach vLLM's log handler)."""
+    log = (workspace["root"] / "server.log").read_text()
+    match = re.search(r"mole_serve: MoLE adapter slots take (\d+\.\d+) GiB on \w+ \(2 slots "
+                      r"x 4 experts x rank 8, mixlora/dynmole layers\)", log)
+    assert match, log[-3000:]
 
 
 def test_unknown_adapter_is_404(client):
