@@ -120,26 +120,35 @@ def test_gradient_checkpointing_gives_the_same_training(world, tmp_path):
 
 
 def test_saved_adapter_reloads_to_identical_logits(world, tmp_path):
+    """Every strategy (rsLoRA scaling on one), one row each: the trained forward is what
+    the reference integration computes from the saved dirs."""
+    names = ["rev", "up", "rev-plain", "up-dynamic"]
     trainer = run(world, tmp_path, spec(world, "rev", "mixlora", steps=4),
-                  spec(world, "up", "dynmole", steps=4))
-    ids = torch.randint(4, 1000, (2, 9))
+                  spec(world, "up", "dynmole", steps=4),
+                  spec(world, "rev-plain", "lora", steps=4, use_rslora=True),
+                  spec(world, "up-dynamic", "mixlora-dynamic", steps=4))
+    ids = torch.randint(4, 1000, (len(names), 9))
     trainer.model.eval()
-    with torch.no_grad(), trainer.model.rows(["rev", "up"]):
+    with torch.no_grad(), trainer.model.rows(names):
         expected = trainer.model(input_ids=ids).logits
     model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float32)
-    for name in ("rev", "up"):
+    for name in names:
         path = trainer.save_adapter(name, tmp_path / "saved" / name)
-        reloaded = trainer.save_adapter(name, tmp_path / "again" / name)
+        again = trainer.save_adapter(name, tmp_path / "again" / name)
         assert (path / "adapter_model.safetensors").read_bytes() == \
-            (reloaded / "adapter_model.safetensors").read_bytes()
-    adapters = [load_adapter(tmp_path / "saved" / n, n) for n in ("rev", "up")]
+            (again / "adapter_model.safetensors").read_bytes()
+    adapters = [load_adapter(tmp_path / "saved" / n, n) for n in names]
     attachment = attach_adapters(model, adapters)
-    with torch.no_grad(), attachment.use(["rev", "up"]):
+    with torch.no_grad(), attachment.use(names):
         ours = model(ids).logits
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
-    with attachment.use(["rev", "up"]):
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    assert all(not torch.allclose(ours[i], base_logits[i], atol=1e-4)
+               for i in range(len(names))), "each adapter must change its row"
+    with attachment.use(names):
         greedy = model.generate(ids, max_new_tokens=6, do_sample=False)
-    with trainer.model.rows(["rev", "up"]):
+    with trainer.model.rows(names):
         trained_greedy = trainer.model.model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(greedy, trained_greedy)
 
