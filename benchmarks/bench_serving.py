@@ -147,8 +147,8 @@ def serve_args(config: str, args, adapter_dir: pathlib.Path | None) -> list[str]
     # MixLoRA adapters only: the DynMoLE family's layers (launches, slot buffers) are not built
     families = [] if any(a.startswith("--additional-config") for a in extra) else [
         "--additional-config", '{"mole": {"families": ["mixlora"]}}']
-    return common + ["--enable-mole-adapters", "--max-mole-experts", str(args.experts)] \
-        + families + slots + extra
+    return common + ["--enable-mole-adapters", "--max-mole-experts", str(args.experts),
+                     "--max-mole-rank", str(args.rank)] + families + slots + extra
 
 
 # -- load generation ------------------------------------------------------------------------

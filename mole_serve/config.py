@@ -383,7 +383,8 @@ def _integer(adapter: str, key: str, value: Any) -> int:
 
 
 def _flag(adapter: str, key: str, value: Any) -> bool:
-    """A JSON boolean (absent = false): the peers read the string "false" as true."""
+    """A JSON boolean (absent or null = false), as the peers' config checks assert; read
+    without them, the string "false" would count as true."""
     if value is None or isinstance(value, bool):
         return bool(value)
     raise AdapterError(adapter, f"{CONFIG_NAME}:{key}", "true or false", repr(value))

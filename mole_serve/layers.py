@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SlotLimits:
-    """What every slot can hold: the server's `--max-loras`, `--max-lora-rank` and
+    """What every slot can hold: the server's `--max-loras`, `--max-mole-rank` and
     `--max-mole-experts`, and the dtype its LoRA factors are stored in (the model's)."""
 
     slots: int

@@ -90,14 +90,20 @@ def _metrics() -> _Metrics:
 def _never_raises(record):
     """Metrics are recorded inside adapter loads and engine steps: a failing write (e.g. a
     multiprocess dir removed under the server) is logged, never allowed to fail the request
-    or take the engine down."""
+    or take the engine down. Logged once per function: some run for every request."""
+    failed = False
+
     @functools.wraps(record)
     def guarded(*args, **kwargs):
+        nonlocal failed
         try:
             record(*args, **kwargs)
         except Exception:
-            logging.getLogger("vllm.mole_serve").exception(
-                "mole_serve: recording metrics (%s) failed", record.__name__)
+            if not failed:
+                failed = True
+                logging.getLogger("vllm.mole_serve").exception(
+                    "mole_serve: recording metrics (%s) failed; later failures are not "
+                    "logged", record.__name__)
     return guarded
 
 

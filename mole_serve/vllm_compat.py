@@ -103,8 +103,11 @@ def _switch(section: dict, key: str, default: bool) -> bool:
 
 
 def _count(section: dict, key: str, default: int | None) -> int | None:
+    """An integer >= 1; null stands for an optional one's default (as `merged_into` writes)."""
     value = section.get(key, default)
-    if key in section and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"--additional-config {MOLE_KEY}.{key}: expected an integer >= 1, "
                          f"found {value!r}")
     return value
@@ -314,7 +317,7 @@ def _apply_settings(engine_args: Any) -> None:
 
 # -- CLI ---------------------------------------------------------------------------------------
 def add_cli_flags() -> None:
-    """`--enable-mole-adapters` and `--max-mole-experts` on `vllm serve`.
+    """`--enable-mole-adapters`, `--max-mole-experts` and `--max-mole-rank` on `vllm serve`.
 
     General plugins load before `EngineArgs.add_cli_args` runs (vllm/engine/arg_utils.py,
     AsyncEngineArgs.add_cli_args), so wrapping it adds our group; `from_cli_args` moves the
@@ -360,7 +363,6 @@ def add_cli_flags() -> None:
         flag = getattr(args, "enable_mole_adapters", False)
         if flag or current.enabled:  # the flag, or the setting it writes given by hand
             use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
-        if flag or current.enabled:
             families = None
             if flag and "families" not in _mole_section(engine_args.additional_config):
                 families = startup_families(
@@ -371,6 +373,9 @@ def add_cli_flags() -> None:
                 max_rank=getattr(args, "max_mole_rank", None) or current.max_rank,
                 families=families or current.families)
             engine_args.additional_config = settings.merged_into(engine_args.additional_config)
+        elif getattr(args, "max_mole_experts", None) or getattr(args, "max_mole_rank", None):
+            raise ValueError("--max-mole-experts / --max-mole-rank size MoLE slots: they need "
+                             "--enable-mole-adapters")
         return engine_args
 
     @functools.wraps(create_engine_config)
@@ -385,9 +390,12 @@ def add_cli_flags() -> None:
 
 
 def _at_least_one(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}")
     return value
 
 

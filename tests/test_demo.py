@@ -151,6 +151,15 @@ def test_serve_args_fit_the_adapters_and_keep_the_demos_own_flags(tmp_path):
     assert json.loads(args[args.index("--lora-modules") + 1]) == {"name": "p",
                                                                   "path": str(peft)}
     assert args[-2:] == ["--max-model-len", "128"]
+    assert "--max-mole-rank" not in args
+    # a MoLE adapter's rank sizes MoLE slots exactly, apart from vLLM's allowed LoRA ranks
+    mole = tmp_path / "mole"
+    mole.mkdir()
+    (mole / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "MIXLORA", "r": 24, "num_experts": 4}))
+    args = serve_args(tmp_path, {"plain": plain, "mole": mole}, "")
+    assert (max_rank(args), args[args.index("--max-mole-rank") + 1]) == ("16", "24")
+    assert args[args.index("--max-mole-experts") + 1] == "4"
     for extra in ("--port 8000", "--served-model-name=x", "--lora_modules a=b"):
         with pytest.raises(SystemExit, match=f"--serve-args may not set {extra.split()[0]}"):
             serve_args(tmp_path, {"p": peft}, extra)

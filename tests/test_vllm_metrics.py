@@ -102,9 +102,10 @@ def test_a_failing_metrics_write_is_logged_not_raised(monkeypatch):
     try:
         metrics.adapter_loaded("math", "mixlora", 0.1)
         metrics.slot_filled()
+        metrics.slot_filled()  # some run per request: logged once
     finally:
         logger.removeHandler(handler)
-    assert [r.getMessage() for r in logged] == [
+    assert [r.getMessage().split(";")[0] for r in logged] == [
         "mole_serve: recording metrics (adapter_loaded) failed",
         "mole_serve: recording metrics (slot_filled) failed"]
     assert all(isinstance(r.exc_info[1], FileNotFoundError) for r in logged)

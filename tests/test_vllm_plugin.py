@@ -74,6 +74,9 @@ def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
                              "routing_metrics": True, "metrics_interval_s": 0.0,
                              "backend": "auto", "families": ["mixlora", "dynmole"]}}
     assert parse_serve_args(model).additional_config == {}
+    # what the flag writes is read back as it is (no MoLE rank given: --max-lora-rank's)
+    plain = parse_serve_args([*model, "--enable-mole-adapters", "--max-lora-rank", "16"])
+    assert vllm_compat.slot_capacity(plain.create_engine_config()) == (1, 16, 8)
     # enabled by hand: the flags still apply
     by_hand = parse_serve_args([*model, "--max-mole-experts", "16", "--additional-config",
                                 '{"mole": {"enabled": true, "max_rank": 4}}'])
@@ -82,6 +85,8 @@ def test_cli_flags_land_in_additional_config(tiny_llama, monkeypatch, tmp_path):
     for flag in ("--max-mole-experts", "--max-mole-rank"):
         with pytest.raises(SystemExit):
             parse_serve_args([*model, "--enable-mole-adapters", flag, "0"])
+        with pytest.raises(ValueError, match="need --enable-mole-adapters"):
+            parse_serve_args([*model, flag, "4"])
 
 
 def test_max_mole_rank_sizes_moles_slots_apart_from_plain_lora(tiny_llama):

@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..checkpoint import is_mole_adapter_dir
+from ..checkpoint import MOLE_PEFT_TYPES, is_mole_adapter_dir
 from . import corpus
 from .build import Recipe, build
 from .server import (ServerError, VllmServer, default_env, exit_on_termination, local_http,
@@ -81,8 +81,8 @@ def has_chat_template(base: pathlib.Path) -> bool:
 
 
 def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str) -> list[str]:
-    """Flags sized to the adapters: rank bound (a value vLLM allows), expert bound, one slot
-    per adapter. `extra` comes last, so it overrides them (not the flags in OWN_FLAGS)."""
+    """Flags sized to the adapters: plain LoRA's rank bound (a value vLLM allows), MoLE's
+    rank and expert bounds, one slot per adapter. `extra` comes last, so it overrides them (not the flags in OWN_FLAGS)."""
     extra_args = shlex.split(extra)
     clashing = [a for a in extra_args  # vLLM reads --served_model_name as --served-model-name
                 if a.split("=")[0].replace("_", "-") in OWN_FLAGS]
@@ -91,12 +91,16 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
                          f"{', '.join(OWN_FLAGS)} itself (--base and --adapter choose what is "
                          "served)")
     configs = [json.loads((p / "adapter_config.json").read_text()) for p in adapters.values()]
-    # vLLM checks a PEFT adapter's largest rank, its rank_pattern's included
-    rank = max((max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()])
-                for c in configs), default=8)
+    mole = [c for c in configs if str(c.get("peft_type", "")).upper() in MOLE_PEFT_TYPES]
+    plain = [c for c in configs if c not in mole]
+    # vLLM checks a PEFT adapter's largest rank, its rank_pattern's included, against one of
+    # its allowed values; MoLE slots take the exact largest MoLE rank
+    plain_rank = max((max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()])
+                      for c in plain), default=8)
+    mole_rank = max((c.get("r", 8) for c in mole), default=None)
     experts = max((c.get("num_experts", 1) for c in configs), default=1)
     try:
-        max_rank = vllm_max_lora_rank(rank)
+        max_rank = vllm_max_lora_rank(plain_rank)
     except ValueError as exc:
         raise SystemExit(f"demo: {exc}") from None
     args = ["--served-model-name", BASE_NAME, "--max-num-seqs", "16", "--enforce-eager"]
@@ -105,6 +109,7 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
     if adapters:
         args += ["--enable-mole-adapters", "--max-mole-experts", str(experts),
                  "--max-lora-rank", str(max_rank),
+                 *(["--max-mole-rank", str(mole_rank)] if mole_rank else []),
                  "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)),
                  # the JSON form: vLLM reads a NAME=PATH with a comma in it as broken JSON
                  "--lora-modules", *(json.dumps({"name": n, "path": str(p.resolve())})
