@@ -97,6 +97,16 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
     torch.testing.assert_close(attention.project(x @ weight.T, x, batch, "o"),
                                mole_projection(x, weight, slots, "o_proj", expected_stack))
 
+    # Adapters swapped between steps, the step's token plan kept (as vLLM refills slots
+    # between steps whose slot ids do not change): the next forward sees the new weights.
+    for slot, adapter in ((3, mix), (0, None), (1, dynamic)):
+        ffn.fill(slot, adapter)
+        attention.fill(slot, adapter)
+    swapped_stack = stack_layer([None, dynamic, None, mix], 1, BASE).to(DEVICE)
+    torch.testing.assert_close(ffn_step(ffn, frozen, x), mole_ffn(x, frozen, slots, swapped_stack))
+    torch.testing.assert_close(attention.project(x @ weight.T, x, ffn.slot_batch(29), "o"),
+                               mole_projection(x, weight, slots, "o_proj", swapped_stack))
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_base_and_other_adapters_tokens_are_untouched(backend):
