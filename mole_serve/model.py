@@ -151,8 +151,8 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         vllm_compat.logger.info(
             "mole_serve: MoLE adapter slots take %.2f GiB on %s (%d slots x %d experts x "
             "rank %d, %s layers); --max-loras, --max-mole-experts and --max-mole-rank "
-            "(else --max-lora-rank) size them", slot_bytes / 2**30, vllm_config.device_config.device, slots, experts, rank,
-            "/".join(settings.families))
+            "(else --max-lora-rank) size them", slot_bytes / 2**30,
+            vllm_config.device_config.device, slots, experts, rank, "/".join(settings.families))
         self._mole_last_export = time.monotonic()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

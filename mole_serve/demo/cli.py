@@ -82,7 +82,8 @@ def has_chat_template(base: pathlib.Path) -> bool:
 
 def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str) -> list[str]:
     """Flags sized to the adapters: plain LoRA's rank bound (a value vLLM allows), MoLE's
-    rank and expert bounds, one slot per adapter. `extra` comes last, so it overrides them (not the flags in OWN_FLAGS)."""
+    rank and expert bounds, one slot per adapter. `extra` comes last, so it overrides them
+    (not the flags in OWN_FLAGS)."""
     extra_args = shlex.split(extra)
     clashing = [a for a in extra_args  # vLLM reads --served_model_name as --served-model-name
                 if a.split("=")[0].replace("_", "-") in OWN_FLAGS]
