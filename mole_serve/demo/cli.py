@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..checkpoint import MOLE_PEFT_TYPES, is_mole_adapter_dir
+from ..checkpoint import is_mole_adapter_dir
 from . import corpus
 from .build import Recipe, build
 from .server import (ServerError, VllmServer, default_env, exit_on_termination, local_http,
@@ -91,15 +91,15 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
         raise SystemExit(f"demo: --serve-args may not set {', '.join(clashing)}: the demo sets "
                          f"{', '.join(OWN_FLAGS)} itself (--base and --adapter choose what is "
                          "served)")
-    configs = [json.loads((p / "adapter_config.json").read_text()) for p in adapters.values()]
-    mole = [c for c in configs if str(c.get("peft_type", "")).upper() in MOLE_PEFT_TYPES]
-    plain = [c for c in configs if c not in mole]
+    configs = {n: json.loads((p / "adapter_config.json").read_text())
+               for n, p in adapters.items()}
+    mole = {n for n, p in adapters.items() if is_mole_adapter_dir(p)}
     # vLLM checks a PEFT adapter's largest rank, its rank_pattern's included, against one of
     # its allowed values; MoLE slots take the exact largest MoLE rank
     plain_rank = max((max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()])
-                      for c in plain), default=8)
-    mole_rank = max((c.get("r", 8) for c in mole), default=None)
-    experts = max((c.get("num_experts", 1) for c in configs), default=1)
+                      for n, c in configs.items() if n not in mole), default=8)
+    mole_rank = max((configs[n].get("r", 8) for n in mole), default=None)
+    experts = max((c.get("num_experts", 1) for c in configs.values()), default=1)
     try:
         max_rank = vllm_max_lora_rank(plain_rank)
     except ValueError as exc:
