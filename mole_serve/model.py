@@ -143,11 +143,12 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
         self.mole_adapter_slots: set[int] = set()  # slots holding a MoLE (not plain) adapter
         self.mole_reports_metrics = vllm_compat.counts_adapter_events()
-        adapter_modules = [m for m in self.modules() if isinstance(m, ProjectionAdapters)]
-        self.mole_routing = RoutingExport([stats for module in adapter_modules
+        # every layer's slot buffers (no two share a buffer)
+        self.mole_adapter_modules = [m for m in self.modules()
+                                     if isinstance(m, ProjectionAdapters)]
+        self.mole_routing = RoutingExport([stats for module in self.mole_adapter_modules
                                            for stats in module.routing_stats()])
-        slot_bytes = sum(b.nbytes for b in {id(b): b for m in adapter_modules
-                                             for b in m.buffers()}.values())
+        slot_bytes = sum(b.nbytes for m in self.mole_adapter_modules for b in m.buffers())
         vllm_compat.logger.info(
             "mole_serve: MoLE adapter slots take %.2f GiB on %s (%d slots x %d experts x "
             "rank %d, %s layers); --max-loras, --max-mole-experts and --max-mole-rank "
@@ -188,9 +189,8 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
             self.mole_adapter_slots.add(slot)
         else:
             self.mole_adapter_slots.discard(slot)
-        for module in self.modules():
-            if isinstance(module, ProjectionAdapters):
-                module.fill(slot, adapter)
+        for module in self.mole_adapter_modules:
+            module.fill(slot, adapter)
         if self.mole_reports_metrics and name is not None:  # not emptied, not a dummy
             metrics.slot_filled()
 
