@@ -35,7 +35,7 @@ class BaseShape:
         return cls(hidden=get("hidden_size"), intermediate=get("intermediate_size"),
                    num_layers=get("num_hidden_layers"), num_heads=heads,
                    num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim,
-                   hidden_act=get("hidden_act"))
+                   hidden_act=get("hidden_act") or get("hidden_activation"))  # Gemma's name
 
     def in_out(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of a projection of the frozen model."""

@@ -58,6 +58,10 @@ _KNOWN_KEYS = {
 }
 
 
+# PEFT inits that only set the first adapter weights (vLLM's list): a saved adapter of one of
+# them is a plain LoRA on the unmodified base.
+BASE_PRESERVING_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+
 @dataclass(frozen=True)
 class AdapterLimits:
     """What a server (or caller) can hold; None means unlimited."""
@@ -270,8 +274,11 @@ class MoleConfig:
             check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
             check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
         if self.routing_strategy == DYNMOLE:
-            check(1 <= self.keep_top_k <= self.num_experts, "keep_top_k",
-                  f"in [1, num_experts={self.num_experts}]", self.keep_top_k)
+            # DynMoLE accepts a floor above num_experts (it keeps every expert) and asserts a
+            # positive threshold (0 would broadcast every token to every expert).
+            check(self.keep_top_k >= 1, "keep_top_k", ">= 1", self.keep_top_k)
+            check(self.entropy_threshold > 0.0, "entropy_threshold", "> 0",
+                  self.entropy_threshold)
             check(0.0 < self.entropy_index <= 2.0, "entropy_index", "in (0, 2]",
                   self.entropy_index)
             # > 0 as DynMoLE asserts: log(p + eps) of a zero probability is -inf otherwise
@@ -360,18 +367,31 @@ def read_config_json(adapter_dir: str | pathlib.Path, adapter: str) -> dict[str,
 
 
 def _check_plain_lora(raw: dict[str, Any], adapter: str) -> None:
-    """PEFT LoRA options that change the math and that we do not implement are refused."""
-    for key in ("rank_pattern", "alpha_pattern"):
+    """PEFT LoRA options that change the math and that we do not implement are refused (the
+    set vLLM's own loader refuses, and per-layer selections the reference does not build)."""
+    for key, expected in (
+            ("rank_pattern", "empty (one rank and alpha for every module)"),
+            ("alpha_pattern", "empty (one rank and alpha for every module)"),
+            ("modules_to_save", "empty"), ("trainable_token_indices", "empty"),
+            ("layers_to_transform", "empty (every layer adapted)"),
+            ("layers_pattern", "empty (every layer adapted)"),
+            ("layer_replication", "empty (the base's layers as they are)"),
+            ("alora_invocation_tokens", "empty (Activated LoRA, which applies from its "
+                                        "invocation tokens on, is not implemented)"),
+            ("use_bdlora", "empty (block-diagonal LoRA is not implemented)"),
+            ("lora_bias", "false (LoRA bias is not implemented)"),
+            ("use_qalora", "false (QALoRA is not implemented)"),
+            ("fan_in_fan_out", "false")):
         if raw.get(key):
-            raise AdapterError(adapter, f"{CONFIG_NAME}:{key}", "empty (one rank and alpha "
-                               "for every module)", repr(raw[key]))
+            raise AdapterError(adapter, f"{CONFIG_NAME}:{key}", expected, repr(raw[key]))
     if raw.get("bias", "none") != "none":
         raise AdapterError(adapter, f"{CONFIG_NAME}:bias", "'none'", repr(raw["bias"]))
-    if raw.get("modules_to_save"):
-        raise AdapterError(adapter, f"{CONFIG_NAME}:modules_to_save", "empty",
-                           repr(raw["modules_to_save"]))
-    if raw.get("fan_in_fan_out"):
-        raise AdapterError(adapter, f"{CONFIG_NAME}:fan_in_fan_out", "false", "true")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in BASE_PRESERVING_INITS:
+        raise AdapterError(adapter, f"{CONFIG_NAME}:init_lora_weights", "an init that leaves "
+                           f"the base weights unchanged (true, false or one of "
+                           f"{sorted(BASE_PRESERVING_INITS)}): PiSSA, OLoRA, CorDA and LoftQ "
+                           "adapters apply to a modified base", repr(init))
 
 
 def _integer(adapter: str, key: str, value: Any) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from .adapter import BaseShape, MoleAdapter
 from .checkpoint import check_fits
 from .config import ATTENTION_PROJS
-from .reference import ACTIVATIONS, FrozenFFN, mole_ffn, mole_projection
+from .reference import FrozenFFN, mole_ffn, model_activation, mole_projection
 from .stack import LayerStack, stack_layer
 
 
@@ -30,12 +30,7 @@ class MoleAttachment:
             raise ValueError(f"adapter names must be unique, got {names}")
         self.model = model
         self.base = BaseShape.from_hf_config(model.config)
-        self.act_fn = self.base.hidden_act or "silu"
-        bias = getattr(model.config, "mlp_bias", False)
-        if self.act_fn not in ACTIVATIONS or bias:
-            raise ValueError(f"the model's MLP (hidden_act {self.act_fn!r}, mlp_bias {bias}) "
-                             f"is not one the reference computes: activations "
-                             f"{list(ACTIVATIONS)}, no biases")
+        self.act_fn = model_activation(self.base.hidden_act, model.config)
         for adapter in adapters:
             check_fits(adapter, self.base)
         self.slot_of = {name: slot for slot, name in enumerate(names)}

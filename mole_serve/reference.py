@@ -33,6 +33,16 @@ ACTIVATIONS = {
 }
 
 
+def model_activation(base_act: str | None, model_config: object) -> str:
+    """The activation of a transformers model's MLP when the reference can compute that MLP;
+    ValueError for an activation it lacks or names none, or projections with biases."""
+    bias = getattr(model_config, "mlp_bias", False)
+    if base_act not in ACTIVATIONS or bias:
+        raise ValueError(f"the model's MLP (hidden_act {base_act!r}, mlp_bias {bias}) is not one "
+                         f"the reference computes: activations {list(ACTIVATIONS)}, no biases")
+    return base_act
+
+
 @dataclass
 class FrozenFFN:
     """A Llama MLP's frozen weights ([out, in], nn.Linear layout)."""

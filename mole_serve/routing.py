@@ -185,7 +185,9 @@ def z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
 def router_loss(router_logits: torch.Tensor, config: MoleConfig,
                 token_mask: torch.Tensor | None = None, *, balance_coef: float = 0.001,
                 entropy_coef: float = 0.01, z_coef: float = 0.001) -> torch.Tensor:
-    """The auxiliary loss MoE-PEFT / DynMoLE add for one adapter (defaults of their code)."""
+    """The auxiliary loss MoE-PEFT / DynMoLE add for one adapter (defaults of their code).
+    Over the tokens of `token_mask` only: the peers' dynamic, switch and entropy terms also
+    average over padding, which would pull the router towards what padding routes to."""
     loss = balance_coef * load_balance_loss(router_logits, config, token_mask)
     if config.routing_strategy == DYNMOLE:
         loss = loss + entropy_coef * entropy_loss(router_logits, config, token_mask)

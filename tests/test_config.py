@@ -119,6 +119,38 @@ def test_bad_configs_name_the_field(change, item, expected):
     assert "adapter 'math'" in str(err) and item in str(err)
 
 
+PLAIN = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+         "target_modules": ["q_proj", "v_proj"], "init_lora_weights": True}
+
+
+@pytest.mark.parametrize("change, item, expected", [
+    ({"rank_pattern": {"q_proj": 4}}, "rank_pattern", "one rank and alpha"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save", "empty"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices", "empty"),
+    ({"layers_to_transform": [0]}, "layers_to_transform", "every layer adapted"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication", "the base's layers"),
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens", "Activated LoRA"),
+    ({"use_bdlora": {"block": 2}}, "use_bdlora", "block-diagonal"),
+    ({"lora_bias": True}, "lora_bias", "LoRA bias"),
+    ({"use_qalora": True}, "use_qalora", "QALoRA"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out", "false"),
+    ({"bias": "all"}, "bias", "'none'"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights", "leaves the base"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights", "leaves the base"),
+])
+def test_plain_lora_options_that_change_the_math_are_refused(change, item, expected):
+    """The PEFT features vLLM's loader refuses, and per-layer selections: served or attached
+    as a plain LoRA on every layer of the unmodified base they would compute another model."""
+    with pytest.raises(AdapterError) as info:
+        MoleConfig.from_dict(dict(PLAIN, **change), adapter="plain")
+    assert info.value.item == f"adapter_config.json:{item}" and expected in info.value.expected
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_plain_lora_inits_that_leave_the_base_unchanged_load(init):
+    assert MoleConfig.from_dict(dict(PLAIN, init_lora_weights=init)).is_plain_lora
+
+
 def test_missing_required_field():
     raw = {k: v for k, v in MOE_PEFT.items() if k != "num_experts"}
     with pytest.raises(AdapterError, match="num_experts: expected present, found missing"):
@@ -126,8 +158,11 @@ def test_missing_required_field():
 
 
 def test_bad_dynmole_values():
-    with pytest.raises(AdapterError, match="keep_top_k"):
-        MoleConfig.from_dict(dict(DYNMOLE, keep_top_k=7))
+    with pytest.raises(AdapterError, match="keep_top_k: expected >= 1"):
+        MoleConfig.from_dict(dict(DYNMOLE, keep_top_k=0))
+    assert MoleConfig.from_dict(dict(DYNMOLE, keep_top_k=7)).keep_top_k == 7  # as DynMoLE
+    with pytest.raises(AdapterError, match="entropy_threshold: expected > 0"):
+        MoleConfig.from_dict(dict(DYNMOLE, entropy_threshold=0.0))
     with pytest.raises(AdapterError, match="entropy_type"):
         MoleConfig.from_dict(dict(DYNMOLE, entropy_type="renyi"))
     with pytest.raises(AdapterError, match="top_p"):

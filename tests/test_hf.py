@@ -1,6 +1,7 @@
 """The transformers integration: per-row adapters in one forward, generation, detach."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -127,3 +128,32 @@ def test_plain_peft_lora_matches_peft(model, tmp_path):
     finally:
         attachment.detach()
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_activation_is_read_under_gemma_s_name_and_never_guessed():
+    """Gemma2 names its MLP activation `hidden_activation`: base rows computed by the
+    reference MLP beside an adapter's rows match the model (silu guessed for it did not);
+    a config naming no activation is refused."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from mole_serve.adapter import init_adapter
+    from mole_serve.config import MoleConfig
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, vocab_size=300)).eval()
+    assert BaseShape.from_hf_config(gemma.config).hidden_act == "gelu_pytorch_tanh"
+    adapter = init_adapter(MoleConfig("mixlora", 3, 4, 8, ("gate_proj", "up_proj")),
+                           BaseShape.from_hf_config(gemma.config), "m", b_std=0.1)
+    ids = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        base = gemma(ids).logits
+        attachment = attach_adapters(gemma, [adapter])
+        with attachment.use([None, "m"]):
+            mixed = gemma(ids.expand(2, -1)).logits
+        attachment.detach()
+    torch.testing.assert_close(mixed[0], base[0], rtol=0, atol=1e-5)
+    unnamed = types.SimpleNamespace(config=types.SimpleNamespace(
+        hidden_size=96, intermediate_size=200, num_hidden_layers=1, num_attention_heads=3))
+    with pytest.raises(ValueError, match="hidden_act None"):
+        attach_adapters(unnamed, [])

@@ -35,6 +35,7 @@ PEER_ADAPTERS = {
     "moe-peft-ffn-top1-rslora": ("moe-peft", "mixlora", [
         "--targets", "gate_proj,up_proj,down_proj", "--num-experts", "3", "--top-k", "1",
         "--rslora", "--r", "4", "--alpha", "8"]),
+    "moe-peft-switch": ("moe-peft", "mixlora-switch", []),
     "mixlora-topk": ("mixlora", "mixlora", []),
     "mixlora-e3-top3-rslora": ("mixlora", "mixlora", ["--num-experts", "3", "--top-k", "3",
                                                       "--rslora"]),
@@ -98,6 +99,7 @@ OURS = {
     "topk-ffn-rslora": ("mixlora", {"target_modules": ("gate_proj", "up_proj", "down_proj"),
                                     "use_rslora": True, "top_k": 3}, ["moe-peft", "mixlora"]),
     "dynamic": ("mixlora-dynamic", {"top_p": 0.6}, ["moe-peft"]),
+    "switch": ("mixlora-switch", {}, ["moe-peft"]),
 }
 
 

@@ -91,6 +91,8 @@ def test_dynmole_excludes_the_crossing_expert():
 def test_dynmole_keeps_at_least_keep_top_k():
     probs = [0.9, 0.06, 0.04]
     check(cfg("dynmole", 3, top_p=0.75, keep_top_k=2), probs, [0.9, 0.06, 0.0])
+    # a floor above num_experts (DynMoLE accepts it) keeps every expert
+    check(cfg("dynmole", 3, top_p=0.75, keep_top_k=5), probs, probs)
 
 
 def test_dynmole_broadcasts_all_experts_above_the_entropy_threshold():

@@ -775,3 +775,17 @@ def test_gradient_clipping_is_an_option(world, tmp_path, monkeypatch, max_grad_n
                         lambda params, norm: clipped.append(norm))
     run(world, tmp_path, spec(world, "rev", "mixlora", steps=2, max_grad_norm=max_grad_norm))
     assert clipped == ([max_grad_norm] * 2 if max_grad_norm else [])
+
+
+@pytest.mark.parametrize("change", [{"mlp_bias": True}, {"hidden_act": "quick_gelu"}])
+def test_bases_whose_mlp_the_reference_cannot_compute_are_refused(change):
+    """The trainer computes the frozen MLP itself (the server's math): a biased MLP (whose
+    bias the expert mix would weight) or an activation it lacks is refused, not guessed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mole_serve.training.modules import MoleTrainingModel
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         vocab_size=300, **change))
+    with pytest.raises(ValueError, match="is not one the reference computes"):
+        MoleTrainingModel(model, [])

@@ -256,27 +256,29 @@ def test_routing_stats_change_no_output():
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
-def two_ranks(run):
-    """`run(shard)` on two simulated tensor-parallel ranks, one after the other. vLLM's
+def tp_ranks(run, world: int):
+    """`run(shard)` on `world` simulated tensor-parallel ranks, one after the other. vLLM's
     all-reduce gives every rank the sum of all ranks' inputs, so a first pass records each
     rank's all-reduce inputs, and a second pass, whose results are returned, gets their sums
     call by call (an all-reduce input never depends on an earlier all-reduce of its step)."""
     from mole_serve.layers import TensorShard
-    recorded = [[], []]
-    for rank in range(2):
-        run(TensorShard(rank, 2, lambda t, calls=recorded[rank]: calls.append(t) or t))
-    sums = [a + b for a, b in zip(*recorded, strict=True)]
-    return [run(TensorShard(rank, 2, lambda t, calls=iter(sums): next(calls)))
-            for rank in range(2)], len(sums)
+    recorded = [[] for _ in range(world)]
+    for rank in range(world):
+        run(TensorShard(rank, world, lambda t, calls=recorded[rank]: calls.append(t) or t))
+    sums = [sum(calls) for calls in zip(*recorded, strict=True)]
+    return [run(TensorShard(rank, world, lambda t, calls=iter(sums): next(calls)))
+            for rank in range(world)], len(sums)
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
-    """Two simulated ranks, split as vLLM splits the frozen MLP (gate/up by output rows, down
+def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend, world):
+    """Simulated ranks, split as vLLM splits the frozen MLP (gate/up by output rows, down
     by input columns): each rank's FFN output, deltas included, is a partial sum, and the
     partials add up (the base down projection's all-reduce) to the unsharded result. The
-    DynMoLE router on down_proj sees half its input on each rank: ranks route from their
-    all-reduced logits."""
+    DynMoLE router on down_proj sees a part of its input on each rank: ranks route from their
+    all-reduced logits, so the first rank (the only one the model lets count) counts the
+    unsharded routing."""
     from mole_serve.layers import TensorShard
     mix, dyn, dynamic = adapters()
     column_dynmole = init_adapter(MoleConfig("dynmole", 4, 2, 4, ("gate_proj", "up_proj")),
@@ -286,6 +288,7 @@ def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
     slots = randint(-1, 4, (23,), generator=g)
     x = randn(23, 64, generator=g)
     gate, up, down = (randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96)))
+    counted = {}
 
     def ffn_output(shard):
         ffn = FFNAdapters(SlotLimits(4, 8, 5), BASE, 1, step_slots(4, slots, BACKENDS[backend]),
@@ -293,23 +296,32 @@ def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend):
         for slot, adapter in enumerate((mix, column_dynmole, dynamic, dyn)):
             ffn.fill(slot, adapter)
         part = shard.part(96)
-        return ffn_step(ffn, FrozenFFN(gate[part], up[part], down[:, part]), x)
+        out = ffn_step(ffn, FrozenFFN(gate[part], up[part], down[:, part]), x)
+        counted[shard.rank] = [stats.added() for stats in ffn.routing_stats()]
+        return out
 
     whole = ffn_output(TensorShard())
-    ranks, all_reduces = two_ranks(ffn_output)
+    unsharded_counts = counted[0]
+    ranks, all_reduces = tp_ranks(ffn_output, world)
     assert all_reduces == 1, "down_proj's router logits, once per step"
     assert (slots == 3).any(), "tokens routed by the down_proj router"
-    torch.testing.assert_close(ranks[0] + ranks[1], whole)
+    torch.testing.assert_close(sum(ranks), whole)
     assert not torch.allclose(ranks[0], whole, atol=1e-3), "each rank holds only a part"
+    for sharded, unsharded in zip(counted[0], unsharded_counts, strict=True):
+        # counts exact (a moved token is off by 1); the entropy sum to fp32 rounding
+        torch.testing.assert_close(sharded, unsharded, rtol=1e-5, atol=1e-9)
+    assert any(c[..., :4].sum() > 0 for c in unsharded_counts), "selections were counted"
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend):
+def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend, world):
     """o_proj's input (the attention heads) is split over ranks: a DynMoLE router there
     routes from the ranks' summed logits; a MixLoRA-only server's one-expert attention LoRA
     needs no logits and no all-reduce."""
     from mole_serve.layers import TensorShard
-    dyn_o = init_adapter(MoleConfig("dynmole", 3, 4, 8, ("o_proj",), top_p=0.6), BASE, "o",
+    base = dataclasses.replace(BASE, num_heads=4, head_dim=16)  # heads for 4 ranks
+    dyn_o = init_adapter(MoleConfig("dynmole", 3, 4, 8, ("o_proj",), top_p=0.6), base, "o",
                          generator=torch.Generator().manual_seed(8), b_std=0.1, router_std=0.5)
     mix, _, _ = adapters()
     g = torch.Generator().manual_seed(9)
@@ -317,7 +329,7 @@ def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend
     x = randn(19, 64, generator=g)
 
     def o_output(shard, limits=SlotLimits(2, 8, 5), loaded=(dyn_o, mix)):
-        attention = ProjectionAdapters(limits, BASE, 1,
+        attention = ProjectionAdapters(limits, base, 1,
                                        step_slots(2, slots, BACKENDS[backend]),
                                        {"o": ("o_proj",)}, BACKENDS[backend],
                                        shard=shard).to(DEVICE)
@@ -328,15 +340,58 @@ def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend
                                  attention.slot_batch(19), "o")
 
     whole = o_output(TensorShard())
-    ranks, all_reduces = two_ranks(o_output)
+    ranks, all_reduces = tp_ranks(o_output, world)
     assert all_reduces == 1
-    torch.testing.assert_close(ranks[0] + ranks[1], whole)
+    torch.testing.assert_close(sum(ranks), whole)
     assert whole[slots == 0].abs().sum() > 0, "the routed o_proj delta"
     whole = o_output(TensorShard(), SlotLimits(2, 8, 1), (None, mix))
-    ranks, all_reduces = two_ranks(
-        lambda shard: o_output(shard, SlotLimits(2, 8, 1), (None, mix)))
+    ranks, all_reduces = tp_ranks(
+        lambda shard: o_output(shard, SlotLimits(2, 8, 1), (None, mix)), world)
     assert all_reduces == 0
-    torch.testing.assert_close(ranks[0] + ranks[1], whole)
+    torch.testing.assert_close(sum(ranks), whole)
+
+
+@pytest.mark.parametrize("heads, kv_heads, world", [(4, 2, 2), (4, 1, 2), (4, 2, 4), (8, 2, 4)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_qkv_deltas_are_the_rank_s_columns(backend, heads, kv_heads, world):
+    """q/k/v are column-parallel with one fused output per rank, [q_local | k_local |
+    v_local], k/v heads split or replicated as vLLM does: each rank's deltas (DynMoLE
+    routed, MixLoRA's attention LoRA) are exactly those columns of the unsharded deltas."""
+    from mole_serve.layers import TensorShard
+    base = dataclasses.replace(BASE, num_heads=heads, num_kv_heads=kv_heads, head_dim=16)
+    g = torch.Generator().manual_seed(11)
+    dyn = init_adapter(MoleConfig("dynmole", 3, 4, 8, ("q_proj", "k_proj", "v_proj"),
+                                  top_p=0.6), base, "d", generator=g, b_std=0.3, router_std=0.5)
+    mix = init_adapter(MoleConfig("mixlora", 3, 4, 8, ("q_proj", "k_proj", "v_proj",
+                                                       "gate_proj")), base, "m", generator=g,
+                       b_std=0.3, router_std=0.5)
+    slots = randint(-1, 2, (13,), generator=g)
+    x = randn(13, 64, generator=g)
+    q, kv = heads * 16, kv_heads * 16
+
+    def qkv_output(shard, q_part, kv_part):
+        attention = ProjectionAdapters(SlotLimits(2, 8, 4), base, 1,
+                                       step_slots(2, slots, BACKENDS[backend]),
+                                       {"qkv": ("q_proj", "k_proj", "v_proj")},
+                                       BACKENDS[backend], shard=shard).to(DEVICE)
+        attention.fill(0, dyn)
+        attention.fill(1, mix)
+        width = len(range(q)[q_part]) + 2 * len(range(kv)[kv_part])
+        return attention.project(torch.zeros(13, width, device=DEVICE), x,
+                                 attention.slot_batch(13), "qkv")
+
+    whole_q, whole_k, whole_v = qkv_output(TensorShard(), slice(None), slice(None)).split(
+        [q, kv, kv], -1)
+    assert whole_q[slots >= 0].abs().sum() > 0 and whole_v[slots >= 0].abs().sum() > 0
+    for rank in range(world):
+        shard = TensorShard(rank, world, lambda t: t)
+        q_part, kv_part = shard.part(q), shard.kv_part(kv_heads, 16)
+        local_q, local_kv = q // world, kv_part.stop - kv_part.start
+        rank_q, rank_k, rank_v = qkv_output(shard, q_part, kv_part).split(
+            [local_q, local_kv, local_kv], -1)
+        torch.testing.assert_close(rank_q, whole_q[:, q_part])
+        torch.testing.assert_close(rank_k, whole_k[:, kv_part])
+        torch.testing.assert_close(rank_v, whole_v[:, kv_part])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

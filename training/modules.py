@@ -21,7 +21,8 @@ from torch import nn
 
 from mole_serve.adapter import BaseShape, ExpertLoRAs, LoRA, MoleAdapter, MoleLayer
 from mole_serve.config import ATTENTION_PROJS
-from mole_serve.reference import ACTIVATIONS, gated_delta_literal, lora_delta
+from mole_serve.reference import (ACTIVATIONS, gated_delta_literal, lora_delta,
+                                   model_activation)
 from mole_serve.routing import route_config
 
 
@@ -136,7 +137,7 @@ class MoleTrainingModel(nn.Module):
         seeds = dropout_seeds or [0] * len(adapters)
         self.adapters = nn.ModuleDict({a.name: AdapterParameters(a, seed)
                                        for a, seed in zip(adapters, seeds)})
-        self.act_fn = getattr(model.config, "hidden_act", "silu")
+        self.act_fn = model_activation(self.base.hidden_act, model.config)
         self.row_groups: list[tuple[str, torch.Tensor]] = []
         self.token_mask: torch.Tensor | None = None
         self.router_log: RouterLog | None = None

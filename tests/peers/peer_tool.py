@@ -4,7 +4,7 @@ Runs only in .venv-peers (moe-peft needs transformers 4.46.x); the test suite ca
 
     peer_tool.py base OUT_DIR [--seed 0]
     peer_tool.py create --lib {moe-peft,mixlora} --base BASE --out ADAPTER_DIR
-        --strategy {mixlora,mixlora-dynamic} [--num-experts 4] [--top-k 2] [--top-p 0.8]
+        --strategy {mixlora,mixlora-dynamic,mixlora-switch} [--num-experts 4] [--top-k 2] [--top-p 0.8]
         [--temperature 0.0] [--r 8] [--alpha 16] [--targets q_proj,...,down_proj] [--rslora] [--seed 1]
     peer_tool.py logits --lib {moe-peft,mixlora} --base BASE --adapter ADAPTER_DIR --out OUT.pt
 
@@ -20,6 +20,9 @@ Workarounds for the libraries' pitfalls (details: /work/shared/reference/peers_c
   always on, and silently skips attention LoRAs whose parameters have requires_grad=False, so we
   always pass efficient_operator_=False. mixlora also multiplies the router input by random jitter
   whenever jitter_noise > 0, even at inference (moe-peft skips it there), so we zero it.
+- moe-peft's inference mode returns a mixlora-switch block's input unchanged (the FFN skipped):
+  switch logits come from its training-mode forward with LoRA dropout off, jitter 0 and an
+  expert capacity of the sequence length (servers drop no token), i.e. p_max * FFN_e(x).
 - moe-peft loads the base in bf16 by default (the CPU reports bf16 support): load_dtype=float32.
 - mixlora has no create/init/save code and accepts routing_strategy 'mixlora' only. We build its
   weights dict by hand in its key layout, inject it, and save cfg.export() + torch.save ourselves.
@@ -101,17 +104,24 @@ def moepeft_model(base):
 def moepeft_forward(model, name, inputs):
     import moe_peft
 
+    ids = inputs["input_ids"]
+    switch = False
     for layer in model.model_.layers_:
         attn, mlp = layer.state_dict()
         for linear in (*attn.values(), *mlp.values()):
             for lora in linear.loras_.values():
                 lora.eval()
-    ids = inputs["input_ids"]
+        moe = layer.mlp_.moes_.get(name)
+        if type(moe).__name__ == "SwitchSparseMoe":
+            # moe-peft's inference mode returns a switch block's input unchanged; its training
+            # forward is the switch math: run that, jitter off and a capacity no sequence
+            # overflows (a server drops no token)
+            moe.jitter_noise_, moe.expert_capacity_, switch = 0.0, ids.shape[1], True
     batch = moe_peft.LLMModelInput(
         batch_configs_=[moe_peft.LLMBatchConfig(adapter_name_=name, batch_start_idx_=0,
                                                 batch_end_idx_=ids.shape[0])],
         batch_tokens_=ids.tolist(), batch_masks_=inputs["attention_mask"].tolist(),
-        inference_mode_=True, efficient_operator_=False)
+        inference_mode_=not switch, efficient_operator_=False)
     out = model.forward(batch)[0]
     return {"logits": plain(out.logits), "router_logits": plain(out.router_logits)}
 
@@ -122,8 +132,9 @@ def moepeft_create(a, out_dir, inputs):
     from moe_peft.trainer import TrainConfig, save_adapter_weight
 
     name = os.path.basename(out_dir)
-    routing = ({"top_k": a.top_k} if a.strategy == "mixlora"
-               else {"top_p": a.top_p, "temperature": a.temperature})
+    routing = {"mixlora": {"top_k": a.top_k},
+               "mixlora-dynamic": {"top_p": a.top_p, "temperature": a.temperature},
+               "mixlora-switch": {"jitter_noise": 0.0}}[a.strategy]
     cfg = moe_peft.adapter_factory(
         "MIXLORA", name, routing_strategy=a.strategy, num_experts=a.num_experts, r=a.r,
         lora_alpha=a.alpha, lora_dropout=LORA_DROPOUT, target_modules=a.targets,
@@ -288,7 +299,8 @@ def parse_args(argv):
         s.add_argument("--lib", required=True, choices=["moe-peft", "mixlora"])
         s.add_argument("--base", required=True)
         s.add_argument("--out", required=True)
-    create.add_argument("--strategy", required=True, choices=["mixlora", "mixlora-dynamic"])
+    create.add_argument("--strategy", required=True,
+                        choices=["mixlora", "mixlora-dynamic", "mixlora-switch"])
     for flag, kind, default in (("--num-experts", int, 4), ("--top-k", int, 2), ("--top-p", float, 0.8),
                                 ("--temperature", float, 0.0), ("--r", int, 8), ("--alpha", int, 16),
                                 ("--seed", int, 1)):
