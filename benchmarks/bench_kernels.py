@@ -4,7 +4,7 @@ test references cannot drift).
 
 Rows: tokens x adapters (1, 32) x popularity (uniform, Zipf 1.0) x strategy (MixLoRA top-2,
 MixLoRA dynamic top-p and per-linear DynMoLE, both calibrated to the same mean experts per
-token as top-2) x impl:
+token as top-2, DynMoLE's averaged over its gate, up and down routers) x impl:
 - `base`: merged gate/up GEMM + SiLU·mul + down GEMM (what a server without adapters runs);
 - `mole`: the layer as vLLM runs it: the same two GEMMs and SiLU·mul plus the kernels
   (3 launches for MixLoRA and for DynMoLE; up to E experts per token, as a served slot),
@@ -28,6 +28,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import os
 import pathlib
 import sys
@@ -96,18 +97,17 @@ def make_adapters(strategy: str, setup: Setup, count: int, top_p: float) -> list
 
 
 def mean_experts(strategy: str, setup: Setup, top_p: float, device: str) -> float:
-    """Mean selected experts per token (per routed projection for DynMoLE)."""
-    adapters = make_adapters(strategy, setup, 1, top_p)
-    stack = stack_layer(adapters, 0, shape_of(setup)).to(device)
+    """Mean selected experts per token, as the benchmarked pipeline routes them (served
+    dtype and k_max); for DynMoLE the mean over its gate, up and down routers (down routes
+    the intermediate, whose spread differs from x's)."""
+    layer = Layer(setup, make_adapters(strategy, setup, 1, top_p), device)
     n = setup.calibration_tokens
-    x = torch.randn(n, setup.hidden, generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn(n, setup.hidden, generator=torch.Generator().manual_seed(1)).to(
+        device, setup.dtype)
     plan = plan_tokens(torch.zeros(n, dtype=torch.long, device=device), 1, BLOCK_M)
-    if stack.ffn is not None:
-        weights = mixlora_route(x, plan, stack.ffn).weights
-    else:
-        y = torch.zeros(n, setup.intermediate, device=device)
-        weights = gated_lora_(y, x, plan, stack.gated["gate_proj"]).weights
-    return (weights > 0).float().sum(1).mean().item()
+    routings: list = []
+    layer.mole(x, plan, routings)
+    return torch.stack([(r.weights > 0).float().sum(1).mean() for r in routings]).mean().item()
 
 
 def calibrate_top_p(strategy: str, setup: Setup, device: str, target: float = 2.0) -> float:
@@ -144,17 +144,25 @@ def served_k_max(stack: LayerStack) -> LayerStack:
         stack.lora)
 
 
+@functools.lru_cache(maxsize=2)
+def frozen_weights(setup: Setup, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen gate_up [2I, H] and down [H, I] every layer of a run shares (seeded: the
+    calibration routes what the timed layers route)."""
+    g = torch.Generator().manual_seed(2)
+    H, I = setup.hidden, setup.intermediate
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g) / cols ** 0.5).to(device, setup.dtype)
+
+    return weight(2 * I, H), weight(H, I)
+
+
 class Layer:
     """One decoder layer's frozen FFN (merged gate/up, as vLLM stores it) and MoLE stacks."""
 
     def __init__(self, setup: Setup, adapters: list[MoleAdapter], device: str):
-        g = torch.Generator().manual_seed(2)
-        H, I = setup.hidden, setup.intermediate
-
-        def weight(rows: int, cols: int) -> torch.Tensor:
-            return (torch.randn(rows, cols, generator=g) / cols ** 0.5).to(device, setup.dtype)
-
-        self.gate_up, self.down = weight(2 * I, H), weight(H, I)
+        I = setup.intermediate
+        self.gate_up, self.down = frozen_weights(setup, device)
         self.frozen = FrozenFFN(self.gate_up[:I], self.gate_up[I:], self.down)
         self.adapters = [_to_device(a, device) for a in adapters]
         self.stack: LayerStack = served_k_max(stack_layer(adapters, 0, shape_of(setup)).to(

@@ -16,7 +16,8 @@ Reports output tokens/s (over the time from the first send to the last answer) a
 TPOT p50 and p99. Rows are appended to `OUT/serving.csv`; `OUT/serving_throughput.png` and
 `OUT/serving_latency.png` plot this run. A point with failed requests writes no row (its
 first error is printed), a server that fails to start or warm up skips its config, and the
-run exits 1 after the others, keeping its work dir (server logs) for a look.
+run exits 1 after the others, keeping its work dir for a look and its server logs' tails as
+`OUT/server_CONFIG.log`.
 
 CPU box:  python benchmarks/bench_serving.py                    (tiny shape, N = 1, 4)
 GPU host: python benchmarks/bench_serving.py --shape llama2-7b  (N = 1, 8, 32)
@@ -354,10 +355,23 @@ def main(argv=None) -> int:
         status = sweep(args, configs, work)
         return status
     finally:
+        if status:
+            keep_server_logs(work, args.out)
         if args.keep or status:
             print(f"work dir kept (server logs: {work}/*.log): {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def keep_server_logs(work: pathlib.Path, out: pathlib.Path, tail_bytes: int = 2**20) -> None:
+    """The servers' log tails beside the CSV (`OUT/server_CONFIG.log`): the work dir of a
+    run on a borrowed machine never comes back, and a failed point's engine traceback is
+    the only account of why."""
+    out.mkdir(parents=True, exist_ok=True)
+    for log in sorted(work.glob("*.log")):
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - tail_bytes))
+            (out / f"server_{log.name}").write_bytes(f.read())
 
 
 def sweep(args: argparse.Namespace, configs: list[str], work: pathlib.Path) -> int:

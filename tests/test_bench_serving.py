@@ -158,10 +158,21 @@ def test_work_dir_is_removed_unless_a_point_failed(tmp_path, monkeypatch, status
 
     import bench_serving
 
+    def sweep(args, configs, work):
+        (work / "mole.log").write_text("start\n" + "x" * 2**20 + "\nTraceback: engine died\n")
+        return status
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(bench_serving, "sweep", lambda args, configs, work: status)
-    assert bench_serving.main(["--shape", "tiny"]) == status
+    monkeypatch.setattr(bench_serving, "sweep", sweep)
+    out = tmp_path / "out"
+    assert bench_serving.main(["--shape", "tiny", "--out", str(out)]) == status
     assert len(list(tmp_path.glob("bench_serving_*"))) == status
+    # and copies their tails beside the CSV, which is all that comes back from a GPU host
+    kept = out / "server_mole.log"
+    assert kept.exists() == bool(status)
+    if status:
+        text = kept.read_text()
+        assert text.endswith("Traceback: engine died\n") and not text.startswith("start")
 
 
 def test_a_config_whose_server_fails_is_skipped_and_the_run_fails(tmp_path, monkeypatch):

@@ -102,3 +102,89 @@ def test_tuned_table_that_could_not_launch_is_refused_naming_its_file(edit, mess
     edit(document)
     with pytest.raises(ValueError, match=f"bad.json.*{message}"):
         configs.TunedTable.parse(json.dumps(document), "bad.json")
+
+
+def bench_kernels():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_kernels
+    return bench_kernels
+
+
+@pytest.mark.parametrize("strategy", ["top-2", "dynmole"])
+def test_bytes_floor_counts_each_selected_expert_and_used_router_once(strategy):
+    """The floor's bytes, counted independently from the reference routing of each slot's
+    tokens: frozen weights, x and y, the factors of every distinct (slot, expert) a router
+    selects (MixLoRA: gate/up/down factors of its FFN experts; DynMoLE: per projection,
+    down routing the intermediate) and each used slot's fp32 routers."""
+    import torch
+    import torch.nn.functional as F
+
+    from mole_serve.reference import gated_linear_literal
+    from mole_serve.routing import route_config
+    bk = bench_kernels()
+    setup = bk.SMOKE
+    H, I, r, E = setup.hidden, setup.intermediate, setup.rank, setup.experts
+    adapters = bk.make_adapters(strategy, setup, 3, 0.75)
+    layer = bk.Layer(setup, adapters, "cpu")
+    x = torch.randn(40, H, generator=torch.Generator().manual_seed(3))
+    slots = bk.draw_slots(40, 3, "zipf1.0", "cpu")
+    plan = bk.plan_tokens(slots, bk.num_slots(layer.stack), bk.BLOCK_M)
+    expected = 3 * H * I * 4 + 2 * x.numel() * 4
+    for slot in slots.unique().tolist():
+        weights, config, xs = adapters[slot].layers[0], adapters[slot].config, x[slots == slot]
+        if strategy == "top-2":
+            w, ids = route_config(F.linear(xs, weights.router), config)
+            expected += len(set(ids[w > 0].tolist())) * (3 * r * H + 3 * r * I) * 4 + E * H * 4
+            continue
+        frozen, routers, experts = layer.frozen, weights.routers, weights.experts
+        gate, gate_logits = gated_linear_literal(xs, frozen.gate, routers["gate_proj"],
+                                                 experts["gate_proj"], config)
+        up, up_logits = gated_linear_literal(xs, frozen.up, routers["up_proj"],
+                                             experts["up_proj"], config)
+        _, down_logits = gated_linear_literal(F.silu(gate) * up, frozen.down,
+                                              routers["down_proj"], experts["down_proj"], config)
+        for logits, fan_in in ((gate_logits, H), (up_logits, H), (down_logits, I)):
+            w, ids = route_config(logits, config)
+            expected += len(set(ids[w > 0].tolist())) * (H + I) * r * 4 + E * fan_in * 4
+    assert bk.floor_bytes(layer, setup, x, slots, plan, True) == expected
+    assert bk.floor_bytes(layer, setup, x, slots, plan, False) == 3 * H * I * 4 + 2 * 40 * H * 4
+
+
+def reference_mean_experts(bk, strategy: str, setup, top_p: float) -> float:
+    """Mean experts per token over every router, from the reference math."""
+    import torch
+    import torch.nn.functional as F
+
+    from mole_serve.reference import gated_linear_literal
+    from mole_serve.routing import route_config
+    adapter = bk.make_adapters(strategy, setup, 1, top_p)[0]
+    weights, config = adapter.layers[0], adapter.config
+    x = torch.randn(setup.calibration_tokens, setup.hidden,
+                    generator=torch.Generator().manual_seed(1))
+    if strategy == "top-p":
+        logits = [F.linear(x, weights.router)]
+    else:
+        frozen = bk.Layer(setup, [adapter], "cpu").frozen
+        gate, gate_logits = gated_linear_literal(x, frozen.gate, weights.routers["gate_proj"],
+                                                 weights.experts["gate_proj"], config)
+        up, up_logits = gated_linear_literal(x, frozen.up, weights.routers["up_proj"],
+                                             weights.experts["up_proj"], config)
+        _, down_logits = gated_linear_literal(F.silu(gate) * up, frozen.down,
+                                              weights.routers["down_proj"],
+                                              weights.experts["down_proj"], config)
+        logits = [gate_logits, up_logits, down_logits]
+    counts = [(route_config(lg, config)[0] > 0).float().sum(1).mean() for lg in logits]
+    return torch.stack(counts).mean().item()
+
+
+@pytest.mark.parametrize("strategy", ["top-p", "dynmole"])
+def test_calibrated_top_p_gives_top_2_s_mean_experts_over_every_router(strategy):
+    """Top-p and DynMoLE are compared with top-2 at its mean of 2 experts per token: the
+    bisection reaches it within the tolerance, counted (by the reference) over all of
+    DynMoLE's routers, down's included."""
+    bk = bench_kernels()
+    setup = dataclasses.replace(bk.SMOKE, calibration_tokens=256, calibration_steps=12,
+                                calibration_tolerance=0.1)
+    top_p = bk.calibrate_top_p(strategy, setup, "cpu")
+    assert abs(reference_mean_experts(bk, strategy, setup, top_p) - 2.0) <= 0.1
+    assert abs(bk.mean_experts(strategy, setup, top_p, "cpu") - 2.0) <= 0.1
