@@ -62,6 +62,7 @@ _KNOWN_KEYS = {
 # them is a plain LoRA on the unmodified base.
 BASE_PRESERVING_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
 
+
 @dataclass(frozen=True)
 class AdapterLimits:
     """What a server (or caller) can hold; None means unlimited."""
