@@ -797,6 +797,14 @@ def _skip_no_adapter_rows(op: Callable) -> Callable:
         no_adapter = indices < 0
         if not bool(no_adapter.any()):      # CPU only: no device sync involved
             return op(inputs, weights, output, indices, *args, **kwargs)
+        if indices.shape[0] != output.shape[0]:
+            # The prompt-logprobs pass computes one request's prompt rows against the step's
+            # per-request indices (upstream #51594). When no request of the step has logits
+            # (lm_head) LoRA weights, every row keeps its output, exactly; otherwise vLLM's
+            # own behaviour (the einsum broadcasts one request's index, fails on several).
+            if not bool(weights[indices[~no_adapter]].any()):
+                return None
+            return op(inputs, weights, output, indices, *args, **kwargs)
         kept = output[no_adapter].clone()
         op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
         output[no_adapter] = kept

@@ -112,6 +112,31 @@ def test_mixed_batch_matches_reference(engine, expected):
     assert generate(engine, jobs) == [expected[job] for job in jobs]
 
 
+def test_prompt_logprobs_are_the_adapters(engine, workspace):
+    """`prompt_logprobs` (and `echo` with logprobs) score the prompt with the request's
+    adapter, whatever shares the step. vLLM's CPU LoRA computes a request's prompt rows
+    against the step's per-request indices (upstream #51594): its einsum fails on several
+    requests and our -1 fix on any; with no logits (lm_head) LoRA in the step, none is
+    applied."""
+    from vllm import SamplingParams
+    llm, requests = engine
+    reference = ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    prompt = PROMPTS[2]
+    for names in ([None, "mixlora", "dynmole"], ["peft"], ["peft", "mixlora", None]):
+        outputs = llm.generate([{"prompt_token_ids": prompt}] * len(names), params,
+                               lora_request=[requests[n] if n else None for n in names],
+                               use_tqdm=False)
+        for name, output in zip(names, outputs, strict=True):
+            got = torch.tensor([entry[token].logprob for entry, token
+                                in zip(output.prompt_logprobs[1:], prompt[1:], strict=True)])
+            expected = reference.prompt_logprobs(prompt, name)
+            torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
+            if name:
+                assert not torch.allclose(expected, reference.prompt_logprobs(prompt),
+                                          atol=1e-2), f"{name} does not change the logprobs"
+
+
 def test_reloading_an_adapter_in_place_as_another_kind(engine, workspace):
     """`load_inplace` keeps the adapter's id and its slot; with a one-token prompt the first
     step's token mapping equals the last decode step's, so vLLM skips the mapping update:

@@ -300,6 +300,16 @@ def test_cpu_lora_ops_leave_no_adapter_rows_alone():
     bgmv_expand(shrunk, b, y, slots, add_inputs=True)
     assert torch.equal(y[1], torch.ones(8))
     torch.testing.assert_close(y[0], 1 + b[0, 0] @ shrunk[0])
+    # The prompt-logprobs pass: one request's 5 prompt rows, the step's per-request slots.
+    without_logits_lora = torch.cat([a[:1], torch.zeros_like(a[1:])])  # slot 1: none
+    for step_slots in ([-1], [-1, -1], [1, -1]):  # no request of the step has logits LoRA
+        rows = torch.full((5, 4), 7.0)
+        bgmv_shrink(torch.randn(5, 16), without_logits_lora, rows, torch.tensor(step_slots),
+                    1.0)
+        assert torch.equal(rows, torch.full((5, 4), 7.0))
+    rows, prompt = torch.zeros(5, 4), torch.randn(5, 16)
+    bgmv_shrink(prompt, a, rows, torch.tensor([1]), 1.0)  # one request: vLLM broadcasts it
+    torch.testing.assert_close(rows, prompt @ a[1, 0].T)
 
 
 def test_hf_overrides_apply_as_vllm_applies_them():

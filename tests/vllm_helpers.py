@@ -127,6 +127,15 @@ class ReferenceGenerator:
         with self.attachment.use(adapter):
             return greedy_tokens(self.attachment.model, prompt, max_tokens)
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Log-probability of each prompt token after the first, given the ones before."""
+        model = self.attachment.model
+        ids = torch.tensor([prompt], device=next(model.parameters()).device)
+        with self.attachment.use(adapter):
+            logprobs = model(ids).logits[0, :-1].float().log_softmax(-1)
+        return logprobs.gather(-1, ids[0, 1:, None])[:, 0].cpu()
+
 
 @torch.no_grad()
 def greedy_tokens(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
