@@ -56,6 +56,7 @@ import functools
 import logging
 import os
 import pathlib
+import tempfile
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -624,19 +625,28 @@ def install_request_metrics() -> None:
 
 def use_multiprocess_metrics() -> None:
     """Give `vllm serve` a fresh `PROMETHEUS_MULTIPROC_DIR` when the user set none, so the
-    worker's series (loads, routing) reach `/metrics`. vLLM's own helper makes the temporary
-    directory (removed at exit; vLLM's shutdown marks the process dead) and exports the
-    variable, which the engine and worker processes spawned later inherit. This process
-    imported prometheus_client before any plugin ran, and prometheus_client picks its value
-    storage at import, so it is switched here too: no metric exists yet at this point
-    (vLLM makes its own when it builds the engine client; ours are made on first use)."""
+    worker's series (loads, routing) reach `/metrics`. As vLLM's own helper does: a temporary
+    directory (removed at exit) in the variable, which the engine and worker processes
+    spawned later inherit; but vLLM's shutdown is given its path, not the directory object
+    its helper records, which `mark_process_dead` cannot join (an error logged at every
+    shutdown). This process imported prometheus_client before any plugin ran, and
+    prometheus_client picks its value storage at import, so it is switched here too: no
+    metric exists yet at this point (vLLM makes its own when it builds the engine client;
+    ours are made on first use)."""
+    global _METRICS_DIR
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return
     from prometheus_client import values
-    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+    from vllm.v1.metrics import prometheus
 
-    setup_multiprocess_prometheus()
+    _METRICS_DIR = tempfile.TemporaryDirectory(prefix="mole_serve_metrics_")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR.name
+    prometheus._prometheus_multiproc_dir = _METRICS_DIR.name
     values.ValueClass = values.get_value_class()
+
+
+# The multiprocess metrics directory `use_multiprocess_metrics` made (removed at exit).
+_METRICS_DIR: tempfile.TemporaryDirectory | None = None
 
 
 def install_api_validation() -> None:

@@ -4,6 +4,7 @@ multiprocess directory `vllm serve --enable-mole-adapters` sets up."""
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -81,9 +82,16 @@ def test_multiprocess_dir_is_made_only_when_the_user_set_none(monkeypatch, tmp_p
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     vllm_compat.use_multiprocess_metrics()
     made = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    assert made == prometheus._prometheus_multiproc_dir.name and os.path.isdir(made)
+    assert made == prometheus._prometheus_multiproc_dir and os.path.isdir(made)
     assert values.ValueClass.__name__ == "MmapedValue", "new metrics must go to the directory"
-    prometheus._prometheus_multiproc_dir.cleanup()
+    # vLLM's shutdown marks the process dead there without an error (its own helper's
+    # record, a TemporaryDirectory object, logged one at every shutdown)
+    pathlib.Path(made, f"gauge_livemostrecent_{os.getpid()}.db").touch()
+    errors = []
+    monkeypatch.setattr(prometheus.logger, "error", lambda *args: errors.append(args))
+    prometheus.shutdown_prometheus()
+    assert errors == [] and not any(pathlib.Path(made).iterdir())
+    vllm_compat._METRICS_DIR.cleanup()
 
 
 def test_a_failing_metrics_write_is_logged_not_raised(monkeypatch):
