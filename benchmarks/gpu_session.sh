@@ -25,10 +25,10 @@
 #            $SERVING_ARGS (default: the mole config, N = 1, 8, 32 adapters, rates 4, 16 and
 #            inf (all at once: the saturated throughput), 80 requests a point; three cold 7B
 #            servers do not fit one 10-minute call: `--configs base,lora` in the next call
-#            adds its rows to the same serving.csv, kept in $HOME/serving-out across the
-#            calls of a lease (the device empties OUT_DIR before each call) and copied to
-#            OUT_DIR with the plots of all its rows; rows are written as they are measured,
-#            so a cut-off run keeps them)
+#            adds its rows to the same serving.csv: the device empties OUT_DIR before each
+#            call, so the CSV of the lease's earlier serving calls ($HOME/serving-out) is
+#            put there first and saved back after, and the plots show all its rows; rows
+#            are written to OUT_DIR as they are measured, so a cut-off run keeps them)
 # Every step's log goes to OUT_DIR/STEP.log; the script goes on after a failing step and
 # exits non-zero if any failed. The checkout sent to the host has no .git: run it as
 # `MOLE_SERVE_COMMIT=<short sha> bash benchmarks/gpu_session.sh ...` (the CSVs name it).
@@ -89,7 +89,8 @@ for step in $STEPS; do
                         tests/test_vllm_engine.py tests/test_vllm_trained.py
                         tests/test_vllm_serve.py) ;;
     serving) read -ra serving_args <<< "$SERVING_ARGS"
-             cmd=(python3 benchmarks/bench_serving.py --shape llama2-7b --out "$SERVING_OUT"
+             cp "$SERVING_OUT/serving.csv" "$OUT/" 2>/dev/null
+             cmd=(python3 benchmarks/bench_serving.py --shape llama2-7b --out "$OUT"
                   "${serving_args[@]}") ;;
     tests)   cmd=(python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
                   tests/test_kernels_compile.py tests/test_vllm_layers.py) ;;
@@ -103,8 +104,7 @@ for step in $STEPS; do
   start=$(date +%s)
   "${cmd[@]}" 2>&1 | tee "$OUT/$step.log" || { failed=1; echo "== $step FAILED"; }
   if [ "$step" = serving ]; then
-    cp "$SERVING_OUT"/serving.csv "$SERVING_OUT"/*.png "$SERVING_OUT"/server_*.log "$OUT"/ \
-      2>/dev/null
+    mkdir -p "$SERVING_OUT" && cp "$OUT/serving.csv" "$SERVING_OUT/" 2>/dev/null
   fi
   echo "== $step took $(( $(date +%s) - start )) s"
 done

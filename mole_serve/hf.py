@@ -17,7 +17,7 @@ from torch import nn
 from .adapter import BaseShape, MoleAdapter
 from .checkpoint import check_fits
 from .config import ATTENTION_PROJS
-from .reference import FrozenFFN, mole_ffn, model_activation, mole_projection
+from .reference import FrozenFFN, model_activation, mole_ffn, mole_projection
 from .stack import LayerStack, stack_layer
 
 

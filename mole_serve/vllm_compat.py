@@ -623,6 +623,10 @@ def install_request_metrics() -> None:
     OutputProcessor.process_outputs = process_and_count
 
 
+# The multiprocess metrics directory `use_multiprocess_metrics` made (removed at exit).
+_METRICS_DIR: tempfile.TemporaryDirectory | None = None
+
+
 def use_multiprocess_metrics() -> None:
     """Give `vllm serve` a fresh `PROMETHEUS_MULTIPROC_DIR` when the user set none, so the
     worker's series (loads, routing) reach `/metrics`. As vLLM's own helper does: a temporary
@@ -643,10 +647,6 @@ def use_multiprocess_metrics() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR.name
     prometheus._prometheus_multiproc_dir = _METRICS_DIR.name
     values.ValueClass = values.get_value_class()
-
-
-# The multiprocess metrics directory `use_multiprocess_metrics` made (removed at exit).
-_METRICS_DIR: tempfile.TemporaryDirectory | None = None
 
 
 def install_api_validation() -> None:
@@ -810,9 +810,10 @@ def _skip_no_adapter_rows(op: Callable) -> Callable:
         if indices.shape[0] != output.shape[0]:
             # The prompt-logprobs pass computes one request's prompt rows against the step's
             # per-request indices (upstream #51594). When no request of the step has logits
-            # (lm_head) LoRA weights, every row keeps its output, exactly; otherwise vLLM's
-            # own behaviour (the einsum broadcasts one request's index, fails on several).
-            if not bool(weights[indices[~no_adapter]].any()):
+            # (lm_head) LoRA weights, every row keeps its output, exactly (the callers zero
+            # the shrink buffer first); otherwise vLLM's own behaviour (the einsum
+            # broadcasts one request's index, fails on several).
+            if not bool(weights[indices[~no_adapter].unique()].any()):
                 return None
             return op(inputs, weights, output, indices, *args, **kwargs)
         kept = output[no_adapter].clone()

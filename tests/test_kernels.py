@@ -265,7 +265,9 @@ def test_route_matches_reference_dynmole_with_entropy_broadcast():
     configs = [dynmole(6, 5, top_p=0.75, keep_top_k=2, entropy_threshold=0.9),
                dynmole(8, 8, top_p=0.5, keep_top_k=1, entropy_threshold=0.6),
                dynmole(4, 4, top_p=0.9, keep_top_k=3, entropy_threshold=0.95,
-                       entropy_index=1.0)]
+                       entropy_index=1.0),
+               # a floor above the slot's 3 experts (padded to 8): every expert, as DynMoLE
+               dynmole(3, 4, top_p=0.3, keep_top_k=5, entropy_threshold=0.99)]
     stack = make_stack(configs, seed=3).gated["q_proj"]
     x, slots = tokens(120, len(configs), seed=4)
     plan = plan_tokens(slots, len(configs), kernel_configs.BLOCK_M)
@@ -279,6 +281,7 @@ def test_route_matches_reference_dynmole_with_entropy_broadcast():
     per_token = (got.weights > 0).sum(1)
     everything = per_token == stack.routing[slot, 1].long()
     assert (everything & uses).any() and (~everything & uses).any(), "broadcast and not"
+    assert everything[slots == 3].all() and (slots == 3).any()
 
 
 def counter_pair(num_slots: int, experts: int, router: str):
