@@ -63,7 +63,8 @@ def engine(workspace, request):
         pytest.skip("vLLM compiles and captures CUDA graphs on a GPU only (its CPU backend "
                     "runs LoRA models eagerly)")
     with offline_llm(workspace["model"], {"metrics_interval_s": 0, "backend": backend},
-                     max_cpu_loras=2, enforce_eager=not compiled) as llm:
+                     # block_size: the CPU default, 128, leaves no full block in a prompt
+                     max_cpu_loras=2, enforce_eager=not compiled, block_size=32) as llm:
         from vllm.lora.request import LoRARequest
 
         plan_block_m = llm.apply_model(lambda model: model.mole_token_slots.plan_block_m)
@@ -135,6 +136,23 @@ def test_prompt_logprobs_are_the_adapters(engine, workspace):
             if name:
                 assert not torch.allclose(expected, reference.prompt_logprobs(prompt),
                                           atol=1e-2), f"{name} does not change the logprobs"
+
+
+def test_prefix_cache_blocks_are_not_shared_across_adapters(engine, workspace):
+    """A prompt of several full KV blocks, served for the base model and each adapter in
+    turn, then again: later requests find the prompt's blocks cached for another adapter
+    (the KV of different adapters differs from the first layer on) and must not use them."""
+    from vllm import SamplingParams
+    llm, requests = engine
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    prompt = [1] + [(7 * i) % 997 + 2 for i in range(3 * block)]
+    reference = ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for name in (None, *ADAPTERS, *ADAPTERS[::-1], None):
+        output = llm.generate([{"prompt_token_ids": prompt}], params,
+                              lora_request=requests[name] if name else None, use_tqdm=False)
+        assert list(output[0].outputs[0].token_ids) == reference.greedy(prompt, 4, name), name
 
 
 def test_reloading_an_adapter_in_place_as_another_kind(engine, workspace):
