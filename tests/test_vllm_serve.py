@@ -73,6 +73,7 @@ def server(workspace, tmp_path_factory):
     if "metrics_dir" in workspace:
         assert not pathlib.Path(workspace["metrics_dir"]).exists(), \
             "the PROMETHEUS_MULTIPROC_DIR the plugin made must be removed at exit"
+    assert "Error during metrics cleanup" not in (root / "server.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,25 @@ def test_chat_uses_the_adapter_and_streams(client, reference):
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True,
                                                                                **kwargs))
     assert streamed == whole
+
+
+def test_echo_logprobs_score_the_prompt_with_each_request_s_adapter(client, reference):
+    """`echo` with `logprobs` (vLLM's prompt logprobs), MoLE adapters and the base model at
+    once: each prompt token's logprob is the reference's for that model (such a request
+    once stopped the engine)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prompt_logprobs(model: str) -> list[float]:
+        response = client.completions.create(model=model, prompt=PROMPT, max_tokens=1,
+                                             temperature=0.0, echo=True, logprobs=0)
+        return response.choices[0].logprobs.token_logprobs[1:len(PROMPT)]
+
+    names = ["mixlora", BASE_NAME, "dynmole"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        got = dict(zip(names, pool.map(prompt_logprobs, names)))
+    for name in names:
+        expected = reference.prompt_logprobs(PROMPT, None if name == BASE_NAME else name)
+        torch.testing.assert_close(torch.tensor(got[name]), expected, rtol=0, atol=2e-3)
 
 
 def test_the_log_says_what_the_adapter_slots_cost(server, workspace):
