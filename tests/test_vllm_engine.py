@@ -48,12 +48,15 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(workspace):
+def reference(workspace):
+    return ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
+
+
+@pytest.fixture(scope="module")
+def expected(workspace, reference):
     """Reference greedy tokens per (adapter or None, prompt index)."""
-    adapters = workspace["adapters"]
-    reference = ReferenceGenerator(workspace["model"], list(adapters.values()))
     return {(name, i): reference.greedy(prompt, MAX_TOKENS, name)
-            for i, prompt in enumerate(PROMPTS) for name in (None, *adapters)}
+            for i, prompt in enumerate(PROMPTS) for name in (None, *workspace["adapters"])}
 
 
 @pytest.fixture(scope="module", params=["reference", "kernels", "kernels-compiled"])
@@ -113,7 +116,7 @@ def test_mixed_batch_matches_reference(engine, expected):
     assert generate(engine, jobs) == [expected[job] for job in jobs]
 
 
-def test_prompt_logprobs_are_the_adapters(engine, workspace):
+def test_prompt_logprobs_are_the_adapters(engine, reference):
     """`prompt_logprobs` (and `echo` with logprobs) score the prompt with the request's
     adapter, whatever shares the step. vLLM's CPU LoRA computes a request's prompt rows
     against the step's per-request indices (upstream #51594): its einsum fails on several
@@ -121,7 +124,6 @@ def test_prompt_logprobs_are_the_adapters(engine, workspace):
     applied."""
     from vllm import SamplingParams
     llm, requests = engine
-    reference = ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     prompt = PROMPTS[2]
     for names in ([None, "mixlora", "dynmole"], ["peft"], ["peft", "mixlora", None]):
@@ -138,7 +140,7 @@ def test_prompt_logprobs_are_the_adapters(engine, workspace):
                                           atol=1e-2), f"{name} does not change the logprobs"
 
 
-def test_prefix_cache_blocks_are_not_shared_across_adapters(engine, workspace):
+def test_prefix_cache_blocks_are_not_shared_across_adapters(engine, reference):
     """A prompt of several full KV blocks, served for the base model and each adapter in
     turn, then again: later requests find the prompt's blocks cached for another adapter
     (the KV of different adapters differs from the first layer on) and must not use them."""
@@ -147,7 +149,6 @@ def test_prefix_cache_blocks_are_not_shared_across_adapters(engine, workspace):
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     block = llm.llm_engine.vllm_config.cache_config.block_size
     prompt = [1] + [(7 * i) % 997 + 2 for i in range(3 * block)]
-    reference = ReferenceGenerator(workspace["model"], list(workspace["adapters"].values()))
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for name in (None, *ADAPTERS, *ADAPTERS[::-1], None):
         output = llm.generate([{"prompt_token_ids": prompt}], params,
