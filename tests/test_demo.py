@@ -155,11 +155,16 @@ def test_serve_args_fit_the_adapters_and_keep_the_demos_own_flags(tmp_path):
     # a MoLE adapter's rank sizes MoLE slots exactly, apart from vLLM's allowed LoRA ranks
     mole = tmp_path / "mole"
     mole.mkdir()
-    (mole / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "MIXLORA", "r": 24, "num_experts": 4}))
+    config = {"peft_type": "MIXLORA", "routing_strategy": "mixlora", "r": 24, "lora_alpha": 48,
+              "num_experts": 4, "top_k": 2, "target_modules": ["gate_proj", "down_proj"]}
+    (mole / "adapter_config.json").write_text(json.dumps(config))
     args = serve_args(tmp_path, {"plain": plain, "mole": mole}, "")
     assert (max_rank(args), args[args.index("--max-mole-rank") + 1]) == ("16", "24")
     assert args[args.index("--max-mole-experts") + 1] == "4"
+    # a MoLE dir the server would refuse stops the demo before it starts a server
+    (mole / "adapter_config.json").write_text(json.dumps({**config, "top_k": 5}))
+    with pytest.raises(SystemExit, match="adapter 'mole'.*top_k"):
+        serve_args(tmp_path, {"mole": mole}, "")
     for extra in ("--port 8000", "--served-model-name=x", "--lora_modules a=b"):
         with pytest.raises(SystemExit, match=f"--serve-args may not set {extra.split()[0]}"):
             serve_args(tmp_path, {"p": peft}, extra)

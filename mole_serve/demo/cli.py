@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..checkpoint import is_mole_adapter_dir
+from ..config import MoleConfig, read_config_json
+from ..errors import AdapterError
 from . import corpus
 from .build import Recipe, build
 from .server import (ServerError, VllmServer, default_env, exit_on_termination, local_http,
@@ -91,19 +93,18 @@ def serve_args(base: pathlib.Path, adapters: dict[str, pathlib.Path], extra: str
         raise SystemExit(f"demo: --serve-args may not set {', '.join(clashing)}: the demo sets "
                          f"{', '.join(OWN_FLAGS)} itself (--base and --adapter choose what is "
                          "served)")
-    configs = {n: json.loads((p / "adapter_config.json").read_text())
-               for n, p in adapters.items()}
-    mole = {n for n, p in adapters.items() if is_mole_adapter_dir(p)}
-    # vLLM checks a PEFT adapter's largest rank, its rank_pattern's included, against one of
-    # its allowed values; MoLE slots take the exact largest MoLE rank
-    plain_rank = max((max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()])
-                      for n, c in configs.items() if n not in mole), default=8)
-    mole_rank = max((configs[n].get("r", 8) for n in mole), default=None)
-    experts = max((c.get("num_experts", 1) for c in configs.values()), default=1)
-    try:
-        max_rank = vllm_max_lora_rank(plain_rank)
-    except ValueError as exc:
+    try:  # a MoLE dir the server would refuse stops the demo before the server starts
+        mole = {n: MoleConfig.load(p, n) for n, p in adapters.items() if is_mole_adapter_dir(p)}
+        plain = [read_config_json(p, n) for n, p in adapters.items() if n not in mole]
+        # vLLM checks a PEFT adapter's largest rank, its rank_pattern's included, against one
+        # of its allowed values; MoLE slots take the exact largest MoLE rank
+        max_rank = vllm_max_lora_rank(max(
+            (max([c.get("r", 8), *(c.get("rank_pattern") or {}).values()]) for c in plain),
+            default=8))
+    except (AdapterError, ValueError) as exc:
         raise SystemExit(f"demo: {exc}") from None
+    mole_rank = max((c.r for c in mole.values()), default=None)
+    experts = max((c.num_experts for c in mole.values()), default=1)
     args = ["--served-model-name", BASE_NAME, "--max-num-seqs", "16", "--enforce-eager"]
     if _is_cpu():
         args += ["--dtype", "float32", "--max-model-len", "256"]
