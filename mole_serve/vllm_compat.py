@@ -374,6 +374,10 @@ def add_cli_flags() -> None:
                 max_rank=getattr(args, "max_mole_rank", None) or current.max_rank,
                 families=families or current.families)
             engine_args.additional_config = settings.merged_into(engine_args.additional_config)
+            # The API server processes `--api-server-count` > 1 (or data parallelism) spawns
+            # rebuild their engine args from this namespace before any plugin loads in them,
+            # so the settings travel in it, where vLLM's own `from_cli_args` reads them.
+            args.additional_config = engine_args.additional_config
         elif getattr(args, "max_mole_experts", None) or getattr(args, "max_mole_rank", None):
             raise ValueError("--max-mole-experts / --max-mole-rank size MoLE slots: they need "
                              "--enable-mole-adapters")

@@ -3,7 +3,6 @@ server, engine core, worker) answered through the `openai` client."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import time
@@ -16,7 +15,7 @@ from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from tiny_model import make_tiny_llama
 from vllm_helpers import (ENGINE_DTYPE, GPU_MEMORY_SHARE, ReferenceGenerator, make_mole_adapter,
-                          make_peft_lora, vllm_cache_root)
+                          make_peft_lora, metric, metric_when_above, server_env)
 
 BASE_NAME = "tiny"
 PROMPT = [1, 17, 305, 44, 912, 8]
@@ -52,10 +51,7 @@ def server(workspace, tmp_path_factory):
     from mole_serve.demo.server import VllmServer
 
     root = workspace["root"]
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CACHE_ROOT=vllm_cache_root())
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the plugin must make one itself
+    env = server_env(VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     serve_args = ["--served-model-name", BASE_NAME, "--dtype", ENGINE_DTYPE,
                   "--max-model-len", "128", "--max-num-seqs", "8",
                   "--max-num-batched-tokens", "256", "--enforce-eager",
@@ -309,29 +305,6 @@ def settled_metric(server: str, name: str, **labels: str) -> float:
         previous = value
         time.sleep(1)
     raise AssertionError(f"{name} {labels} kept changing")
-
-
-def metric_when_above(server: str, floor: float, name: str, **labels: str) -> float:
-    """`name` at /metrics once above `floor` (or after 30 s): exports made by the engine
-    follow the response that ended the burst by a moment."""
-    deadline = time.monotonic() + 30
-    while True:
-        text = httpx.get(f"{server}/metrics", timeout=10).text
-        value = metric(text, name, **labels) if name in text else 0.0
-        if value > floor or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
-
-
-def metric(text: str, name: str, *, required: bool = True, **labels: str) -> float:
-    """Sum of the samples `name` in a /metrics text whose labels include `labels` (0 for
-    none, unless `required`)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    values = [sample.value for family in text_string_to_metric_families(text)
-              for sample in family.samples
-              if sample.name == name and labels.items() <= sample.labels.items()]
-    assert values or not required, f"{name} {labels} not in /metrics"
-    return sum(values)
 
 
 def load_lora(server: str, name: str, path: pathlib.Path) -> httpx.Response:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import pathlib
 import shutil
 import tempfile
+import time
 
+import httpx
 import pytest
 import torch
 
@@ -36,6 +39,15 @@ def vllm_cache_root() -> str:
 
 def engine_env() -> dict[str, str]:
     return dict(ENGINE_ENV, VLLM_CACHE_ROOT=vllm_cache_root())
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """A `vllm serve` subprocess's environment: the test engines' settings (multiprocess,
+    as users run it) and no PROMETHEUS_MULTIPROC_DIR, which the plugin or vLLM must make."""
+    env = dict(os.environ, **engine_env(), **extra)
+    del env["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
 
 
 # On a GPU each test engine takes a small share of its memory: several live in one test
@@ -90,6 +102,29 @@ def metric_total(name: str, **labels: str) -> float:
     from prometheus_client import REGISTRY
     return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples
                if sample.name == name and labels.items() <= sample.labels.items())
+
+
+def metric_when_above(server: str, floor: float, name: str, **labels: str) -> float:
+    """`name` at /metrics once above `floor` (or after 30 s): exports made by the engine
+    follow the response that ended the burst by a moment."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        value = metric(text, name, **labels) if name in text else 0.0
+        if value > floor or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def metric(text: str, name: str, *, required: bool = True, **labels: str) -> float:
+    """Sum of the samples `name` in a /metrics text whose labels include `labels` (0 for
+    none, unless `required`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    values = [sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples
+              if sample.name == name and labels.items() <= sample.labels.items()]
+    assert values or not required, f"{name} {labels} not in /metrics"
+    return sum(values)
 
 
 def make_mole_adapter(path: pathlib.Path, config: MoleConfig, base: BaseShape, seed: int,
