@@ -22,52 +22,116 @@ RUN_FLAGS = {f.name for f in dataclasses.fields(TrainOptions)} - {"adapters"}
 ADAPTER_FLAGS = {f.name for f in dataclasses.fields(AdapterSpec)} - RUN_FLAGS
 
 
+# What each option sets; `_help` appends the dataclass default, so help and behaviour agree.
+HELP = {
+    "base_model": "local transformers Llama-family checkpoint dir (required)",
+    "output_dir": "where the adapter dirs, checkpoints, log and loss curve go (required)",
+    "dtype": "the frozen base's dtype; router and LoRA parameters stay fp32",
+    "device": "torch device for the base and adapters; unset: cuda when available, else cpu",
+    "gradient_checkpointing": "recompute each decoder layer in the backward pass (less memory)",
+    "cutoff_len": "tokens per sequence; longer rows are cut and counted in a warning",
+    "train_on_inputs": "train on prompt tokens too (MoE-PEFT's behaviour)",
+    "add_eos": "do not append the tokenizer's EOS token to each answer",
+    "scheduler": "learning-rate schedule after the warm-up",
+    "warmup_steps": "optimizer steps of linear warm-up",
+    "seed": "with the adapter's name, seeds its init, data order and dropout",
+    "save_every": "checkpoint every N micro-steps (0: only the final adapters)",
+    "resume": "continue from the checkpoint in --output-dir (same options and data)",
+    "write_bin": "also write adapter_model.bin for MoE-PEFT / mixlora",
+    "pad_token": "a tokenizer token to pad with, for a tokenizer that has none (e.g. its EOS)",
+    "progress": "no progress bar (the log files are still written)",
+    "name": "the adapter's dir under --output-dir (default: adapter)",
+    "data": "JSON/JSONL (alpaca or chat `messages` rows) or a datasets.load_from_disk dir",
+    "strategy": "routing: MixLoRA top-k, dynamic top-p, DynMoLE, or plain LoRA",
+    "num_experts": "LoRA experts per router",
+    "r": "LoRA rank of each expert",
+    "lora_alpha": "LoRA scaling numerator: alpha / r (alpha / sqrt(r) with --rslora)",
+    "lora_dropout": "dropout on each LoRA input while training",
+    "top_k": "experts per token (mixlora)",
+    "top_p": "router probability mass kept (mixlora-dynamic default 0.8, dynmole 0.75)",
+    "temperature": "mixlora-dynamic: router probabilities divided by it (0: none)",
+    "keep_top_k": "dynmole: experts always kept",
+    "entropy_threshold": "dynmole: a token whose normalised Tsallis entropy is above it uses "
+                         "every expert (>= 1: never)",
+    "entropy_index": "dynmole: Tsallis entropy index q",
+    "router_init_range": "router init: std of MixLoRA's normal init (0.02; switch 1.0), "
+                         "DynMoLE's Kaiming a^2 (5.0), as MoE-PEFT",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping per optimizer step (0: off)",
+    "batch_size": "rows per micro-step",
+    "accumulation": "micro-steps per optimizer step",
+    "steps": "optimizer steps; unset: --epochs over the data",
+    "epochs": "passes over the data when --steps is not given",
+    "balance_coef": "load-balance loss coefficient",
+    "entropy_coef": "dynmole: router entropy loss coefficient",
+    "attention": "adapt the FFN only",
+    "target_modules": "projections to adapt; unset: all seven, or the FFN's three with "
+                      "--no-attention",
+    "use_rslora": "rank-stabilised LoRA scaling",
+    "eval_data": "JSON/JSONL held out for loss and perplexity",
+    "choice_data": "JSONL with choices/answer for accuracy (scored as MoE-PEFT does)",
+}
+# the run's value of an option an adapter may override is the default an adapter gets
+DEFAULTS = {f.name: f.default for cls in (AdapterSpec, TrainOptions)
+            for f in dataclasses.fields(cls)}
+
+
+def _help(name: str) -> str:
+    default = DEFAULTS.get(name)
+    shown = default is not None and not isinstance(default, bool) and \
+        default is not dataclasses.MISSING
+    return f"{HELP[name]} (default: {default})" if shown else HELP[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mole-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON/YAML run file (any number of adapters)")
+    p.add_argument("--config", help="JSON/YAML run file (any number of adapters); flags given "
+                   "as well set the run's options")
     run = p.add_argument_group("run")
-    run.add_argument("--base-model", help="local transformers Llama-family checkpoint dir")
-    run.add_argument("--output-dir")
-    run.add_argument("--dtype", choices=["float32", "bfloat16"])
-    run.add_argument("--device", help="torch device for the base and adapters (default: cuda "
-                     "when available, else cpu)")
-    run.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    run.add_argument("--cutoff-len", type=int)
-    run.add_argument("--train-on-inputs", action="store_true", default=None,
-                     help="train on prompt tokens too (MoE-PEFT's behaviour)")
-    run.add_argument("--no-eos", dest="add_eos", action="store_false", default=None)
-    run.add_argument("--scheduler", choices=["constant", "cosine"])
-    run.add_argument("--warmup-steps", type=int)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--save-every", type=int, help="checkpoint every N micro-steps")
-    run.add_argument("--resume", action="store_true", default=None)
-    run.add_argument("--write-bin", action="store_true", default=None,
-                     help="also write adapter_model.bin for MoE-PEFT / mixlora")
-    run.add_argument("--pad-token")
-    run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     one = p.add_argument_group("one adapter (without --config)")
-    one.add_argument("--name")
-    one.add_argument("--data", help="JSON/JSONL (alpaca or chat rows) or a datasets dir")
-    one.add_argument("--strategy", choices=STRATEGIES)  # validate says why switch is not
-    for flag, kind in (("num-experts", int), ("r", int), ("lora-alpha", int),
-                       ("lora-dropout", float), ("top-k", int), ("top-p", float),
-                       ("temperature", float), ("keep-top-k", int),
-                       ("entropy-threshold", float), ("entropy-index", float),
-                       ("router-init-range", float), ("lr", float),
-                       ("weight-decay", float), ("max-grad-norm", float),
-                       ("batch-size", int), ("accumulation", int),
-                       ("steps", int), ("epochs", float), ("balance-coef", float),
-                       ("entropy-coef", float)):
-        one.add_argument(f"--{flag}", type=kind)
-    one.add_argument("--no-attention", dest="attention", action="store_false", default=None,
-                     help="adapt the FFN only")
-    one.add_argument("--target-modules", nargs="+", metavar="PROJ",
-                     help="projections to adapt (default: all seven, or the FFN's three with "
-                          "--no-attention)")
-    one.add_argument("--rslora", dest="use_rslora", action="store_true", default=None)
-    one.add_argument("--eval-data")
-    one.add_argument("--choice-data", help="JSONL with choices/answer for accuracy")
+
+    def flag(group, name: str, *names: str, **kwargs) -> None:
+        group.add_argument(*(names or [f"--{name.replace('_', '-')}"]), help=_help(name),
+                           **kwargs)
+
+    switch = {"action": "store_true", "default": None}
+    flag(run, "base_model")
+    flag(run, "output_dir")
+    flag(run, "dtype", choices=["float32", "bfloat16"])
+    flag(run, "device")
+    flag(run, "gradient_checkpointing", **switch)
+    flag(run, "cutoff_len", type=int)
+    flag(run, "train_on_inputs", **switch)
+    flag(run, "add_eos", "--no-eos", dest="add_eos", action="store_false", default=None)
+    flag(run, "scheduler", choices=["constant", "cosine"])
+    flag(run, "warmup_steps", type=int)
+    flag(run, "seed", type=int)
+    flag(run, "save_every", type=int)
+    flag(run, "resume", **switch)
+    flag(run, "write_bin", **switch)
+    flag(run, "pad_token")
+    flag(run, "progress", "--no-progress", dest="progress", action="store_false", default=None)
+    flag(one, "name")
+    flag(one, "data")
+    flag(one, "strategy", choices=STRATEGIES)  # validate says why switch is not
+    for name, kind in (("num_experts", int), ("r", int), ("lora_alpha", int),
+                       ("lora_dropout", float), ("top_k", int), ("top_p", float),
+                       ("temperature", float), ("keep_top_k", int),
+                       ("entropy_threshold", float), ("entropy_index", float),
+                       ("router_init_range", float), ("lr", float),
+                       ("weight_decay", float), ("max_grad_norm", float),
+                       ("batch_size", int), ("accumulation", int),
+                       ("steps", int), ("epochs", float), ("balance_coef", float),
+                       ("entropy_coef", float)):
+        flag(one, name, type=kind)
+    flag(one, "attention", "--no-attention", dest="attention", action="store_false",
+         default=None)
+    flag(one, "target_modules", nargs="+", metavar="PROJ")
+    flag(one, "use_rslora", "--rslora", dest="use_rslora", **switch)
+    flag(one, "eval_data")
+    flag(one, "choice_data")
     return p
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 
 import pytest
 import torch
@@ -255,6 +256,25 @@ def test_run_flags_next_to_a_config_file_set_run_defaults(world, tmp_path):
     assert [(a.name, a.scheduler, a.cutoff_len) for a in options.adapter_specs()] == [
         ("a", "cosine", 64), ("c", "constant", 64)]
     assert dataclasses.replace(options, cutoff_len=32).adapter_specs()[0].cutoff_len == 32
+
+
+def test_every_train_flag_says_what_it_sets_and_the_default_a_run_gets():
+    from mole_serve.train import build_parser, options_from_args
+
+    parser = build_parser()
+    options = options_from_args(parser.parse_args(
+        ["--base-model", "b", "--output-dir", "o", "--data", "d"]))
+    spec = options.adapter_specs()[0]
+    shown = 0
+    for action in parser._actions:
+        assert action.help, action.option_strings
+        default = re.search(r"\(default: ([^)]*)\)$", action.help)
+        if default and action.dest != "help":
+            got = getattr(spec, action.dest) if hasattr(spec, action.dest) else \
+                getattr(options, action.dest)
+            assert str(got) == default.group(1), action.option_strings
+            shown += 1
+    assert shown >= 20
 
 
 def test_data_errors(world, tmp_path):
