@@ -133,12 +133,12 @@ def main() -> None:
     data = write_jsonl(work / "train.jsonl", train)
     shape = BaseShape.from_hf_config(AutoModelForCausalLM.from_pretrained(base).config)
 
-    common = dict(data=str(data), lr=5e-3, batch_size=16, steps=args.steps, num_experts=4, r=4,
-                  lora_alpha=8)
-    mixlora = AdapterSpec("mixlora", strategy="mixlora", top_k=2, **common)
+    common = dict(data=str(data), lr=5e-3, batch_size=16, steps=args.steps, r=4, lora_alpha=8)
+    mixlora = AdapterSpec("mixlora", strategy="mixlora", top_k=2, num_experts=4, **common)
     target = trainable_params(mixlora, shape)
     specs = [matched(AdapterSpec("lora", strategy="lora", **common), target, shape), mixlora,
-             matched(AdapterSpec("dynmole", strategy="dynmole", **common), target, shape)]
+             matched(AdapterSpec("dynmole", strategy="dynmole", num_experts=4, **common), target,
+                     shape)]
     results = []
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

@@ -42,7 +42,8 @@ HELP = {
     "progress": "no progress bar (the log files are still written)",
     "name": "the adapter's dir under --output-dir (default: adapter)",
     "data": "JSON/JSONL (alpaca or chat `messages` rows) or a datasets.load_from_disk dir",
-    "strategy": "routing: MixLoRA top-k, dynamic top-p, DynMoLE, or plain LoRA",
+    "strategy": "routing: MixLoRA top-k, dynamic top-p, DynMoLE, or plain LoRA "
+                "(mixlora-switch adapters are served, not trained here)",
     "num_experts": "LoRA experts per router",
     "r": "LoRA rank of each expert",
     "lora_alpha": "LoRA scaling numerator: alpha / r (alpha / sqrt(r) with --rslora)",
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(run, "progress", "--no-progress", dest="progress", action="store_false", default=None)
     flag(one, "name")
     flag(one, "data")
-    flag(one, "strategy", choices=STRATEGIES)  # validate says why switch is not
+    flag(one, "strategy", choices=STRATEGIES)  # validate says why switch is not trained
     for name, kind in (("num_experts", int), ("r", int), ("lora_alpha", int),
                        ("lora_dropout", float), ("top_k", int), ("top_p", float),
                        ("temperature", float), ("keep_top_k", int),
@@ -142,12 +143,13 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     adapter = {k: v for k, v in values.items() if k in ADAPTER_FLAGS}
     if adapter:
         if raw.get("adapters"):
-            raise SystemExit("give adapter flags or a config file with 'adapters', not both")
+            raise SystemExit("mole-train: give adapter flags or a config file with "
+                             "'adapters', not both")
         adapter.setdefault("name", "adapter")
         raw["adapters"] = [adapter]
     for key in ("base_model", "output_dir"):
         if not raw.get(key):
-            raise SystemExit(f"--{key.replace('_', '-')} is required")
+            raise SystemExit(f"mole-train: --{key.replace('_', '-')} is required")
     return options_from_dict(raw)
 
 

@@ -2,6 +2,7 @@
 reload exactly, two adapters trained in one batch equal each trained alone, and the
 training forward equals the reference integration the server is checked against."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -31,8 +32,9 @@ def world(tmp_path_factory):
 
 
 def spec(world, name, strategy, **kw) -> AdapterSpec:
-    fields = dict(num_experts=4, r=4, lora_alpha=8, lr=1e-2, steps=12, batch_size=4,
-                  data=str(world / ("reverse.jsonl" if "rev" in name else "upper.jsonl")))
+    fields = dict(r=4, lora_alpha=8, lr=1e-2, steps=12, batch_size=4,
+                  data=str(world / ("reverse.jsonl" if "rev" in name else "upper.jsonl")),
+                  **({} if strategy == "lora" else {"num_experts": 4}))
     fields.update(kw)
     return AdapterSpec(name=name, strategy=strategy, **fields)
 
@@ -287,9 +289,20 @@ def test_data_errors(world, tmp_path):
     with pytest.raises(DataError, match=r"empty.json: empty file"):
         load_records(tmp_path / "empty.json")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}])
-    with pytest.raises(DataError, match=r"row 1: missing text field\(s\) \['output'\]"):
+    with pytest.raises(DataError, match=r"row 1: missing field\(s\) \['output'\]"):
         tokenize(load_records(bad), tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
                  source="bad.jsonl")
+    for row, found in (({"instruction": "x", "output": 5}, r"\['output'\] must be text, found "
+                        r"\[5\]"),
+                       ({"instruction": "x", "input": ["y"], "output": "z"}, r"\['input'\]"),
+                       ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+                        r"message 1: \['content'\] must be text")):
+        with pytest.raises(DataError, match=f"row 1: .*{found}"):
+            tokenize([row], tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
+                     source="typed")
+    # a null input is no input (as a datasets dir gives it to rows without one)
+    assert tokenize([{"instruction": "x", "input": None, "output": "z"}], tokenizer,
+                    cutoff=120, train_on_inputs=False, add_eos=True, source="null").examples
     long_answer = {"instruction": "reverse", "output": "red " * 40}
     long_prompt = {"instruction": "reverse: " + "red " * 40, "output": "x"}
     tokenized = tokenize([long_answer, long_prompt, long_answer], tokenizer, cutoff=120,
@@ -316,6 +329,9 @@ def test_data_errors(world, tmp_path):
         run(world, tmp_path, spec(world, "rev", "mixlora"), pad_token="<pad1>")
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "missing.json")
+    # JSON lines whatever the case of the extension
+    assert load_records(write_jsonl(tmp_path / "ROWS.JSONL", [long_answer] * 2)) == [
+        long_answer] * 2
 
 
 def test_chat_rows_need_a_chat_template(world):
@@ -325,6 +341,17 @@ def test_chat_rows_need_a_chat_template(world):
     examples = tokenize(rows, tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
                         source="chat").examples
     assert examples and any(label != -100 for label in examples[0].labels)
+    # a template that refuses a conversation (as Llama 2's and Mistral's do for unknown
+    # roles) is a data error naming the row
+    refusing = copy.copy(tokenizer)
+    refusing.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                              "{{ raise_exception('roles must be user or assistant') }}"
+                              "{% endif %}{{ m['content'] }}{% endfor %}")
+    tool_turn = {"messages": [{"role": "tool", "content": "42"}, *rows[0]["messages"]]}
+    with pytest.raises(DataError, match="row 1: the tokenizer's chat template refuses the "
+                                        "messages: roles must be user or assistant"):
+        tokenize([tool_turn], refusing, cutoff=64, train_on_inputs=False, add_eos=True,
+                 source="chat")
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="chat rows need a tokenizer with a chat template"):
         tokenize(rows, tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
@@ -462,7 +489,10 @@ def test_config_file_errors_name_the_file_or_the_adapter(tmp_path):
              "broken.yaml": ("a: [1\n", "broken.yaml: invalid YAML"),
              "broken.json": ("{a: 1}", "broken.json: invalid JSON"),
              "nodata.yaml": ("base_model: b\noutput_dir: o\nadapters:\n  - {name: x}\n",
-                             r"adapter 1 \(x\): missing \['data'\]")}
+                             r"adapter 1 \(x\): missing \['data'\]"),
+             # read as YAML whatever the case of its extension
+             "NODATA.YML": ("base_model: b\noutput_dir: o\nadapters:\n  - {name: x}\n",
+                            r"adapter 1 \(x\): missing \['data'\]")}
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match=f"mole-train: .*{message}"):
@@ -575,7 +605,7 @@ def test_console_script_reports_bad_data_without_a_traceback(world, tmp_path):
          "--output-dir", str(tmp_path / "out"), "--steps", "1", "--no-progress"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
-    assert "mole-train: " in done.stderr and "missing text field(s) ['output']" in done.stderr
+    assert "mole-train: " in done.stderr and "missing field(s) ['output']" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -662,6 +692,12 @@ def test_run_file_values_are_typed(world):
     ({"strategy": "mixlora-dynamic", "top_k": 3}, "top_k applies to mixlora only"),
     ({"strategy": "mixlora", "entropy_threshold": 0.5}, "entropy_threshold applies to dynmole"),
     ({"target_modules": ["q_proj"], "attention": False}, "not both"),
+    ({"strategy": "mixlora", "router_init_range": -1.0}, "router_init_range must be > 0"),
+    ({"strategy": "lora", "num_experts": 4}, "num_experts applies to mixlora / "),
+    ({"strategy": "lora", "balance_coef": 0.5}, "balance_coef applies to mixlora / "),
+    ({"strategy": "lora", "router_init_range": 3.0}, "router_init_range applies to mixlora / "),
+    ({"strategy": "mixlora", "target_modules": ["q_proj", "v_proj"]},
+     r"mixlora's experts are FFNs: target_modules must include one of \['gate_proj'"),
 ])
 def test_adapter_options_are_refused_before_the_base_model_loads(change, message):
     """Named as the option the user gave, from `validate`, not from deep in the trainer."""
@@ -671,6 +707,34 @@ def test_adapter_options_are_refused_before_the_base_model_loads(change, message
                            adapters=[AdapterSpec(name="a", data="d", **change)])
     with pytest.raises(ValueError, match=f"adapter 'a': .*{message}"):
         options.validate()
+
+
+@pytest.mark.parametrize("name", ["math.v2", "../x", "", "/tmp/abs", "-a"])
+def test_adapter_names_are_plain_dir_and_module_names(name):
+    options = TrainOptions(base_model="not-loaded", output_dir="o",
+                           adapters=[AdapterSpec(name=name, data="d")])
+    with pytest.raises(ValueError, match="adapter names must be letters, digits, '_' and '-'"):
+        options.validate()
+
+
+def test_run_options_and_bases_that_cannot_work_are_named(world, tmp_path):
+    from mole_serve.train import main
+
+    with pytest.raises(SystemExit, match="mole-train: --output-dir is required"):
+        main(["--base-model", "b", "--data", "d"])
+    with pytest.raises(ValueError, match="save_every must be >= 0"):
+        TrainOptions(base_model="b", output_dir="o", save_every=-1,
+                     adapters=[AdapterSpec(name="a", data="d")]).validate()
+    with pytest.raises(SystemExit, match="mole-train: adapter 'adapter': lr must be a finite "
+                                         "number, got nan"):
+        main(["--base-model", "b", "--output-dir", "o", "--data", "d", "--lr", "nan"])
+    (tmp_path / "empty").mkdir()
+    data = str(world / "reverse.jsonl")
+    for base, message in ((tmp_path / "missing", "is no directory, nor a cached hub id"),
+                          (tmp_path / "empty", "no config.json")):
+        with pytest.raises(SystemExit, match=f"mole-train: base_model {base}.*{message}"):
+            main(["--base-model", str(base), "--output-dir", str(tmp_path / "o"), "--data",
+                  data, "--no-progress"])
 
 
 def test_saved_config_names_the_base_by_its_absolute_path(world, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def load_records(path: str | pathlib.Path, splits: tuple[str, ...] = TRAIN_SPLIT
         rows = [dict(r) for r in loaded]
     elif not path.is_file():
         raise DataError(f"{path}: no such file")
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if line.strip():
@@ -88,26 +88,41 @@ def prompt_and_answer(row: dict[str, Any], tokenizer, where: str) -> tuple[str, 
     """Split a row into the prompt text (masked) and the answer text (trained on)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, found {type(row).__name__}")
-    if "messages" in row:
+    if row.get("messages") is not None:  # (a datasets dir gives other rows messages=None)
         messages = row["messages"]
         if (not isinstance(messages, list) or not messages
                 or not all(isinstance(m, dict) for m in messages)
                 or messages[-1].get("role") != "assistant"):
             raise DataError(f"{where}: 'messages' must be a list of objects ending with an "
                             "assistant turn")
+        for number, message in enumerate(messages, start=1):
+            untyped = [k for k in ("role", "content") if not isinstance(message.get(k), str)]
+            if untyped:
+                raise DataError(f"{where}: message {number}: {untyped} must be text, found "
+                                f"{[message.get(k) for k in untyped]!r:.80}")
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: chat rows need a tokenizer with a chat template")
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
-                                               add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        from jinja2 import TemplateError
+        try:
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                                   add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        except TemplateError as exc:  # a template's raise_exception, e.g. an unknown role
+            raise DataError(f"{where}: the tokenizer's chat template refuses the messages: "
+                            f"{exc}") from None
         if not full.startswith(prompt):
             raise DataError(f"{where}: the chat template renders the prompt differently "
                             "inside the full conversation")
         return prompt, full[len(prompt):]
-    missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+    missing = [k for k in ("instruction", "output") if k not in row]
     if missing:
-        raise DataError(f"{where}: missing text field(s) {missing} (alpaca rows need "
+        raise DataError(f"{where}: missing field(s) {missing} (alpaca rows need "
                         "'instruction' and 'output'; chat rows need 'messages')")
+    untyped = [k for k in ("instruction", "input", "output")  # a null input: none
+               if not isinstance(row.get(k, ""), str) and (k, row[k]) != ("input", None)]
+    if untyped:
+        raise DataError(f"{where}: field(s) {untyped} must be text, found "
+                        f"{[row[k] for k in untyped]!r:.80}")
     template = ALPACA_WITH_INPUT if row.get("input") else ALPACA
     return template.format(instruction=row["instruction"], input=row.get("input", "")), \
         row["output"]

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import types
 import typing
 import zlib
@@ -129,6 +130,13 @@ class TrainOptions:
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise OptionsError(f"adapter names must be unique, got {names}")
+        odd = [name for name in names if not ADAPTER_NAME.fullmatch(name)]
+        if odd:  # each names a dir under output_dir and a module of the training model
+            raise OptionsError(f"adapter names must be letters, digits, '_' and '-' (not "
+                               f"first), got {odd}")
+        if self.save_every < 0:
+            raise OptionsError(f"save_every must be >= 0 (0: no checkpoints), got "
+                               f"{self.save_every}")
         if self.dtype not in ("float32", "bfloat16"):
             raise OptionsError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.device is not None:
@@ -154,6 +162,8 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
                           ("weight_decay", spec.weight_decay >= 0, ">= 0"),
                           ("max_grad_norm", spec.max_grad_norm >= 0, ">= 0 (0: off)"),
                           ("balance_coef", spec.balance_coef >= 0, ">= 0"),
+                          ("router_init_range", spec.router_init_range is None
+                           or spec.router_init_range > 0, "> 0"),
                           ("entropy_coef", spec.entropy_coef >= 0, ">= 0")):
         if not ok:
             raise OptionsError(f"{where}: {key} must be {rule}, got {getattr(spec, key)!r}")
@@ -166,10 +176,14 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
         raise OptionsError(f"{where}: give target_modules or attention=false (--no-attention), "
                            "not both")
     try:
-        spec.mole_config(run.base_model)
+        config = spec.mole_config(run.base_model)
     except AdapterError as exc:  # named as the option, not as the config file it becomes
         option = exc.item.removeprefix(f"{CONFIG_NAME}:")
         raise OptionsError(f"{where}: {option} must be {exc.expected}, got {exc.found}") from None
+    if config.has_ffn_experts and not config.ffn_targets:
+        raise OptionsError(f"{where}: {spec.strategy}'s experts are FFNs: target_modules "
+                           f"must include one of {list(FFN_PROJS)} (a plain LoRA on attention "
+                           f"alone: strategy lora), got {list(config.target_modules)}")
     if run.write_bin and spec.lora_dropout == 0:
         raise OptionsError(f"{where}: lora_dropout 0 with write_bin: MoE-PEFT and mixlora "
                            "assert lora_dropout > 0 when they load an adapter (e.g. 0.05)")
@@ -177,11 +191,14 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
 
 RUN_DEFAULTS = ("scheduler", "warmup_steps", "cutoff_len", "train_on_inputs")
 TRAINABLE = tuple(s for s in STRATEGIES if s != MIXLORA_SWITCH)
+MOLE_STRATEGIES = tuple(s for s in TRAINABLE if s != "lora")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Options only some strategies read: set to another value for any other, they are refused.
 ONLY_FOR = {"top_k": (MIXLORA,), "top_p": (MIXLORA_DYNAMIC, DYNMOLE),
             "temperature": (MIXLORA_DYNAMIC,), "keep_top_k": (DYNMOLE,),
             "entropy_threshold": (DYNMOLE,), "entropy_index": (DYNMOLE,),
-            "entropy_coef": (DYNMOLE,)}
+            "entropy_coef": (DYNMOLE,), "num_experts": MOLE_STRATEGIES,
+            "balance_coef": MOLE_STRATEGIES, "router_init_range": MOLE_STRATEGIES}
 
 
 def _check_schedule(where: str, options: TrainOptions | AdapterSpec) -> None:
@@ -218,7 +235,7 @@ def load_options_file(path: str | pathlib.Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise OptionsError(f"{path}: {exc.strerror or exc}") from None
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
         try:
             raw = yaml.safe_load(text) or {}
@@ -300,5 +317,5 @@ def _as(kind: Any, value: Any, where: str) -> Any:
     elif typing.get_origin(kind) is list and isinstance(value, list) and all(
             isinstance(v, str) for v in value):
         return value
-    expected = getattr(kind, "__name__", str(kind))
+    expected = "a finite number" if kind is float else getattr(kind, "__name__", str(kind))
     raise OptionsError(f"{where} must be {expected}, got {value!r}")

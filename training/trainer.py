@@ -68,9 +68,17 @@ def load_base(options: TrainOptions):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
-    model = AutoModelForCausalLM.from_pretrained(options.base_model, dtype=dtype,
-                                                 local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(options.base_model, local_files_only=True)
+    base = options.base_model
+    if pathlib.Path(base).is_dir() and not (pathlib.Path(base) / "config.json").is_file():
+        raise OptionsError(f"base_model {base}: no config.json (not a transformers "
+                           "checkpoint dir)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    except (OSError, ValueError) as exc:  # no such dir (nor a cached hub id), a bad config
+        where = "" if pathlib.Path(base).exists() else " is no directory, nor a cached hub id"
+        raise OptionsError(f"base_model {base}{where}: transformers cannot load it: "
+                           f"{str(exc).splitlines()[0]}") from None
     if options.pad_token is not None:
         pad_id = tokenizer.convert_tokens_to_ids(options.pad_token)
         if pad_id is None or (pad_id == tokenizer.unk_token_id
