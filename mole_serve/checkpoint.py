@@ -373,4 +373,8 @@ def save_adapter(adapter: MoleAdapter, adapter_dir: str | pathlib.Path, *,
         save_file(tensors, str(path / SAFETENSORS_NAME), metadata={"format": "pt"})
     if bin:
         torch.save(tensors, str(path / BIN_NAME))
+    # an earlier adapter's weights left beside this config would be read as its own
+    for written, name in ((safetensors, SAFETENSORS_NAME), (bin, BIN_NAME)):
+        if not written:
+            (path / name).unlink(missing_ok=True)
     return path

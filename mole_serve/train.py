@@ -161,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"mole-train: {exc}") from None
     from mole_serve.training.data import DataError
     from mole_serve.training.options import OptionsError
-    from mole_serve.training.trainer import ResumeError, Trainer
+    from mole_serve.training.trainer import DivergedError, ResumeError, Trainer
 
     try:
         paths = Trainer(options).train()
-    except (DataError, OptionsError, ResumeError, OSError) as exc:  # the user's, not ours
+    except (DataError, OptionsError, ResumeError, DivergedError, OSError) as exc:  # not ours
         raise SystemExit(f"mole-train: {exc}") from None
     for name, path in paths.items():
         print(f"adapter {name!r} written to {path}")

@@ -39,6 +39,17 @@ def test_round_trip(tmp_path, adapters, name, fmt):
     assert_same_adapter(load_adapter(tmp_path, name), adapter)  # shapes inferred, no base
 
 
+def test_saving_over_an_adapter_dir_leaves_none_of_its_weights(tmp_path, adapters):
+    """MoE-PEFT reads the `.bin`, we read the safetensors first: a stale file of either
+    beside a new config would be another adapter's weights."""
+    save_adapter(adapters["topk"], tmp_path, bin=True)
+    save_adapter(adapters["lora"], tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", SAFETENSORS_NAME}
+    save_adapter(adapters["dynmole"], tmp_path, safetensors=False, bin=True)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", BIN_NAME}
+    assert_same_adapter(load_adapter(tmp_path, "dynmole"), adapters["dynmole"])
+
+
 def test_bf16_files_load_as_the_bf16_rounded_weights(tmp_path, adapters):
     adapter = adapters["dynmole"]
     save_adapter(adapter, tmp_path / "fp32")

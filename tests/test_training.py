@@ -777,11 +777,36 @@ def test_resume_refuses_a_different_run(world, tmp_path):
     longer = Trainer(dataclasses.replace(options, resume=True,  # more steps, another eval
                                          adapters=[dataclasses.replace(a, steps=6)]))
     assert longer.micro_step == 1
+    longer.step()
+    longer.save_checkpoint()
+    with pytest.raises(ValueError, match=r"adapter 'rev' is at optimizer step 2 in "
+                                         r".*checkpoint-2, past this run's 1: give steps >= 2"):
+        Trainer(dataclasses.replace(options, resume=True,
+                                    adapters=[dataclasses.replace(a, steps=1)]))
+    # a fresh run would leave them for a later --resume to take as its own
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(up to "
+                                         r"checkpoint-2\): --resume continues it"):
+        Trainer(options)
     from mole_serve.train import main  # the CLI says so without a traceback
     with pytest.raises(SystemExit, match=r"mole-train: --resume: .* holds adapters \['rev'\]"):
         main(["--base-model", str(world / "base"), "--data", str(world / "upper.jsonl"),
               "--name", "up", "--output-dir", str(tmp_path), "--resume", "--steps", "1",
               "--no-progress", "--device", "cpu"])
+
+
+def test_a_diverging_run_stops_naming_the_adapter_and_writes_nothing(world, tmp_path):
+    options = TrainOptions(base_model=str(world / "base"), output_dir=str(tmp_path),
+                           adapters=[spec(world, "rev", "mixlora", lr=1e6, max_grad_norm=0.0,
+                                          steps=8)], progress=False)
+    with pytest.raises(ValueError, match=r"adapter 'rev': the loss is \S+ .* at micro-step "
+                                         r"\d: training diverged"):
+        Trainer(options).train()
+    assert not (tmp_path / "rev").exists()
+    trainer = Trainer(dataclasses.replace(options, output_dir=str(tmp_path / "b")))
+    with torch.no_grad():
+        next(trainer.model.adapters["rev"].parameters()).fill_(math.inf)
+    with pytest.raises(ValueError, match="adapter 'rev': weights are no longer finite"):
+        trainer.save_adapter("rev", tmp_path / "b" / "rev")
 
 
 def test_device_option(world, monkeypatch):

@@ -40,6 +40,10 @@ class ResumeError(ValueError):
     """A checkpoint this run cannot resume (other adapters, another data order)."""
 
 
+class DivergedError(ValueError):
+    """A loss or weight that is no longer finite: what was trained is not written."""
+
+
 @dataclass
 class AdapterRun:
     """One adapter's moving parts during a run."""
@@ -115,6 +119,10 @@ class Trainer:
         options.validate()
         self.options = options
         self.output = pathlib.Path(options.output_dir)
+        if not options.resume and checkpoints_in(self.output):
+            raise ResumeError(f"{self.output} holds checkpoints of an earlier run (up to "
+                              f"{checkpoints_in(self.output)[-1].name}): --resume continues "
+                              "it; else use another --output-dir or remove them")
         if model is None:
             model, tokenizer = load_base(options)
         self.tokenizer = tokenizer
@@ -223,6 +231,12 @@ class Trainer:
     def _finish_step(self, active: list[AdapterRun], metrics: dict, tokens: int,
                      started: float) -> dict[str, float]:
         elapsed = time.perf_counter() - started
+        for name, m in metrics.items():  # before any optimizer applies the step
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["aux"])):
+                raise DivergedError(
+                    f"adapter {name!r}: the loss is {m['loss']} (router loss {m['aux']}) at "
+                    f"micro-step {self.micro_step + 1}: training diverged; lower its lr or "
+                    f"keep max_grad_norm on (adapters of this run are not written)")
         used_lr = {run.spec.name: run.scheduler.get_last_lr()[0] for run in active}
         for run in active:
             run.micro_steps += 1
@@ -273,6 +287,10 @@ class Trainer:
         return results
 
     def save_adapter(self, name: str, path: pathlib.Path) -> pathlib.Path:
+        if not all(torch.isfinite(p).all() for p in self.model.adapters[name].parameters()):
+            raise DivergedError(f"adapter {name!r}: weights are no longer finite after "
+                                f"micro-step {self.micro_step}: training diverged; lower its "
+                                "lr or keep max_grad_norm on")
         adapter = self.model.adapters[name].to_adapter(self.model.base.num_layers)
         return save_adapter(adapter, path, bin=self.options.write_bin)
 
@@ -306,10 +324,7 @@ class Trainer:
                 "examples (sha256 of the token ids)": examples.hexdigest()}
 
     def _resume(self) -> None:
-        # the state file is written last: a checkpoint without it was cut off while saving
-        checkpoints = sorted((p for p in self.output.glob("checkpoint-*")
-                              if p.name.split("-")[1].isdigit() and (p / STATE_NAME).is_file()),
-                             key=lambda p: int(p.name.split("-")[1]))
+        checkpoints = checkpoints_in(self.output)
         if not checkpoints:
             print(f"resume: no checkpoint in {self.output}, starting fresh")
             return
@@ -332,6 +347,10 @@ class Trainer:
                 raise ResumeError(f"--resume: adapter {name!r} changed since {path}: "
                                   f"{'; '.join(changed)}; resume it as it was trained, or use "
                                   "another --output-dir")
+            if saved["steps"] > run.total_steps:
+                raise ResumeError(f"--resume: adapter {name!r} is at optimizer step "
+                                  f"{saved['steps']} in {path}, past this run's "
+                                  f"{run.total_steps}: give steps >= {saved['steps']}")
             params = self.model.adapters[name]
             params.copy_from(load_adapter(path / name, name))
             for key, p in params.named_parameters():
@@ -345,6 +364,14 @@ class Trainer:
                 next(run.stream)
             run.batches_taken = saved["batches_taken"]
         print(f"resumed from {path} (micro-step {self.micro_step})")
+
+
+def checkpoints_in(output: pathlib.Path) -> list[pathlib.Path]:
+    """A run's complete checkpoints, oldest first (the state file is written last: a
+    checkpoint without it was cut off while saving)."""
+    return sorted((p for p in output.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and (p / STATE_NAME).is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
