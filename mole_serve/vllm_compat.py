@@ -69,7 +69,7 @@ from . import metrics
 from .adapter import BaseShape, MoleAdapter
 from .checkpoint import (check_plain_lora_fits, is_mole_adapter_dir, load_adapter,
                          served_as_mole)
-from .config import CONFIG_NAME, FAMILIES, AdapterLimits, MoleConfig
+from .config import CONFIG_NAME, FAMILIES, AdapterLimits, MoleConfig, read_config_json
 from .errors import AdapterError
 from .layers import TensorShard
 
@@ -311,6 +311,7 @@ def _apply_settings(engine_args: Any) -> None:
     if not ServeSettings.from_additional_config(engine_args.additional_config).enabled:
         return
     install_request_metrics()  # this process runs the output processor
+    register_mole_resolver()   # this process may build the API's adapter registry
     engine_args.enable_lora = True
     if not isinstance(engine_args.hf_overrides, UseMoleArchitecture):
         engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides)
@@ -682,6 +683,47 @@ def install_api_validation() -> None:
 
     setattr(check_with_mole, _PATCHED, True)
     OpenAIServingModels._check_load_lora_adapter_request = check_with_mole
+
+
+MOLE_RESOLVER = "MoLE Filesystem Resolver"
+
+
+def register_mole_resolver() -> None:
+    """vLLM's filesystem LoRA resolver (with runtime LoRA updating, a request naming a dir of
+    VLLM_LORA_RESOLVER_CACHE_DIR loads it) takes PEFT LoRA dirs only; this one takes the MoLE
+    dirs there on the same terms: the dir's `base_model_name_or_path` names the served model
+    (here also: the same dir by another path). A malformed one fails to load: vLLM's 400."""
+    import vllm.envs as envs
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    cache_dir = envs.VLLM_LORA_RESOLVER_CACHE_DIR
+    if not cache_dir or MOLE_RESOLVER in LoRAResolverRegistry.get_supported_resolvers():
+        return
+
+    class MoleFilesystemResolver(LoRAResolver):
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            path = os.path.join(cache_dir, lora_name)
+            if not await asyncio.to_thread(_mole_dir_for_base, path, base_model_name):
+                return None
+            return LoRARequest(lora_name=lora_name, lora_int_id=abs(hash(lora_name)),
+                               lora_path=path)
+
+    LoRAResolverRegistry.register_resolver(MOLE_RESOLVER, MoleFilesystemResolver())
+
+
+def _mole_dir_for_base(path: str, base_model_name: str) -> bool:
+    if not is_mole_adapter_dir(path):
+        return False
+    try:
+        named = read_config_json(path, os.path.basename(path)).get("base_model_name_or_path")
+    except AdapterError:
+        return False
+    if not isinstance(named, str):
+        return False
+    same_dir = os.path.isdir(named) and os.path.isdir(base_model_name) and \
+        os.path.samefile(named, base_model_name)
+    return named == base_model_name or same_dir
 
 
 def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:

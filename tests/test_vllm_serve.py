@@ -3,8 +3,10 @@ server, engine core, worker) answered through the `openai` client."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
+import shutil
 import time
 
 import httpx
@@ -41,7 +43,14 @@ def workspace(tmp_path_factory):
             target_modules=("gate_proj", "up_proj", "down_proj", "o_proj")), base, seed=13),
         "peft": make_peft_lora(root / "peft", base, seed=14),
     }
-    return {"root": root, "model": make_tiny_llama(root / "tiny-llama"), "adapters": adapters}
+    model = make_tiny_llama(root / "tiny-llama")
+    # vLLM's filesystem LoRA resolver cache: a request names a dir there, which loads then
+    for name, base_name in (("cached", str(model)), ("cached-other-base", "org/other-model")):
+        shutil.copytree(root / "mixlora", root / "resolver-cache" / name)
+        config_path = root / "resolver-cache" / name / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps(dict(config, base_model_name_or_path=base_name)))
+    return {"root": root, "model": model, "adapters": adapters}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,8 @@ def server(workspace, tmp_path_factory):
     from mole_serve.demo.server import VllmServer
 
     root = workspace["root"]
-    env = server_env(VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
+    env = server_env(VLLM_ALLOW_RUNTIME_LORA_UPDATING="1",
+                     VLLM_LORA_RESOLVER_CACHE_DIR=str(root / "resolver-cache"))
     serve_args = ["--served-model-name", BASE_NAME, "--dtype", ENGINE_DTYPE,
                   "--max-model-len", "128", "--max-num-seqs", "8",
                   "--max-num-batched-tokens", "256", "--enforce-eager",
@@ -171,6 +181,16 @@ def test_unknown_adapter_is_404(client):
     import openai
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+
+
+def test_mole_dirs_in_the_lora_resolver_cache_load_on_first_request(client, expected):
+    """vLLM's filesystem resolver takes PEFT LoRA dirs only; MoLE dirs there load as well,
+    on its terms: made for the served base model, else vLLM's 404."""
+    import openai
+    assert complete_ids(client, "cached") == expected["mixlora"]  # mixlora's weights
+    assert "cached" in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        complete_ids(client, "cached-other-base")
 
 
 def bad_adapter(root: pathlib.Path, case: str) -> pathlib.Path:
