@@ -55,8 +55,8 @@ HELP = {
     "entropy_threshold": "dynmole: a token whose normalised Tsallis entropy is above it uses "
                          "every expert (>= 1: never)",
     "entropy_index": "dynmole: Tsallis entropy index q",
-    "router_init_range": "router init: std of MixLoRA's normal init (0.02; switch 1.0), "
-                         "DynMoLE's Kaiming a^2 (5.0), as MoE-PEFT",
+    "router_init_range": "router init as MoE-PEFT reads it: std of MixLoRA's normal init "
+                         "(0.02), a^2 of DynMoLE's Kaiming init (5.0)",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping per optimizer step (0: off)",

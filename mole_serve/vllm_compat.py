@@ -26,6 +26,8 @@ How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
 * `OpenAIServingModels._check_load_lora_adapter_request` is wrapped so a malformed MoLE
   adapter is refused with HTTP 400 and a message naming the tensor (vLLM itself answers
   500 for any engine-side load error).
+* A `LoRAResolver` is registered beside vLLM's filesystem one, which takes PEFT LoRA dirs only,
+  so MoLE dirs in `VLLM_LORA_RESOLVER_CACHE_DIR` load on first request too.
 Route (A), re-expressing MoLE weights as LoRA tensors on extra `LinearBase` submodules, was
 rejected: vLLM's loader accepts only PEFT key names, `adapter_model.*` files and ranks in
 {1, 8, 16, 32, ...}, so every MoE-PEFT checkpoint (`.bin`, `mixlora.layers...` keys, rank
@@ -42,8 +44,9 @@ forward, exports the routing counts the layers keep on the device. `vllm serve
 `PROMETHEUS_MULTIPROC_DIR` gets a fresh one, so worker-side series reach `/metrics`
 (`use_multiprocess_metrics`).
 
-Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags) and the CPU
-LoRA -1 slot bug fix.
+Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags; its settings
+are written into the parsed namespace's `additional_config`, which the API server processes
+of `--api-server-count` > 1 rebuild their engine args from) and the CPU LoRA -1 slot bug fix.
 """
 
 from __future__ import annotations

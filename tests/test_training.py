@@ -296,7 +296,9 @@ def test_data_errors(world, tmp_path):
                         r"\[5\]"),
                        ({"instruction": "x", "input": ["y"], "output": "z"}, r"\['input'\]"),
                        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
-                        r"message 1: \['content'\] must be text")):
+                        r"message 1: needs a text 'role' and a 'content'"),
+                       ({"messages": [{"content": "x"}, {"role": "assistant", "content": "a"}]},
+                        r"message 1: needs a text 'role'")):
         with pytest.raises(DataError, match=f"row 1: .*{found}"):
             tokenize([row], tokenizer, cutoff=64, train_on_inputs=False, add_eos=True,
                      source="typed")
@@ -692,7 +694,7 @@ def test_run_file_values_are_typed(world):
     ({"strategy": "mixlora-dynamic", "top_k": 3}, "top_k applies to mixlora only"),
     ({"strategy": "mixlora", "entropy_threshold": 0.5}, "entropy_threshold applies to dynmole"),
     ({"target_modules": ["q_proj"], "attention": False}, "not both"),
-    ({"strategy": "mixlora", "router_init_range": -1.0}, "router_init_range must be > 0"),
+    ({"strategy": "mixlora", "router_init_range": -1.0}, "router_init_range must be >= 0"),
     ({"strategy": "lora", "num_experts": 4}, "num_experts applies to mixlora / "),
     ({"strategy": "lora", "balance_coef": 0.5}, "balance_coef applies to mixlora / "),
     ({"strategy": "lora", "router_init_range": 3.0}, "router_init_range applies to mixlora / "),
@@ -802,11 +804,19 @@ def test_a_diverging_run_stops_naming_the_adapter_and_writes_nothing(world, tmp_
                                          r"\d: training diverged"):
         Trainer(options).train()
     assert not (tmp_path / "rev").exists()
-    trainer = Trainer(dataclasses.replace(options, output_dir=str(tmp_path / "b")))
+    # weights the last optimizer step made non-finite (no forward after it): no adapter of
+    # the run is written, nor a checkpoint
+    trainer = Trainer(dataclasses.replace(options, output_dir=str(tmp_path / "b"), adapters=[
+        spec(world, "rev", "mixlora", steps=1), spec(world, "up", "mixlora", steps=1)]))
+    for run in trainer.runs.values():
+        run.steps = run.total_steps
     with torch.no_grad():
-        next(trainer.model.adapters["rev"].parameters()).fill_(math.inf)
-    with pytest.raises(ValueError, match="adapter 'rev': weights are no longer finite"):
-        trainer.save_adapter("rev", tmp_path / "b" / "rev")
+        next(trainer.model.adapters["up"].parameters()).fill_(math.inf)
+    for write in (trainer.train, trainer.save_checkpoint):
+        with pytest.raises(ValueError, match="adapter 'up': weights are no longer finite"):
+            write()
+    assert not any((tmp_path / "b").glob("*/adapter_config.json"))
+    assert not list((tmp_path / "b").glob("checkpoint-*"))
 
 
 def test_device_option(world, monkeypatch):

@@ -45,7 +45,9 @@ def workspace(tmp_path_factory):
     }
     model = make_tiny_llama(root / "tiny-llama")
     # vLLM's filesystem LoRA resolver cache: a request names a dir there, which loads then
-    for name, base_name in (("cached", str(model)), ("cached-other-base", "org/other-model")):
+    # (the served base by another path: the same dir)
+    for name, base_name in (("cached", str(model / ".." / model.name)),
+                            ("cached-other-base", "org/other-model")):
         shutil.copytree(root / "mixlora", root / "resolver-cache" / name)
         config_path = root / "resolver-cache" / name / "adapter_config.json"
         config = json.loads(config_path.read_text())

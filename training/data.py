@@ -96,10 +96,12 @@ def prompt_and_answer(row: dict[str, Any], tokenizer, where: str) -> tuple[str, 
             raise DataError(f"{where}: 'messages' must be a list of objects ending with an "
                             "assistant turn")
         for number, message in enumerate(messages, start=1):
-            untyped = [k for k in ("role", "content") if not isinstance(message.get(k), str)]
-            if untyped:
-                raise DataError(f"{where}: message {number}: {untyped} must be text, found "
-                                f"{[message.get(k) for k in untyped]!r:.80}")
+            content = message.get("content")  # parts lists are the template's to render
+            if not isinstance(message.get("role"), str) or not (
+                    isinstance(content, (str, list)) or message.get("tool_calls")):
+                raise DataError(f"{where}: message {number}: needs a text 'role' and a "
+                                "'content' (text or a list of parts; none only beside "
+                                f"'tool_calls'), found {message!r:.80}")
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: chat rows need a tokenizer with a chat template")
         from jinja2 import TemplateError

@@ -163,7 +163,7 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
                           ("max_grad_norm", spec.max_grad_norm >= 0, ">= 0 (0: off)"),
                           ("balance_coef", spec.balance_coef >= 0, ">= 0"),
                           ("router_init_range", spec.router_init_range is None
-                           or spec.router_init_range > 0, "> 0"),
+                           or spec.router_init_range >= 0, ">= 0"),
                           ("entropy_coef", spec.entropy_coef >= 0, ">= 0")):
         if not ok:
             raise OptionsError(f"{where}: {key} must be {rule}, got {getattr(spec, key)!r}")

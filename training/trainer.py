@@ -81,8 +81,9 @@ def load_base(options: TrainOptions):
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     except (OSError, ValueError) as exc:  # no such dir (nor a cached hub id), a bad config
         where = "" if pathlib.Path(base).exists() else " is no directory, nor a cached hub id"
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise OptionsError(f"base_model {base}{where}: transformers cannot load it: "
-                           f"{str(exc).splitlines()[0]}") from None
+                           f"{first_line}") from None
     if options.pad_token is not None:
         pad_id = tokenizer.convert_tokens_to_ids(options.pad_token)
         if pad_id is None or (pad_id == tokenizer.unk_token_id
@@ -119,10 +120,11 @@ class Trainer:
         options.validate()
         self.options = options
         self.output = pathlib.Path(options.output_dir)
-        if not options.resume and checkpoints_in(self.output):
+        earlier = [] if options.resume else checkpoints_in(self.output)
+        if earlier:
             raise ResumeError(f"{self.output} holds checkpoints of an earlier run (up to "
-                              f"{checkpoints_in(self.output)[-1].name}): --resume continues "
-                              "it; else use another --output-dir or remove them")
+                              f"{earlier[-1].name}): --resume continues it; else use another "
+                              "--output-dir or remove them")
         if model is None:
             model, tokenizer = load_base(options)
         self.tokenizer = tokenizer
@@ -236,7 +238,8 @@ class Trainer:
                 raise DivergedError(
                     f"adapter {name!r}: the loss is {m['loss']} (router loss {m['aux']}) at "
                     f"micro-step {self.micro_step + 1}: training diverged; lower its lr or "
-                    f"keep max_grad_norm on (adapters of this run are not written)")
+                    f"keep max_grad_norm on (this run writes no adapter; re-run into another "
+                    f"--output-dir or remove its checkpoints)")
         used_lr = {run.spec.name: run.scheduler.get_last_lr()[0] for run in active}
         for run in active:
             run.micro_steps += 1
@@ -266,6 +269,7 @@ class Trainer:
             if self.options.save_every and self.micro_step % self.options.save_every == 0:
                 self.save_checkpoint()
         self.log.close()
+        self._refuse_diverged()  # every adapter before any is written
         paths = {name: self.save_adapter(name, self.output / name) for name in self.runs}
         results = self.evaluate()
         for name, values in results.items():
@@ -286,16 +290,21 @@ class Trainer:
                 results[name] = values
         return results
 
+    def _refuse_diverged(self) -> None:
+        """The last optimizer step can make weights non-finite with no forward after it."""
+        for name in self.runs:
+            if not all(torch.isfinite(p).all() for p in self.model.adapters[name].parameters()):
+                raise DivergedError(f"adapter {name!r}: weights are no longer finite after "
+                                    f"micro-step {self.micro_step}: training diverged; lower "
+                                    "its lr or keep max_grad_norm on")
+
     def save_adapter(self, name: str, path: pathlib.Path) -> pathlib.Path:
-        if not all(torch.isfinite(p).all() for p in self.model.adapters[name].parameters()):
-            raise DivergedError(f"adapter {name!r}: weights are no longer finite after "
-                                f"micro-step {self.micro_step}: training diverged; lower its "
-                                "lr or keep max_grad_norm on")
         adapter = self.model.adapters[name].to_adapter(self.model.base.num_layers)
         return save_adapter(adapter, path, bin=self.options.write_bin)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> pathlib.Path:
+        self._refuse_diverged()
         path = self.output / f"checkpoint-{self.micro_step}"
         for name in self.runs:
             self.save_adapter(name, path / name)
