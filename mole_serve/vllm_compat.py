@@ -23,9 +23,9 @@ How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
   wrap every linear once LoRA is on, then spend nothing on MoLE tokens (their kernels skip
   rows without an adapter; a step without plain-LoRA tokens skips them altogether), and our
   layers spend nothing on plain-LoRA tokens.
-* `OpenAIServingModels._check_load_lora_adapter_request` is wrapped so a malformed MoLE
-  adapter is refused with HTTP 400 and a message naming the tensor (vLLM itself answers
-  500 for any engine-side load error).
+* `OpenAIServingModels._check_load_lora_adapter_request` and `resolve_lora` are wrapped so a
+  malformed MoLE adapter is refused with HTTP 400 and a message naming the tensor (vLLM
+  itself answers 500 for any engine-side load error).
 * A `LoRAResolver` is registered beside vLLM's filesystem one, which takes PEFT LoRA dirs only,
   so MoLE dirs in `VLLM_LORA_RESOLVER_CACHE_DIR` load on first request too.
 Route (A), re-expressing MoLE weights as LoRA tensors on extra `LinearBase` submodules, was
@@ -658,14 +658,27 @@ def use_multiprocess_metrics() -> None:
 
 
 def install_api_validation() -> None:
-    """Refuse a malformed MoLE adapter at `/v1/load_lora_adapter` (and `--lora-modules`)
-    with a 400 naming the problem, before the engine sees it."""
+    """Refuse a malformed MoLE adapter at `/v1/load_lora_adapter` (and `--lora-modules`), or
+    found in the LoRA resolver cache by a request, with a 400 naming the problem, before the
+    engine sees it (vLLM answers 500, or 400 "could not be loaded", without saying why)."""
     from vllm.entrypoints.openai.models import serving
 
     OpenAIServingModels = serving.OpenAIServingModels
     check = OpenAIServingModels._check_load_lora_adapter_request
+    resolve = OpenAIServingModels.resolve_lora
     if getattr(check, _PATCHED, False):
         return
+
+    async def refusal(path: str, name: str, vllm_config: Any, **param: str):
+        """None for an adapter that may load, else the 400 naming why not."""
+        try:  # file reads: off the event loop
+            await asyncio.to_thread(_check_requested_adapter, path, name, vllm_config)
+        except AdapterError as exc:
+            metrics.adapter_rejected("api_server")
+            # The module's own import: it moved between vLLM 0.26 and 0.32.
+            return serving.create_error_response(message=str(exc), err_type="BadRequestError",
+                                                 status_code=HTTPStatus.BAD_REQUEST, **param)
+        return None
 
     @functools.wraps(check)
     async def check_with_mole(self, request):
@@ -673,19 +686,24 @@ def install_api_validation() -> None:
         vllm_config = self.engine_client.vllm_config
         if error is not None or not serve_settings(vllm_config).enabled:
             return error
-        try:  # file reads: off the event loop
-            await asyncio.to_thread(_check_requested_adapter, request.lora_path,
-                                    request.lora_name, vllm_config)
-        except AdapterError as exc:
-            metrics.adapter_rejected("api_server")
-            # The module's own import: it moved between vLLM 0.26 and 0.32.
-            return serving.create_error_response(message=str(exc), err_type="BadRequestError",
-                                                 status_code=HTTPStatus.BAD_REQUEST,
-                                                 param="lora_path")
-        return None
+        return await refusal(request.lora_path, request.lora_name, vllm_config,
+                             param="lora_path")
+
+    @functools.wraps(resolve)
+    async def resolve_with_mole(self, lora_name):
+        vllm_config, cache_dir = self.engine_client.vllm_config, _resolver_cache_dir()
+        path = os.path.join(cache_dir, lora_name) if cache_dir else ""
+        if (path and lora_name not in self.lora_requests
+                and serve_settings(vllm_config).enabled
+                and await asyncio.to_thread(_mole_dir_for_base, path, self.model_config.model)):
+            error = await refusal(path, lora_name, vllm_config)
+            if error is not None:
+                return error
+        return await resolve(self, lora_name)
 
     setattr(check_with_mole, _PATCHED, True)
     OpenAIServingModels._check_load_lora_adapter_request = check_with_mole
+    OpenAIServingModels.resolve_lora = resolve_with_mole
 
 
 MOLE_RESOLVER = "MoLE Filesystem Resolver"
@@ -695,12 +713,11 @@ def register_mole_resolver() -> None:
     """vLLM's filesystem LoRA resolver (with runtime LoRA updating, a request naming a dir of
     VLLM_LORA_RESOLVER_CACHE_DIR loads it) takes PEFT LoRA dirs only; this one takes the MoLE
     dirs there on the same terms: the dir's `base_model_name_or_path` names the served model
-    (here also: the same dir by another path). A malformed one fails to load: vLLM's 400."""
-    import vllm.envs as envs
+    (here also: the same dir by another path). `install_api_validation` checks them first."""
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-    cache_dir = envs.VLLM_LORA_RESOLVER_CACHE_DIR
+    cache_dir = _resolver_cache_dir()
     if not cache_dir or MOLE_RESOLVER in LoRAResolverRegistry.get_supported_resolvers():
         return
 
@@ -713,6 +730,12 @@ def register_mole_resolver() -> None:
                                lora_path=path)
 
     LoRAResolverRegistry.register_resolver(MOLE_RESOLVER, MoleFilesystemResolver())
+
+
+def _resolver_cache_dir() -> str | None:
+    """Where vLLM's filesystem resolver looks for adapters by name (None: it is off)."""
+    import vllm.envs as envs
+    return envs.VLLM_LORA_RESOLVER_CACHE_DIR or None
 
 
 def _mole_dir_for_base(path: str, base_model_name: str) -> bool:

@@ -46,12 +46,14 @@ def workspace(tmp_path_factory):
     model = make_tiny_llama(root / "tiny-llama")
     # vLLM's filesystem LoRA resolver cache: a request names a dir there, which loads then
     # (the served base by another path: the same dir)
-    for name, base_name in (("cached", str(model / ".." / model.name)),
-                            ("cached-other-base", "org/other-model")):
-        shutil.copytree(root / "mixlora", root / "resolver-cache" / name)
+    for name, source, changes in (
+            ("cached", "mixlora", {"base_model_name_or_path": str(model / ".." / model.name)}),
+            ("cached-other-base", "mixlora", {"base_model_name_or_path": "org/other-model"}),
+            ("cached-too-many-experts", "late", {"base_model_name_or_path": str(model),
+                                                 "num_experts": 9})):
+        shutil.copytree(root / source, root / "resolver-cache" / name)
         config_path = root / "resolver-cache" / name / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config_path.write_text(json.dumps(dict(config, base_model_name_or_path=base_name)))
+        config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **changes)))
     return {"root": root, "model": model, "adapters": adapters}
 
 
@@ -187,8 +189,12 @@ def test_unknown_adapter_is_404(client):
 
 def test_mole_dirs_in_the_lora_resolver_cache_load_on_first_request(client, expected):
     """vLLM's filesystem resolver takes PEFT LoRA dirs only; MoLE dirs there load as well,
-    on its terms: made for the served base model, else vLLM's 404."""
+    on its terms: made for the served base model, else vLLM's 404; a malformed one is a 400
+    naming the problem, as at /v1/load_lora_adapter."""
     import openai
+    with pytest.raises(openai.BadRequestError, match="adapter 'cached-too-many-experts': "
+                                                     ".*num_experts"):
+        complete_ids(client, "cached-too-many-experts")
     assert complete_ids(client, "cached") == expected["mixlora"]  # mixlora's weights
     assert "cached" in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
