@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     one = p.add_argument_group("one adapter (without --config)")
 
     def flag(group, name: str, *names: str, **kwargs) -> None:
-        group.add_argument(*(names or [f"--{name.replace('_', '-')}"]), help=_help(name),
-                           **kwargs)
+        """`--name-with-dashes`, or the given flag names, setting option `name`."""
+        group.add_argument(*(names or [f"--{name.replace('_', '-')}"]), dest=name,
+                           help=_help(name), **kwargs)
 
     switch = {"action": "store_true", "default": None}
     flag(run, "base_model")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(run, "gradient_checkpointing", **switch)
     flag(run, "cutoff_len", type=int)
     flag(run, "train_on_inputs", **switch)
-    flag(run, "add_eos", "--no-eos", dest="add_eos", action="store_false", default=None)
+    flag(run, "add_eos", "--no-eos", action="store_false", default=None)
     flag(run, "scheduler", choices=["constant", "cosine"])
     flag(run, "warmup_steps", type=int)
     flag(run, "seed", type=int)
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(run, "resume", **switch)
     flag(run, "write_bin", **switch)
     flag(run, "pad_token")
-    flag(run, "progress", "--no-progress", dest="progress", action="store_false", default=None)
+    flag(run, "progress", "--no-progress", action="store_false", default=None)
     flag(one, "name")
     flag(one, "data")
     flag(one, "strategy", choices=STRATEGIES)  # validate says why switch is not trained
@@ -127,10 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("steps", int), ("epochs", float), ("balance_coef", float),
                        ("entropy_coef", float)):
         flag(one, name, type=kind)
-    flag(one, "attention", "--no-attention", dest="attention", action="store_false",
-         default=None)
+    flag(one, "attention", "--no-attention", action="store_false", default=None)
     flag(one, "target_modules", nargs="+", metavar="PROJ")
-    flag(one, "use_rslora", "--rslora", dest="use_rslora", **switch)
+    flag(one, "use_rslora", "--rslora", **switch)
     flag(one, "eval_data")
     flag(one, "choice_data")
     return p

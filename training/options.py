@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mole_serve.config import (ALL_PROJS, CONFIG_NAME, DYNMOLE, FFN_PROJS, MIXLORA,
-                               MIXLORA_DYNAMIC, MIXLORA_SWITCH, STRATEGIES, MoleConfig)
+                               MIXLORA_DYNAMIC, MIXLORA_SWITCH, PLAIN_LORA, STRATEGIES,
+                               MoleConfig)
 from mole_serve.errors import AdapterError
 
 
@@ -191,7 +192,7 @@ def _check_adapter(spec: AdapterSpec, run: TrainOptions) -> None:
 
 RUN_DEFAULTS = ("scheduler", "warmup_steps", "cutoff_len", "train_on_inputs")
 TRAINABLE = tuple(s for s in STRATEGIES if s != MIXLORA_SWITCH)
-MOLE_STRATEGIES = tuple(s for s in TRAINABLE if s != "lora")
+MOLE_STRATEGIES = tuple(s for s in TRAINABLE if s != PLAIN_LORA)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Options only some strategies read: set to another value for any other, they are refused.
 ONLY_FOR = {"top_k": (MIXLORA,), "top_p": (MIXLORA_DYNAMIC, DYNMOLE),
