@@ -17,9 +17,8 @@ import shlex
 import pytest
 import torch
 
-from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
-from tiny_model import make_tiny_llama
+from tiny_model import TINY_SHAPE, make_tiny_llama
 from vllm_helpers import make_mole_adapter, serve_arg_parser
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,8 +88,7 @@ def test_every_shell_command_is_known_and_parses():
 def test_python_example_runs(tmp_path):
     (example,) = code_blocks("python")
     model_dir = make_tiny_llama(tmp_path / "base")
-    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=32)
+    base = TINY_SHAPE
     make_mole_adapter(tmp_path / "math", MoleConfig("mixlora", 4, 8, 16, ("gate_proj",
                                                                           "up_proj"), top_k=2),
                       base, seed=0)

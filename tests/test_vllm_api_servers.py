@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
-from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from mole_serve.demo.server import VllmServer
-from tiny_model import make_tiny_llama
+from tiny_model import TINY_SHAPE, make_tiny_llama
 from vllm_helpers import (ENGINE_DTYPE, GPU_MEMORY_SHARE, ReferenceGenerator, make_mole_adapter,
                           metric, metric_when_above, server_env)
 
@@ -22,8 +21,7 @@ REQUESTS_PER_MODEL = 4
 
 
 def test_two_api_servers_serve_mole_adapters_into_one_metrics_view(tmp_path):
-    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=32)
+    base = TINY_SHAPE
     adapter = make_mole_adapter(tmp_path / "mixlora", MoleConfig(
         "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
         target_modules=("gate_proj", "up_proj", "down_proj")), base, seed=21)

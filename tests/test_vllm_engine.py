@@ -16,9 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
-from tiny_model import make_tiny_llama
+from tiny_model import TINY_SHAPE, make_tiny_llama
 from vllm_helpers import (ReferenceGenerator, make_mole_adapter, make_peft_lora, metric_total,
                           offline_llm)
 
@@ -32,8 +31,7 @@ ADAPTERS = ("mixlora", "dynmole", "peft")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_engine")
     model_dir = make_tiny_llama(root / "tiny-llama")
-    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=32)
+    base = TINY_SHAPE
     mixlora = make_mole_adapter(root / "mixlora", MoleConfig(
         "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
-from tiny_model import make_tiny_llama
+from tiny_model import TINY_SHAPE, make_tiny_llama
 from vllm_helpers import ReferenceGenerator, make_mole_adapter, metric_total, offline_llm
 
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77]]
@@ -20,8 +19,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def test_mixlora_only_server(tmp_path):
     model_dir = make_tiny_llama(tmp_path / "base")
-    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=32)
+    base = TINY_SHAPE
     mixlora = make_mole_adapter(tmp_path / "mixlora", MoleConfig(
         "mixlora-dynamic", num_experts=4, r=8, lora_alpha=16, top_p=0.7, target_modules=ALL),
         base, seed=4)

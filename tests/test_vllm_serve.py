@@ -15,7 +15,7 @@ import torch
 
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
-from tiny_model import make_tiny_llama
+from tiny_model import TINY_SHAPE, make_tiny_llama
 from vllm_helpers import (ENGINE_DTYPE, GPU_MEMORY_SHARE, ReferenceGenerator, make_mole_adapter,
                           make_peft_lora, metric, metric_when_above, server_env)
 
@@ -28,8 +28,7 @@ STARTUP_TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_serve")
-    base = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=32)
+    base = TINY_SHAPE
     adapters = {
         "mixlora": make_mole_adapter(root / "mixlora", MoleConfig(
             "mixlora", num_experts=4, r=8, lora_alpha=16, top_k=2,

@@ -10,9 +10,8 @@ import random
 
 import pytest
 
-from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
-from tiny_model import make_tiny_llama
+from tiny_model import TINY_SHAPE, make_tiny_llama
 from vllm_helpers import make_mole_adapter, make_peft_lora, offline_llm
 
 NUM_REQUESTS = 1000
@@ -20,8 +19,7 @@ MAX_TOKENS = 4
 MAX_IN_FLIGHT = 24
 CHURN_EVERY_STEPS = 7
 PROMPTS = [[1, 17, 305, 44, 912, 8], [1, 600, 2, 77], [1, 5, 5, 400, 123, 250, 31]]
-BASE = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                 head_dim=32)
+BASE = TINY_SHAPE
 ATTENTION_AND_FFN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj")
 MOLE_CONFIGS = {

@@ -9,6 +9,8 @@ import random
 
 import torch
 
+from mole_serve.adapter import BaseShape
+
 VOCAB = 1000
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
@@ -64,6 +66,11 @@ def build_sentencepiece_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<unk>",
                                    chat_template=LLAMA2_CHAT_TEMPLATE)
+
+
+# The shape `make_tiny_llama` builds with its defaults.
+TINY_SHAPE = BaseShape(hidden=128, intermediate=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=32)
 
 
 def make_tiny_llama(path: pathlib.Path, hidden: int = 128, intermediate: int = 256,
