@@ -7,8 +7,9 @@ with `PROMETHEUS_MULTIPROC_DIR` set, as `vllm serve --enable-mole-adapters` runs
 
 The two variants are timed interleaved (on, off, on, off, ...) so machine noise hits both
 alike; `overhead_pct` compares medians. Layers use the Triton kernels with CUDA and the
-reference math otherwise, as the server does; with CUDA each timing is a CUDA-graph replay
-median, as the server replays its decode steps (eager timings would be Python's). Routers are
+reference math otherwise (on the step's MoLE rows, `layers.SlotBatch`), as the server does;
+with CUDA each timing is a CUDA-graph replay median, as the server replays its decode steps
+(eager timings would be Python's). Routers are
 drawn N(0, 1/sqrt(hidden)) and frozen weights N(0, 1/fan_in): logits of unit scale, so
 routing is neither one-hot nor uniform.
 
@@ -62,7 +63,8 @@ class ServedLayer:
                  routing_stats: bool, device: torch.device, use_kernels: bool,
                  dtype: torch.dtype):
         limits = SlotLimits(num_slots, config.r, config.num_experts, dtype)
-        token_slots = TokenSlots(num_slots, slots.shape[0], use_kernels, device)
+        token_slots = TokenSlots(num_slots, slots.shape[0], use_kernels, device,
+                                 compact=device.type == "cpu" and not use_kernels)
         token_slots.set(slots)
         token_slots.prepare(slots.shape[0])  # once per step in the model, not per layer
         self.attention = ProjectionAdapters(limits, base, 0, token_slots, ATTENTION_GROUPS,

@@ -101,11 +101,15 @@ class TokenSlots:
     the step's token count, so compiled layers and CUDA graphs see the same addresses every
     step. `set` writes the slots of the tokens whose adapter is a MoLE one (outside the
     forward, when vLLM's LoRA manager sets the step's adapter mapping); other tokens stay -1.
+    `compact` (`SlotBatch`): `prepare` also reads which rows and slots the step's MoLE tokens
+    use, on the host.
     """
 
     def __init__(self, num_slots: int, max_tokens: int, use_kernels: bool = False,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, compact: bool = False):
         self.num_slots = num_slots
+        self.compact = compact
+        self._compact_step: tuple[int, torch.Tensor, tuple[int, ...]] | None = None
         # Tokens per plan block; None: the reference backend needs no plan.
         self.plan_block_m = _kernels().BLOCK_M if use_kernels else None
         self.slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
@@ -124,9 +128,13 @@ class TokenSlots:
             slots = slots.pin_memory()
         self.slots[:slots.shape[0]].copy_(slots, non_blocking=True)
         self.slots[slots.shape[0]:].fill_(-1)
+        self._compact_step = None
 
     def prepare(self, num_tokens: int) -> None:
-        """Once per step, before the layers: this step's token plan (kernels only)."""
+        """Once per step, before the layers: this step's token plan (kernels), or its MoLE
+        rows and the slots they use (compact)."""
+        if self.compact:
+            self._compact_step = self._read_compact_step(num_tokens)
         if self.plan_block_m is not None:
             plan = _kernels().plan_tokens(self.slots[:num_tokens], self.num_slots,
                                           self.plan_block_m)
@@ -136,6 +144,11 @@ class TokenSlots:
     def batch(self, num_tokens: int) -> "SlotBatch":
         """The slots and plan `prepare(num_tokens)` built."""
         slots = self.slots[:num_tokens]
+        if self.compact and not torch.compiler.is_compiling():
+            step = self._compact_step
+            if step is None or step[0] != num_tokens:
+                step = self._read_compact_step(num_tokens)
+            return SlotBatch(slots, None, *step[1:])
         if self.plan_block_m is None:
             return SlotBatch(slots, None)
         kernels = _kernels()
@@ -144,13 +157,51 @@ class TokenSlots:
             self.sorted_tokens[:blocks * self.plan_block_m], self.block_slot[:blocks],
             self.plan_block_m))
 
+    def _read_compact_step(self, num_tokens: int) -> tuple[int, torch.Tensor, tuple[int, ...]]:
+        """(num_tokens, rows of MoLE tokens, the slots they use), read on the host."""
+        slots = self.slots[:num_tokens]
+        rows = (slots >= 0).nonzero().flatten()
+        return num_tokens, rows, tuple(slots[rows].unique().tolist())
+
 
 @dataclass(frozen=True)
 class SlotBatch:
-    """One step's per-token slots [T] (-1 = none) and, on the kernels, their token plan."""
+    """One step's per-token slots [T] (-1 = none) and, on the kernels, their token plan.
+
+    A compact batch (reference backend on a CPU, `TokenSlots(compact=True)`: vLLM runs the
+    model eagerly there and the slots are host memory) also names the rows of MoLE tokens
+    and the slots they use. The reference layers then compute those rows only (a step of
+    base-model or plain-LoRA tokens costs nothing extra) and gather only as many experts
+    per token as those slots' adapters can select (`k_for`), not the server's largest
+    count: data-dependent shapes, so never on the kernels' CUDA-graph path or while
+    compiling."""
 
     slots: torch.Tensor
     plan: "TokenPlan | None"
+    rows: torch.Tensor | None = None  # compact: the MoLE tokens' rows; None: every row
+    used_slots: tuple[int, ...] = ()  # compact: the slots those rows use
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`'s rows of the tokens the layers compute (compact: the MoLE tokens')."""
+        return t if self.rows is None else t[self.rows]
+
+    def put(self, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`t` with the rows `take(t)` returns replaced by `rows`."""
+        return rows if self.rows is None else t.index_copy(0, self.rows, rows)
+
+
+class ExpertColumns:
+    """How many expert columns ([T, k] routing) a slot buffer's tokens need: its k_max, or
+    for a compact batch the most any of its slots' adapters selects (`slot_k`, kept by
+    `fill`; 0: no adapter of those slots adapts here, nothing to compute)."""
+
+    k_max: int
+    slot_k: list[int]
+
+    def k_for(self, batch: SlotBatch) -> int:
+        if batch.rows is None:
+            return self.k_max
+        return max((self.slot_k[s] for s in batch.used_slots), default=0)
 
 
 def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -295,7 +346,7 @@ class _SlotTables(nn.Module):
         self.routing[slot] = 0.0 if adapter is None else routing_row(adapter.config)
 
 
-class MixLoRABuffers(_SlotTables):
+class MixLoRABuffers(_SlotTables, ExpertColumns):
     """FFN-level experts of one layer (MixLoRA family), `MixLoRAStack` layout."""
 
     def __init__(self, limits: SlotLimits, hidden: int, intermediate: int,
@@ -304,7 +355,7 @@ class MixLoRABuffers(_SlotTables):
         self.part = shard.part(intermediate)
         S, E, r, H = limits.slots, limits.experts, limits.rank, hidden
         I = intermediate // shard.world
-        self.k_max = E
+        self.k_max, self.slot_k = E, [0] * S
         self.register_buffer("router", _zeros(S, E, H), persistent=False)
         for name, shape in (("gate_up_a", (S, E, 2 * r, H)), ("gate_up_b", (S, E, 2, I, r)),
                             ("down_a", (S, E, r, I)), ("down_b", (S, E, H, r))):
@@ -315,6 +366,7 @@ class MixLoRABuffers(_SlotTables):
         for buffer in (self.router, self.gate_up_a, self.gate_up_b, self.down_a, self.down_b):
             buffer[slot].zero_()
         self.set_row(slot, adapter)
+        self.slot_k[slot] = 0 if adapter is None else adapter.config.max_experts_per_token
         if adapter is None:
             return
         e, ra, r = adapter.config.num_experts, adapter.config.r, self.down_a.shape[2]
@@ -329,12 +381,14 @@ class MixLoRABuffers(_SlotTables):
             self.down_a[slot, :e, :ra] = layer.experts["down_proj"].a[:, :, self.part]
             self.down_b[slot, :e, :, :ra] = layer.experts["down_proj"].b
 
-    def stack(self) -> MixLoRAStack:
+    def stack(self, k_max: int | None = None) -> MixLoRAStack:
+        """The buffers as a stack routing to `k_max` experts (default: all a slot holds)."""
         return MixLoRAStack(self.router, self.gate_up_a, self.gate_up_b, self.down_a,
-                            self.down_b, self.scaling, self.routing, self.enabled, self.k_max)
+                            self.down_b, self.scaling, self.routing, self.enabled,
+                            self.k_max if k_max is None else k_max)
 
 
-class GroupedLoRABuffers(nn.Module):
+class GroupedLoRABuffers(nn.Module, ExpertColumns):
     """The adapters of a group of projections that read the same input (q/k/v, gate/up, or
     one projection alone), `GroupedLoRAStack` layout: per projection, a DynMoLE adapter's
     routed experts, or a MixLoRA adapter's plain LoRA (attention) as a one-expert stack (zero
@@ -348,7 +402,7 @@ class GroupedLoRABuffers(nn.Module):
             raise ValueError(f"grouped projections {projs} must share their input")
         G, S, E, r, fan_in = len(projs), limits.slots, limits.experts, limits.rank, \
             dims[0].local_in
-        self.projs, self.dims, self.k_max = projs, dims, E
+        self.projs, self.dims, self.k_max, self.slot_k = projs, dims, E, [0] * S
         self.register_buffer("router", _zeros(G, S, E, fan_in), persistent=False)
         self.register_buffer("a", _zeros(G, S, E, r, fan_in, dtype=limits.factor_dtype),
                              persistent=False)
@@ -374,18 +428,21 @@ class GroupedLoRABuffers(nn.Module):
                        self.scaling[:, slot], self.routing[:, slot], self.enabled[:, slot]):
             buffer.zero_()
         per_linear = adapter is not None and adapter.config.is_per_linear
+        self.slot_k[slot] = 0
         first = 0
         for index, (proj, dims) in enumerate(zip(self.projs, self.dims)):
             columns = slice(first, first + dims.local_out)
             first += dims.local_out
             if per_linear and proj in layer.routers:
                 routed[index] = True
+                self.slot_k[slot] = adapter.config.max_experts_per_token
                 self.routing[index, slot] = routing_row(adapter.config)
                 self.router[index, slot, :adapter.config.num_experts] = \
                     layer.routers[proj][:, dims.in_part]
                 experts = layer.experts[proj].a, layer.experts[proj].b
             elif adapter is not None and not per_linear and proj in layer.lora:
                 self.routing[index, slot] = _ONE_EXPERT_ROUTING
+                self.slot_k[slot] = max(self.slot_k[slot], 1)
                 experts = layer.lora[proj].a[None], layer.lora[proj].b[None]
             else:
                 continue
@@ -397,9 +454,10 @@ class GroupedLoRABuffers(nn.Module):
             self.b[slot, :e, columns, :ra] = b[:, dims.out_part]
         return routed
 
-    def stack(self) -> GroupedLoRAStack:
+    def stack(self, k_max: int | None = None) -> GroupedLoRAStack:
+        """The buffers as a stack routing to `k_max` experts (default: all a slot holds)."""
         return GroupedLoRAStack(self.router, self.a, self.b, self.scaling, self.routing,
-                                self.enabled, self.k_max,
+                                self.enabled, self.k_max if k_max is None else k_max,
                                 tuple(d.local_out for d in self.dims))
 
 
@@ -481,8 +539,8 @@ class ProjectionAdapters(nn.Module):
             return y
         stats = self.gated_stats[group] if group in self.gated_stats else None
         buffers = self.gated[group]
-        stack = buffers.stack()
         if self.use_kernels:
+            stack = buffers.stack()
             kernels = _kernels()
             logits = None
             if buffers.routes_split_input:  # one more launch and a [T, E] all-reduce
@@ -490,18 +548,23 @@ class ProjectionAdapters(nn.Module):
             y = y.contiguous()  # the kernels add into rows in place
             kernels.gated_lora_(y, x, batch.plan, stack, _kernel_counts(stats), logits)
             return y
+        k = buffers.k_for(batch)
+        if k == 0:
+            return y
+        stack = buffers.stack(k)
+        x_rows, slots = batch.take(x), batch.take(batch.slots)
         outputs = []
-        for index, part in enumerate(y.split(stack.out_sizes, dim=-1)):
+        for index, part in enumerate(batch.take(y).split(stack.out_sizes, dim=-1)):
             member = stack.member(index)
-            logits = router_logits(x, batch.slots, member.router)
+            logits = router_logits(x_rows, slots, member.router)
             if buffers.routes_split_input:
                 logits = self.shard.all_reduce(logits)
-            routed = gated_route(logits, batch.slots, member)
+            routed = gated_route(logits, slots, member)
             if stats is not None:
-                stats.record(logits, batch.slots, member, routed, router=index)
-            outputs.append(add_where(part, *gated_lora_delta(x, batch.slots, member, logits,
+                stats.record(logits, slots, member, routed, router=index)
+            outputs.append(add_where(part, *gated_lora_delta(x_rows, slots, member, logits,
                                                              routed)))
-        return torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        return batch.put(y, torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0])
 
     def routing_stats(self) -> list[RoutingStats]:
         return list(self.gated_stats.values())
@@ -587,19 +650,26 @@ class FFNAdapters(ProjectionAdapters):
         (DESIGN §1 rewrites 1-2). Returns (h, routing state for `add_down_delta`)."""
         if self.mixlora is None:
             return h, None
-        stack = self.mixlora.stack()
         if self.use_kernels:
+            stack = self.mixlora.stack()
             kernels = _kernels()
             routing = kernels.mixlora_route(x, batch.plan, stack,
                                             _kernel_counts(self.mixlora_stats))
             partials = kernels.mixlora_experts_(h, g, u, routing, batch.plan, stack)
             return h, (routing, partials)
-        logits = router_logits(x, batch.slots, stack.router)
-        weights, ids, uses = mixlora_route(x, batch.slots, stack, logits)
+        k = self.mixlora.k_for(batch)
+        if k == 0:
+            return h, None
+        stack = self.mixlora.stack(k)
+        x_rows, slots = batch.take(x), batch.take(batch.slots)
+        logits = router_logits(x_rows, slots, stack.router)
+        weights, ids, uses = mixlora_route(x_rows, slots, stack, logits)
         if self.mixlora_stats is not None:
-            self.mixlora_stats.record(logits, batch.slots, self.mixlora, (weights, ids))
-        mixed, down_shrink = mixlora_experts(g, u, x, batch.slots, weights, ids, stack)
-        return torch.where(uses[:, None], mixed.to(h.dtype), h), (down_shrink, weights, ids, uses)
+            self.mixlora_stats.record(logits, slots, self.mixlora, (weights, ids))
+        mixed, down_shrink = mixlora_experts(batch.take(g), batch.take(u), x_rows, slots,
+                                             weights, ids, stack)
+        mixed = torch.where(uses[:, None], mixed.to(h.dtype), batch.take(h))
+        return batch.put(h, mixed), (stack, down_shrink, weights, ids, uses)
 
     def routing_stats(self) -> list[RoutingStats]:
         own = [] if self.mixlora_stats is None else [self.mixlora_stats]
@@ -607,18 +677,18 @@ class FFNAdapters(ProjectionAdapters):
 
     def add_down_delta(self, y: torch.Tensor, batch: SlotBatch, routed: tuple | None
                        ) -> torch.Tensor:
-        """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens."""
-        if self.mixlora is None:
+        """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens (`routed`: `mix_experts`'
+        state; None: no MixLoRA experts here, or none the batch's slots use)."""
+        if routed is None:
             return y
-        stack = self.mixlora.stack()
         if self.use_kernels:
-            kernels = _kernels()
             routing, partials = routed
-            kernels.mixlora_down_delta_(y, partials, routing, batch.plan, stack)
+            _kernels().mixlora_down_delta_(y, partials, routing, batch.plan,
+                                           self.mixlora.stack())
             return y
-        down_shrink, weights, ids, uses = routed
-        delta = mixlora_down_delta(down_shrink, batch.slots, weights, ids, stack)
-        return add_where(y, delta, uses)
+        stack, down_shrink, weights, ids, uses = routed
+        delta = mixlora_down_delta(down_shrink, batch.take(batch.slots), weights, ids, stack)
+        return batch.put(y, add_where(batch.take(y), delta, uses))
 
 
 @dataclass

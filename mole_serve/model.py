@@ -126,8 +126,11 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)
         use_kernels = settings.uses_kernels()
+        # On a CPU vLLM runs LoRA models eagerly: the reference layers may compute each
+        # step's MoLE rows only (layers.SlotBatch), which CUDA graphs would not allow.
         token_slots = TokenSlots(slots, vllm_config.scheduler_config.max_num_batched_tokens,
-                                 use_kernels, vllm_config.device_config.device)
+                                 use_kernels, vllm_config.device_config.device,
+                                 compact=not use_kernels and vllm_compat.is_cpu_platform())
         layer_type = functools.partial(MoleLlamaDecoderLayer, base=base, token_slots=token_slots,
                                        limits=SlotLimits(slots, rank, experts,
                                                          torch.get_default_dtype()),

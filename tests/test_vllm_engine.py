@@ -68,8 +68,11 @@ def engine(workspace, request):
                      max_cpu_loras=2, enforce_eager=not compiled, block_size=32) as llm:
         from vllm.lora.request import LoRARequest
 
-        plan_block_m = llm.apply_model(lambda model: model.mole_token_slots.plan_block_m)
-        assert (plan_block_m != [None]) == (backend == "kernels")
+        (plan_block_m, compact), = llm.apply_model(
+            lambda model: (model.mole_token_slots.plan_block_m, model.mole_token_slots.compact))
+        assert (plan_block_m is not None) == (backend == "kernels")
+        # vLLM's CPU backend runs eagerly: its steps' MoLE rows are read on the host there
+        assert compact == (backend == "reference" and not torch.cuda.is_available())
         if compiled:  # not silently eager
             from vllm.config import CompilationMode, CUDAGraphMode
             compilation = llm.llm_engine.vllm_config.compilation_config

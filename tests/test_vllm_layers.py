@@ -20,7 +20,8 @@ from mole_serve.stack import stack_layer
 
 BASE = BaseShape(hidden=64, intermediate=96, num_layers=2, num_heads=2, num_kv_heads=1,
                  head_dim=32)
-BACKENDS = {"reference": False, "kernels": True}
+# "compact": the reference as a CPU server runs it, on each step's MoLE rows only.
+BACKENDS = ("reference", "compact", "kernels")
 # Inputs are made on the CPU (seeded) and moved: on a GPU machine the kernels run for real.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,17 +44,19 @@ def adapters():
             for i, c in enumerate(configs)]
 
 
-def step_slots(num_slots: int, slots: torch.Tensor, use_kernels: bool) -> TokenSlots:
+def step_slots(num_slots: int, slots: torch.Tensor, backend: str) -> TokenSlots:
     """What the adapter-mapping hook (`set`) and the model's forward (`prepare`) do once
     per step; the buffers hold a few rows more than the step, as vLLM's do."""
-    token_slots = TokenSlots(num_slots, slots.shape[0] + 5, use_kernels, DEVICE)
+    token_slots = TokenSlots(num_slots, slots.shape[0] + 5, backend == "kernels", DEVICE,
+                             compact=backend == "compact")
     token_slots.set(slots)
     token_slots.prepare(slots.shape[0])
     return token_slots
 
 
-def served_layer(limits: SlotLimits, slots: torch.Tensor, use_kernels: bool):
-    token_slots = step_slots(limits.slots, slots, use_kernels)
+def served_layer(limits: SlotLimits, slots: torch.Tensor, backend: str):
+    token_slots = step_slots(limits.slots, slots, backend)
+    use_kernels = backend == "kernels"
     return (FFNAdapters(limits, BASE, 1, token_slots, use_kernels).to(DEVICE),
             ProjectionAdapters(limits, BASE, 1, token_slots, ATTENTION_GROUPS,
                                use_kernels).to(DEVICE))
@@ -75,7 +78,7 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
     g = torch.Generator().manual_seed(1)
     slots = randint(-1, 4, (29,), generator=g)
     ffn, attention = served_layer(SlotLimits(slots=4, rank=8, experts=5), slots,
-                                  BACKENDS[backend])
+                                  backend == "kernels")
     # Slot 3 first holds an adapter that is then replaced: refills must not leave residue.
     for slot, adapter in ((3, mix), (0, dyn), (1, mix), (3, dynamic), (2, None)):
         ffn.fill(slot, adapter)
@@ -112,7 +115,7 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
 def test_base_and_other_adapters_tokens_are_untouched(backend):
     mix, dyn, _ = adapters()
     slots = torch.tensor([-1, 2, 0, -1, 1, 2], device=DEVICE)
-    ffn, _ = served_layer(SlotLimits(slots=3, rank=4, experts=4), slots, BACKENDS[backend])
+    ffn, _ = served_layer(SlotLimits(slots=3, rank=4, experts=4), slots, backend)
     ffn.fill(0, mix)
     ffn.fill(1, dyn)
     x = randn(6, 64)
@@ -122,6 +125,52 @@ def test_base_and_other_adapters_tokens_are_untouched(backend):
     dynmole_rows = slots.eq(1)          # MixLoRA's FFN experts are not a per-linear delta
     assert torch.equal(out[~dynmole_rows], u0[~dynmole_rows])
     assert not torch.isclose(out[dynmole_rows], u0[dynmole_rows]).all()
+
+def test_compact_steps_compute_only_mole_rows_with_the_experts_their_slots_select(monkeypatch):
+    """A CPU server's steps (compact): the reference math sees only the rows of MoLE tokens,
+    with as many expert columns as their slots' adapters can select (top-2 MixLoRA: 2; its
+    attention LoRA: 1; DynMoLE: all 4), not the server's 5; a step without MoLE tokens runs
+    none of it and leaves every output as it was."""
+    from mole_serve import layers
+
+    calls = []
+
+    def spy(name):
+        original = getattr(layers, name)
+
+        def counted(*args, **kwargs):
+            ids = args[5] if name == "mixlora_experts" else args[4][1]  # (weights, ids)
+            calls.append((name, ids.shape[0], ids.shape[1]))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(layers, name, counted)
+    spy("mixlora_experts")
+    spy("gated_lora_delta")
+
+    mix, dyn, _ = adapters()  # mix: top-2 of 3 experts, LoRA on q/o; dyn: DynMoLE, 4 experts
+    g = torch.Generator().manual_seed(5)
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    x = randn(7, 64, generator=g)
+    for slots, expected_calls in (
+            ([-1] * 7, []),
+            ([0, -1, 0, -1, -1, -1, 0], [("gated_lora_delta", 3, 1), ("mixlora_experts", 3, 2)]),
+            ([1, 0, -1, -1, 0, 1, 1], [("gated_lora_delta", 5, 1), ("gated_lora_delta", 5, 4),
+                                       ("gated_lora_delta", 5, 4), ("mixlora_experts", 5, 2),
+                                       ("gated_lora_delta", 5, 4)])):
+        slots = torch.tensor(slots, device=DEVICE)
+        outputs = {}
+        for backend in ("reference", "compact"):
+            ffn, attention = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
+            for module in (ffn, attention):
+                module.fill(0, mix)
+                module.fill(1, dyn)
+            calls.clear()
+            y = randn(7, 64, generator=torch.Generator().manual_seed(6))
+            outputs[backend] = (attention.project(y, x, attention.slot_batch(7), "o"),
+                                ffn_step(ffn, frozen, x))
+        assert calls == expected_calls
+        torch.testing.assert_close(outputs["compact"], outputs["reference"])
+        if not expected_calls:
+            assert torch.equal(outputs["compact"][0], y)
 
 
 def routing_counts(x, slots, adapter, slot, layer=1):
@@ -151,7 +200,7 @@ def test_routing_stats_count_what_a_per_token_loop_counts(backend):
     mix, dyn, _ = adapters()
     g = torch.Generator().manual_seed(2)
     slots = randint(-1, 3, (40,), generator=g)
-    ffn, _ = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, BACKENDS[backend])
+    ffn, _ = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
     ffn.fill(0, mix)
     ffn.fill(2, dyn)
     x = randn(40, 64, generator=g)
@@ -245,7 +294,7 @@ def test_routing_stats_change_no_output():
     x, h, gate_up = (randn(16, n, generator=g) for n in (64, 96, 192))
     outputs = []
     for routing_stats in (True, False):
-        ffn = FFNAdapters(SlotLimits(2, 8, 4), BASE, 1, step_slots(2, slots, False), False,
+        ffn = FFNAdapters(SlotLimits(2, 8, 4), BASE, 1, step_slots(2, slots, "reference"), False,
                           routing_stats).to(DEVICE)
         ffn.fill(0, mix)
         ffn.fill(1, dyn)
@@ -291,8 +340,8 @@ def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend, world):
     counted = {}
 
     def ffn_output(shard):
-        ffn = FFNAdapters(SlotLimits(4, 8, 5), BASE, 1, step_slots(4, slots, BACKENDS[backend]),
-                          BACKENDS[backend], shard=shard).to(DEVICE)
+        ffn = FFNAdapters(SlotLimits(4, 8, 5), BASE, 1, step_slots(4, slots, backend),
+                          backend == "kernels", shard=shard).to(DEVICE)
         for slot, adapter in enumerate((mix, column_dynmole, dynamic, dyn)):
             ffn.fill(slot, adapter)
         part = shard.part(96)
@@ -330,8 +379,8 @@ def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend
 
     def o_output(shard, limits=SlotLimits(2, 8, 5), loaded=(dyn_o, mix)):
         attention = ProjectionAdapters(limits, base, 1,
-                                       step_slots(2, slots, BACKENDS[backend]),
-                                       {"o": ("o_proj",)}, BACKENDS[backend],
+                                       step_slots(2, slots, backend),
+                                       {"o": ("o_proj",)}, backend == "kernels",
                                        shard=shard).to(DEVICE)
         for slot, adapter in enumerate(loaded):
             attention.fill(slot, adapter)
@@ -371,9 +420,9 @@ def test_tensor_parallel_qkv_deltas_are_the_rank_s_columns(backend, heads, kv_he
 
     def qkv_output(shard, q_part, kv_part):
         attention = ProjectionAdapters(SlotLimits(2, 8, 4), base, 1,
-                                       step_slots(2, slots, BACKENDS[backend]),
+                                       step_slots(2, slots, backend),
                                        {"qkv": ("q_proj", "k_proj", "v_proj")},
-                                       BACKENDS[backend], shard=shard).to(DEVICE)
+                                       backend == "kernels", shard=shard).to(DEVICE)
         attention.fill(0, dyn)
         attention.fill(1, mix)
         width = len(range(q)[q_part]) + 2 * len(range(kv)[kv_part])
@@ -402,7 +451,7 @@ def test_bf16_factors_compute_what_the_bf16_stack_computes(backend):
     g = torch.Generator().manual_seed(6)
     slots = randint(-1, 3, (21,), generator=g)
     limits = SlotLimits(slots=3, rank=8, experts=5, factor_dtype=torch.bfloat16)
-    ffn, _ = served_layer(limits, slots, BACKENDS[backend])
+    ffn, _ = served_layer(limits, slots, backend)
     for slot, adapter in enumerate((mix, dyn, dynamic)):
         ffn.fill(slot, adapter)
     assert ffn.mixlora.gate_up_b.dtype == torch.bfloat16
@@ -454,7 +503,7 @@ def test_token_plan_is_built_once_per_step_not_per_layer(monkeypatch):
     import mole_serve.kernels as kernels
     mix, dyn, _ = adapters()
     slots = torch.tensor([2, -1, 0, 1, 0, -1, 2, 1, 0], device=DEVICE)
-    ffn, attention = served_layer(SlotLimits(3, 8, 5), slots, use_kernels=True)
+    ffn, attention = served_layer(SlotLimits(3, 8, 5), slots, "kernels")
     ffn.fill(0, mix)
     ffn.fill(1, dyn)
     calls = []
@@ -485,8 +534,8 @@ def test_served_layers_compile_once_for_every_token_count(backend, ranks):
     g = torch.Generator().manual_seed(7)
     slots = randint(-1, 3, (40,), generator=g)
     shard = TensorShard(0, ranks, (lambda t: 2 * t) if ranks > 1 else None)
-    ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, step_slots(3, slots, BACKENDS[backend]),
-                      BACKENDS[backend], shard=shard).to(DEVICE)
+    ffn = FFNAdapters(SlotLimits(3, 8, 5), BASE, 1, step_slots(3, slots, backend),
+                      backend == "kernels", shard=shard).to(DEVICE)
     for slot, adapter in enumerate((mix, dyn, dynamic)):
         ffn.fill(slot, adapter)
     frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
