@@ -69,19 +69,16 @@ class ServedFFN:
         return self.ffn.adapt_output(h @ self.frozen.down.T, h, batch, step)
 
 
-def median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="128,1024", help="token counts, comma-separated")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
     args = parser.parse_args()
@@ -106,7 +103,8 @@ def main() -> int:
     rows, failed = [], False
     for count in tokens:
         x = torch.randn(count, base.hidden, generator=g)
-        frozen_s = median_s(lambda: frozen.intermediate(x) @ frozen.down.T, repeats)
+        frozen_s = statistics.median(seconds_of(lambda: frozen.intermediate(x) @ frozen.down.T)
+                                     for _ in range(repeats))
         rows.append([*stamp, count, "", "frozen", round(frozen_s, 4), 1.0])
         for case in CASES:
             slots = case_slots(case, count)
@@ -118,8 +116,12 @@ def main() -> int:
                 print(f"{count} tokens, {case}: compact and every_row outputs differ",
                       file=sys.stderr)
                 failed = True
-            for mode, ffn in served.items():
-                seconds = median_s(lambda: ffn(x), repeats)
+            times = {mode: [] for mode in served}
+            for _ in range(repeats):  # interleaved: machine noise hits both alike
+                for mode, ffn in served.items():
+                    times[mode].append(seconds_of(lambda: ffn(x)))
+            for mode, samples in times.items():
+                seconds = statistics.median(samples)
                 rows.append([*stamp, count, case, mode, round(seconds, 4),
                              round(seconds / frozen_s, 2)])
                 print(f"{count} tokens, {case}, {mode}: {seconds:.3f} s "

@@ -154,8 +154,9 @@ def ffn_literal(x: torch.Tensor, base: FrozenFFN, layer: MoleLayer,
 # -- rewritten forms (slot-stacked, many adapters) --------------------------------------------
 # Gathering each token's expert factors makes memory grow with tokens x k_max x factor size
 # (a 1B model's FFN: 2 MiB per token and selected expert); tokens are taken in chunks that
-# gather at most this many elements from one factor table.
-GATHER_BUDGET = 1 << 24
+# gather at most this many elements from one factor table. 16 MiB in fp32: on the CPU box
+# a 1B FFN ran 1.2-2.3x faster than with 64 MiB chunks (benchmarks/RESULTS.md).
+GATHER_BUDGET = 1 << 22
 
 
 def _gather(table: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
