@@ -51,6 +51,7 @@ class ServedFFN:
     def __init__(self, base: BaseShape, adapters: list, frozen: FrozenFFN,
                  slots: torch.Tensor, compact: bool):
         self.frozen = frozen
+        self.gate_up = torch.cat([frozen.gate, frozen.up])  # vLLM's fused gate_up weight
         token_slots = TokenSlots(4, slots.shape[0], compact=compact)
         token_slots.set(slots)
         token_slots.prepare(slots.shape[0])
@@ -60,9 +61,15 @@ class ServedFFN:
             self.ffn.fill(slot, adapter)
 
     @torch.no_grad()
+    def frozen_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The same GEMMs and SiLU·mul without the adapter steps: the baseline."""
+        g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
+        return (self.frozen.act(g) * u) @ self.frozen.down.T
+
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.ffn.slot_batch(x.shape[0])
-        gate_up = x @ torch.cat([self.frozen.gate, self.frozen.up]).T
+        gate_up = x @ self.gate_up.T
         gate_up, step = self.ffn.adapt_gate_up(gate_up, x, batch)
         g, u = gate_up.chunk(2, dim=-1)
         h = self.ffn.adapt_intermediate(self.frozen.act(g) * u, gate_up, x, batch, step)
@@ -103,7 +110,8 @@ def main() -> int:
     rows, failed = [], False
     for count in tokens:
         x = torch.randn(count, base.hidden, generator=g)
-        frozen_s = statistics.median(seconds_of(lambda: frozen.intermediate(x) @ frozen.down.T)
+        baseline = ServedFFN(base, adapters, frozen, case_slots(CASES[0], count), True)
+        frozen_s = statistics.median(seconds_of(lambda: baseline.frozen_only(x))
                                      for _ in range(repeats))
         rows.append([*stamp, count, "", "frozen", round(frozen_s, 4), 1.0])
         for case in CASES:
