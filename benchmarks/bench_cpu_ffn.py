@@ -30,8 +30,7 @@ from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
 from mole_serve.layers import FFNAdapters, SlotLimits, TokenSlots
 from mole_serve.reference import FrozenFFN
-from bench_kernels import write_csv
-from provenance import commit
+from provenance import commit, write_csv
 
 COLUMNS = ["device", "date", "commit", "tokens", "tokens_slots", "mode", "median_s",
            "vs_frozen"]
@@ -62,7 +61,8 @@ class ServedFFN:
 
     @torch.no_grad()
     def frozen_only(self, x: torch.Tensor) -> torch.Tensor:
-        """The same GEMMs and SiLU·mul without the adapter steps: the baseline."""
+        """The same GEMMs and SiLU·mul without the adapter steps: the baseline (timed
+        between the cases' runs, its median over all of a token count's)."""
         g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
         return (self.frozen.act(g) * u) @ self.frozen.down.T
 
@@ -110,10 +110,7 @@ def main() -> int:
     rows, failed = [], False
     for count in tokens:
         x = torch.randn(count, base.hidden, generator=g)
-        baseline = ServedFFN(base, adapters, frozen, case_slots(CASES[0], count), True)
-        frozen_s = statistics.median(seconds_of(lambda: baseline.frozen_only(x))
-                                     for _ in range(repeats))
-        rows.append([*stamp, count, "", "frozen", round(frozen_s, 4), 1.0])
+        frozen_times, case_rows = [], {}
         for case in CASES:
             slots = case_slots(case, count)
             served = {mode: ServedFFN(base, adapters, frozen, slots, mode == "compact")
@@ -125,11 +122,15 @@ def main() -> int:
                       file=sys.stderr)
                 failed = True
             times = {mode: [] for mode in served}
-            for _ in range(repeats):  # interleaved: machine noise hits both alike
+            for _ in range(repeats):  # interleaved: machine noise hits all three alike
+                frozen_times.append(seconds_of(lambda: served["compact"].frozen_only(x)))
                 for mode, ffn in served.items():
                     times[mode].append(seconds_of(lambda: ffn(x)))
-            for mode, samples in times.items():
-                seconds = statistics.median(samples)
+            case_rows[case] = {mode: statistics.median(t) for mode, t in times.items()}
+        frozen_s = statistics.median(frozen_times)
+        rows.append([*stamp, count, "", "frozen", round(frozen_s, 4), 1.0])
+        for case, medians in case_rows.items():
+            for mode, seconds in medians.items():
                 rows.append([*stamp, count, case, mode, round(seconds, 4),
                              round(seconds / frozen_s, 2)])
                 print(f"{count} tokens, {case}, {mode}: {seconds:.3f} s "

@@ -25,7 +25,6 @@ Usage: python benchmarks/bench_kernels.py [--out DIR]     (GPU: the issue's size
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import functools
@@ -47,7 +46,7 @@ from mole_serve.kernels import (BLOCK_M, Routing, configs, dynmole_down_delta_,
                                 mixlora_route, num_slots, plan_tokens)
 from mole_serve.reference import FrozenFFN, ffn_literal
 from mole_serve.stack import LayerStack, stack_layer
-from provenance import commit
+from provenance import commit, write_csv
 
 COLUMNS = ["gpu", "date", "commit", "tokens", "adapters", "popularity", "strategy", "impl",
            "median_us", "bytes_floor_us", "launches"]
@@ -371,15 +370,6 @@ def run(setup: Setup, device: str, out_dir: pathlib.Path) -> tuple[pathlib.Path,
             write_csv(out_dir / "plan.csv", COLUMNS[:6] + ["median_us"], plan_rows)
     plot(rows, out_dir / "kernels.png")
     return path, all_match
-
-
-def write_csv(path: pathlib.Path, columns: list[str], rows: list[list]) -> pathlib.Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    return path
 
 
 def plot(rows: list[list], path: pathlib.Path) -> None:

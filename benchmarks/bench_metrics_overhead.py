@@ -42,8 +42,8 @@ from mole_serve.adapter import BaseShape, init_adapter  # noqa: E402
 from mole_serve.config import MoleConfig  # noqa: E402
 from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters,  # noqa: E402
                                RoutingExport, RoutingStats, SlotLimits, TokenSlots)
-from bench_kernels import median_seconds, write_csv  # noqa: E402
-from provenance import commit  # noqa: E402
+from bench_kernels import median_seconds  # noqa: E402
+from provenance import commit, write_csv  # noqa: E402
 
 COLUMNS = ["device", "date", "commit", "tokens", "strategy", "metrics", "median_us",
            "overhead_pct", "export_us", "export_layers", "export_slots"]

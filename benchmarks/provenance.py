@@ -1,7 +1,9 @@
-"""Which code a benchmark row measured: the commit, for every CSV the benchmarks write."""
+"""Which code a benchmark row measured (the commit, for every CSV the benchmarks write), and
+the CSV writer. Imports nothing heavy: CPU-only benchmarks must not import the kernels."""
 
 from __future__ import annotations
 
+import csv
 import os
 import pathlib
 import subprocess
@@ -25,3 +27,12 @@ def commit() -> str:
     if not head:
         return "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write_csv(path: pathlib.Path, columns: list[str], rows: list[list]) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path

@@ -14,12 +14,13 @@ keep working; MoLE deltas are added on top with `torch.where` on the tokens whos
 a MoLE adapter, which leaves every other token's result bit-identical to stock vLLM. Two
 backends compute the same deltas: `mole_serve.kernels` (Triton; the default with CUDA) and
 `mole_serve.reference`'s sync-free vectorised form (the default on CPU, where Triton only
-runs interpreted).
+runs interpreted, and where vLLM runs the model eagerly: there each step's MoLE rows are
+read on the host and computed alone, `SlotBatch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -107,6 +108,9 @@ class TokenSlots:
 
     def __init__(self, num_slots: int, max_tokens: int, use_kernels: bool = False,
                  device: torch.device | str | None = None, compact: bool = False):
+        if compact and use_kernels:
+            raise ValueError("compact steps are the reference backend's: the kernels need "
+                             "their token plan")
         self.num_slots = num_slots
         self.compact = compact
         self._compact_step: tuple[int, torch.Tensor, tuple[int, ...]] | None = None
@@ -202,6 +206,17 @@ class ExpertColumns:
         if batch.rows is None:
             return self.k_max
         return max((self.slot_k[s] for s in batch.used_slots), default=0)
+
+    def narrowed(self, batch: SlotBatch) -> SlotBatch:
+        """A compact batch without the rows whose slot's adapter does not adapt here (a
+        DynMoLE token in MixLoRA's FFN experts, a MixLoRA one in DynMoLE's gate/up)."""
+        if batch.rows is None:
+            return batch
+        used = tuple(s for s in batch.used_slots if self.slot_k[s] > 0)
+        if len(used) == len(batch.used_slots):
+            return batch
+        keep = torch.isin(batch.slots[batch.rows], torch.tensor(used, dtype=torch.long))
+        return replace(batch, rows=batch.rows[keep], used_slots=used)
 
 
 def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -548,6 +563,7 @@ class ProjectionAdapters(nn.Module):
             y = y.contiguous()  # the kernels add into rows in place
             kernels.gated_lora_(y, x, batch.plan, stack, _kernel_counts(stats), logits)
             return y
+        batch = buffers.narrowed(batch)
         k = buffers.k_for(batch)
         if k == 0:
             return y
@@ -657,6 +673,7 @@ class FFNAdapters(ProjectionAdapters):
                                             _kernel_counts(self.mixlora_stats))
             partials = kernels.mixlora_experts_(h, g, u, routing, batch.plan, stack)
             return h, (routing, partials)
+        batch = self.mixlora.narrowed(batch)
         k = self.mixlora.k_for(batch)
         if k == 0:
             return h, None
@@ -669,7 +686,7 @@ class FFNAdapters(ProjectionAdapters):
         mixed, down_shrink = mixlora_experts(batch.take(g), batch.take(u), x_rows, slots,
                                              weights, ids, stack)
         mixed = torch.where(uses[:, None], mixed.to(h.dtype), batch.take(h))
-        return batch.put(h, mixed), (stack, down_shrink, weights, ids, uses)
+        return batch.put(h, mixed), (batch, stack, down_shrink, weights, ids, uses)
 
     def routing_stats(self) -> list[RoutingStats]:
         own = [] if self.mixlora_stats is None else [self.mixlora_stats]
@@ -686,7 +703,7 @@ class FFNAdapters(ProjectionAdapters):
             _kernels().mixlora_down_delta_(y, partials, routing, batch.plan,
                                            self.mixlora.stack())
             return y
-        stack, down_shrink, weights, ids, uses = routed
+        batch, stack, down_shrink, weights, ids, uses = routed  # its narrowed batch
         delta = mixlora_down_delta(down_shrink, batch.take(batch.slots), weights, ids, stack)
         return batch.put(y, add_where(batch.take(y), delta, uses))
 

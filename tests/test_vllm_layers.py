@@ -77,8 +77,7 @@ def test_filled_slots_compute_what_stack_layer_computes(backend):
     mix, dyn, dynamic = adapters()
     g = torch.Generator().manual_seed(1)
     slots = randint(-1, 4, (29,), generator=g)
-    ffn, attention = served_layer(SlotLimits(slots=4, rank=8, experts=5), slots,
-                                  backend == "kernels")
+    ffn, attention = served_layer(SlotLimits(slots=4, rank=8, experts=5), slots, backend)
     # Slot 3 first holds an adapter that is then replaced: refills must not leave residue.
     for slot, adapter in ((3, mix), (0, dyn), (1, mix), (3, dynamic), (2, None)):
         ffn.fill(slot, adapter)
@@ -126,11 +125,12 @@ def test_base_and_other_adapters_tokens_are_untouched(backend):
     assert torch.equal(out[~dynmole_rows], u0[~dynmole_rows])
     assert not torch.isclose(out[dynmole_rows], u0[dynmole_rows]).all()
 
-def test_compact_steps_compute_only_mole_rows_with_the_experts_their_slots_select(monkeypatch):
-    """A CPU server's steps (compact): the reference math sees only the rows of MoLE tokens,
-    with as many expert columns as their slots' adapters can select (top-2 MixLoRA: 2; its
-    attention LoRA: 1; DynMoLE: all 4), not the server's 5; a step without MoLE tokens runs
-    none of it and leaves every output as it was."""
+def test_compact_steps_compute_only_their_mole_rows_and_the_experts_they_need(monkeypatch):
+    """A CPU server's steps (compact): the reference math sees only the rows of MoLE tokens
+    whose adapter adapts the buffer at hand, with as many expert columns as their slots'
+    adapters can select (top-2 MixLoRA: 2; its attention LoRA: 1; DynMoLE: all 4), not the
+    server's 5; a step without MoLE tokens runs none of it and leaves every output as it
+    was."""
     from mole_serve import layers
 
     calls = []
@@ -153,9 +153,11 @@ def test_compact_steps_compute_only_mole_rows_with_the_experts_their_slots_selec
     for slots, expected_calls in (
             ([-1] * 7, []),
             ([0, -1, 0, -1, -1, -1, 0], [("gated_lora_delta", 3, 1), ("mixlora_experts", 3, 2)]),
-            ([1, 0, -1, -1, 0, 1, 1], [("gated_lora_delta", 5, 1), ("gated_lora_delta", 5, 4),
-                                       ("gated_lora_delta", 5, 4), ("mixlora_experts", 5, 2),
-                                       ("gated_lora_delta", 5, 4)])):
+            # each buffer computes the rows of the slots it adapts: o and the FFN experts
+            # slot 0's two, DynMoLE's gate/up and down slot 1's three
+            ([1, 0, -1, -1, 0, 1, 1], [("gated_lora_delta", 2, 1), ("gated_lora_delta", 3, 4),
+                                       ("gated_lora_delta", 3, 4), ("mixlora_experts", 2, 2),
+                                       ("gated_lora_delta", 3, 4)])):
         slots = torch.tensor(slots, device=DEVICE)
         outputs = {}
         for backend in ("reference", "compact"):
@@ -461,6 +463,11 @@ def test_bf16_factors_compute_what_the_bf16_stack_computes(backend):
     expected = mole_ffn(x, frozen, slots,
                         stack_layer([mix, dyn, dynamic], 1, BASE).to(DEVICE, torch.bfloat16))
     torch.testing.assert_close(ffn_step(ffn, frozen, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_steps_are_the_reference_backend_s():
+    with pytest.raises(ValueError, match="token plan"):
+        TokenSlots(2, 8, use_kernels=True, compact=True)
 
 
 def test_token_slots_from_the_host_reset_the_rows_past_them():
