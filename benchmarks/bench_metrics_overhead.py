@@ -9,9 +9,8 @@ The two variants are timed interleaved (on, off, on, off, ...) so machine noise 
 alike; `overhead_pct` compares medians. Layers use the Triton kernels with CUDA and the
 reference math otherwise (on the step's MoLE rows, `layers.SlotBatch`), as the server does;
 with CUDA each timing is a CUDA-graph replay median, as the server replays its decode steps
-(eager timings would be Python's). Routers are
-drawn N(0, 1/sqrt(hidden)) and frozen weights N(0, 1/fan_in): logits of unit scale, so
-routing is neither one-hot nor uniform.
+(eager timings would be Python's). Routers are drawn N(0, 1/sqrt(hidden)) and frozen weights
+N(0, 1/fan_in): logits of unit scale, so routing is neither one-hot nor uniform.
 
 Usage: python benchmarks/bench_metrics_overhead.py [--out DIR]   (default sizes: a 7B layer
                                                                  on GPU, a small one on CPU;

@@ -215,7 +215,8 @@ class ExpertColumns:
         used = tuple(s for s in batch.used_slots if self.slot_k[s] > 0)
         if len(used) == len(batch.used_slots):
             return batch
-        keep = torch.isin(batch.slots[batch.rows], torch.tensor(used, dtype=torch.long))
+        slots = batch.slots[batch.rows]
+        keep = torch.isin(slots, torch.tensor(used, dtype=torch.long, device=slots.device))
         return replace(batch, rows=batch.rows[keep], used_slots=used)
 
 
