@@ -59,21 +59,19 @@ class ServedFFN:
         for slot, adapter in enumerate(adapters):
             self.ffn.fill(slot, adapter)
 
+    def gate_up_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.gate_up.T
+
     @torch.no_grad()
     def frozen_only(self, x: torch.Tensor) -> torch.Tensor:
         """The same GEMMs and SiLU·mul without the adapter steps: the baseline (timed
         between the cases' runs, its median over all of a token count's)."""
-        g, u = (x @ self.gate_up.T).chunk(2, dim=-1)
-        return (self.frozen.act(g) * u) @ self.frozen.down.T
+        return self.frozen.down_gemm(self.frozen.act_and_mul(self.gate_up_gemm(x)))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        batch = self.ffn.slot_batch(x.shape[0])
-        gate_up = x @ self.gate_up.T
-        gate_up, step = self.ffn.adapt_gate_up(gate_up, x, batch)
-        g, u = gate_up.chunk(2, dim=-1)
-        h = self.ffn.adapt_intermediate(self.frozen.act(g) * u, gate_up, x, batch, step)
-        return self.ffn.adapt_output(h @ self.frozen.down.T, h, batch, step)
+        return self.ffn.around_frozen(x, self.gate_up_gemm, self.frozen.act_and_mul,
+                                      self.frozen.down_gemm)
 
 
 def seconds_of(fn) -> float:

@@ -41,6 +41,7 @@ from mole_serve.adapter import BaseShape, init_adapter  # noqa: E402
 from mole_serve.config import MoleConfig  # noqa: E402
 from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters,  # noqa: E402
                                RoutingExport, RoutingStats, SlotLimits, TokenSlots)
+from mole_serve.reference import FrozenFFN  # noqa: E402
 from bench_kernels import median_seconds  # noqa: E402
 from provenance import commit, write_csv  # noqa: E402
 
@@ -80,21 +81,21 @@ class ServedLayer:
         self.attention_outputs = {key: sum(base.in_out(p)[1] for p in projs)
                                   for key, projs in ATTENTION_GROUPS.items()}
         self.gate_up = (torch.randn(2 * base.intermediate, base.hidden, generator=g)
-                        * base.hidden ** -0.5).to(device, dtype)
-        self.down = (torch.randn(base.hidden, base.intermediate, generator=g)
-                     * base.intermediate ** -0.5).to(device, dtype)
+                        * base.hidden ** -0.5).to(device, dtype)  # vLLM's fused layout
+        down = (torch.randn(base.hidden, base.intermediate, generator=g)
+                * base.intermediate ** -0.5).to(device, dtype)
+        self.frozen = FrozenFFN(*self.gate_up.chunk(2), down)
+
+    def gate_up_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.gate_up.T
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.ffn.slot_batch(x.shape[0])
         for group, fan_out in self.attention_outputs.items():  # deltas onto a zero output
             self.attention.project(x.new_zeros(x.shape[0], fan_out), x, batch, group)
-        # The FFN's three adapter steps around the frozen GEMMs, as `model.MoleLlamaMLP`.
-        gate_up, step = self.ffn.adapt_gate_up(x @ self.gate_up.T, x, batch)
-        g, u = gate_up.chunk(2, dim=-1)
-        h = self.ffn.adapt_intermediate(torch.nn.functional.silu(g) * u, gate_up, x, batch,
-                                        step)
-        return self.ffn.adapt_output(h @ self.down.T, h, batch, step)
+        return self.ffn.around_frozen(x, self.gate_up_gemm, self.frozen.act_and_mul,
+                                      self.frozen.down_gemm)
 
     def model_export(self, layers: int) -> "ModelExport":
         return ModelExport(self.attention.routing_stats() + self.ffn.routing_stats(), layers,

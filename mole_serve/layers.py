@@ -612,8 +612,19 @@ class FFNAdapters(ProjectionAdapters):
         if self.mixlora_stats is not None:
             self.mixlora_stats.reset_slot(slot, [uses])
 
-    # The FFN's adapter steps, in the order `model.MoleLlamaMLP` calls them around its frozen
-    # gate_up GEMM, SiLU·mul and down GEMM. On the kernels DynMoLE takes three launches: its
+    def around_frozen(self, x: torch.Tensor,
+                      frozen_gate_up: Callable[[torch.Tensor], torch.Tensor],
+                      frozen_act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+                      frozen_down: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The MoLE FFN: the adapter steps around the frozen fused gate_up GEMM, SiLU·mul and
+        down GEMM, given as callables (vLLM's linears in `model.MoleLlamaMLP`, plain weights
+        in the tests and benchmarks, which so run the model's sequence)."""
+        batch = self.slot_batch(x.shape[0])
+        gate_up, step = self.adapt_gate_up(frozen_gate_up(x), x, batch)
+        h = self.adapt_intermediate(frozen_act_and_mul(gate_up), gate_up, x, batch, step)
+        return self.adapt_output(frozen_down(h), h, batch, step)
+
+    # The steps `around_frozen` runs. On the kernels DynMoLE takes three launches: its
     # gate/up deltas join the intermediate (where down's router reads them), not gate_up.
     def adapt_gate_up(self, gate_up: torch.Tensor, x: torch.Tensor, batch: SlotBatch
                       ) -> tuple[torch.Tensor, "FFNStep"]:

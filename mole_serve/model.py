@@ -68,12 +68,14 @@ class MoleLlamaMLP(nn.Module):
         self.mole = adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
-        batch = self.mole.slot_batch(x.shape[0])
-        gate_up, step = self.mole.adapt_gate_up(gate_up, x, batch)
-        h = self.mole.adapt_intermediate(self.act_fn(gate_up), gate_up, x, batch, step)
-        y, _ = self.down_proj(h)
-        return vllm_compat.tensor_parallel_all_reduce(self.mole.adapt_output(y, h, batch, step))
+        y = self.mole.around_frozen(x, self._gate_up, self.act_fn, self._down)
+        return vllm_compat.tensor_parallel_all_reduce(y)
+
+    def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate_up_proj(x)[0]
+
+    def _down(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(h)[0]
 
 
 class MoleLlamaDecoderLayer(LlamaDecoderLayer):

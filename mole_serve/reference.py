@@ -58,6 +58,17 @@ class FrozenFFN:
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(F.linear(x, self.gate)) * F.linear(x, self.up)
 
+    # The frozen pieces `layers.FFNAdapters.around_frozen` runs, on vLLM's fused gate_up layout.
+    def gate_up_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(x, self.gate), F.linear(x, self.up)], dim=-1)
+
+    def act_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        g, u = gate_up.chunk(2, dim=-1)
+        return self.act(g) * u
+
+    def down_gemm(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.down)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.intermediate(x), self.down)
 

@@ -63,13 +63,8 @@ def served_layer(limits: SlotLimits, slots: torch.Tensor, backend: str):
 
 
 def ffn_step(ffn: FFNAdapters, frozen: FrozenFFN, x: torch.Tensor) -> torch.Tensor:
-    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers, its adapter
-    steps around the frozen gate_up GEMM, SiLU·mul and down GEMM."""
-    batch = ffn.slot_batch(x.shape[0])
-    gate_up, step = ffn.adapt_gate_up(x @ torch.cat([frozen.gate, frozen.up]).T, x, batch)
-    g, u = gate_up.chunk(2, dim=-1)
-    h = ffn.adapt_intermediate(frozen.act(g) * u, gate_up, x, batch, step)
-    return ffn.adapt_output(h @ frozen.down.T, h, batch, step)
+    """The MoLE FFN as `model.MoleLlamaMLP` runs it on the served buffers."""
+    return ffn.around_frozen(x, frozen.gate_up_gemm, frozen.act_and_mul, frozen.down_gemm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
