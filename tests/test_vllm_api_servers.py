@@ -1,9 +1,10 @@
 """`vllm serve --enable-mole-adapters --api-server-count 2` (as data parallelism starts it
 too): the API server processes vLLM spawns parse no flags of their own and load the plugin
-late, yet must serve MoLE adapters and count into the same `/metrics`."""
+late, yet each must serve MoLE adapters and count into the same `/metrics`."""
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,6 +19,14 @@ from vllm_helpers import (ENGINE_DTYPE, GPU_MEMORY_SHARE, ReferenceGenerator, ma
 PROMPT = [1, 17, 305, 44, 912, 8]
 MAX_TOKENS = 6
 REQUESTS_PER_MODEL = 4
+MAX_ROUNDS = 8  # of REQUESTS_PER_MODEL requests per model, until both API servers had some
+
+
+def api_servers_given(log: str, adapter: str) -> set[str]:
+    """The API server processes that received a request for `adapter` (`--enable-log-requests`
+    lines carry each process's name)."""
+    return set(re.findall(rf"^\((ApiServer_\d+) pid=\d+\).*Received request .*"
+                          rf"lora_name='{adapter}'", log, re.MULTILINE))
 
 
 def test_two_api_servers_serve_mole_adapters_into_one_metrics_view(tmp_path):
@@ -32,6 +41,7 @@ def test_two_api_servers_serve_mole_adapters_into_one_metrics_view(tmp_path):
     assert expected["mixlora"] != expected["tiny"]
     serve_args = ["--served-model-name", "tiny", "--dtype", ENGINE_DTYPE, "--max-model-len",
                   "128", "--max-num-seqs", "8", "--enforce-eager", "--api-server-count", "2",
+                  "--enable-log-requests",
                   "--enable-mole-adapters", "--max-mole-experts", "4", "--max-lora-rank", "8",
                   "--lora-modules", f"mixlora={tmp_path / 'mixlora'}"]
     if torch.cuda.is_available():
@@ -47,13 +57,19 @@ def test_two_api_servers_serve_mole_adapters_into_one_metrics_view(tmp_path):
             return response.json()["choices"][0]["token_ids"]
 
         names = list(expected) * REQUESTS_PER_MODEL
-        with ThreadPoolExecutor(len(names)) as pool:
-            assert list(pool.map(complete, names)) == [expected[n] for n in names]
+        rounds = 0
+        # The kernel spreads the connections over the two processes: more rounds until each
+        # has served the adapter (one round is enough almost always).
+        while len(api_servers_given(server.log_path.read_text(), "mixlora")) < 2:
+            assert rounds < MAX_ROUNDS, "one API server took every connection"
+            rounds += 1
+            with ThreadPoolExecutor(len(names)) as pool:
+                assert list(pool.map(complete, names)) == [expected[n] for n in names]
         metric_when_above(server.url, 0, "mole_serve_expert_selections_total",
                           adapter="mixlora")
         for _ in range(3):  # any API server answers with every process's series
             text = httpx.get(f"{server.url}/metrics", timeout=10).text
             assert metric(text, "mole_serve_requests_total",
-                          adapter="mixlora") == REQUESTS_PER_MODEL
+                          adapter="mixlora") == rounds * REQUESTS_PER_MODEL
             assert metric(text, "mole_serve_expert_selections_total", adapter="mixlora") > 0
     assert "Error during metrics cleanup" not in (tmp_path / "server.log").read_text()
