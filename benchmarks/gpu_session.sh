@@ -16,9 +16,9 @@
 #            back (run(carry=[".gpu-bundle/part.0N", ".gpu-bundle/stage.sh",
 #            ".gpu-bundle/install.sh"]): a machine idle 30 s between calls is lost, with it)
 #   vllm     with the last piece: install vLLM and this package into $HOME/site
-#   serving-tests  the in-process engine, `vllm serve` and trained-adapter tests on the GPU
-#            (auto backend = the Triton kernels, plus the reference backend; the engine
-#            tests also compiled with CUDA graphs) with VLLM_GPU_SYNC_CHECK=warn: the log's
+#   serving-tests  the in-process engine, `vllm serve`, trained-adapter and AWQ-base tests on
+#            the GPU (auto backend = the Triton kernels, plus the reference backend; the
+#            engine tests also compiled with CUDA graphs) with VLLM_GPU_SYNC_CHECK=warn: the log's
 #            warnings summary lists the in-process engines' host syncs by source line (vLLM's
 #            LoRA metadata syncs on mapping changes; none may be under mole_serve/ or kernels/)
 #   serving  benchmarks/bench_serving.py at 7B shape -> OUT_DIR/serving.csv and plots;
@@ -87,7 +87,7 @@ for step in $STEPS; do
              export PYTHONPATH=$HOME/site${PYTHONPATH:+:$PYTHONPATH} PATH=$HOME/site/bin:$PATH ;;
     serving-tests) cmd=(env VLLM_GPU_SYNC_CHECK=warn python3 -m pytest -q -p no:cacheprovider
                         tests/test_vllm_engine.py tests/test_vllm_trained.py
-                        tests/test_vllm_serve.py) ;;
+                        tests/test_vllm_serve.py tests/test_vllm_quantized.py) ;;
     serving) read -ra serving_args <<< "$SERVING_ARGS"
              cp "$SERVING_OUT/serving.csv" "$OUT/" 2>/dev/null
              cmd=(python3 benchmarks/bench_serving.py --shape llama2-7b --out "$OUT"

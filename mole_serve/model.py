@@ -18,6 +18,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.models.llama import (LlamaAttention, LlamaDecoderLayer,
                                               LlamaForCausalLM)
 from vllm.model_executor.models.utils import extract_layer_index
@@ -53,13 +54,16 @@ class MoleLlamaMLP(nn.Module):
     FFN-level experts mixed before the single frozen down projection."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, prefix: str,
-                 adapters: FFNAdapters):
+                 adapters: FFNAdapters, quant_config: QuantizationConfig | None):
         super().__init__()
+        # A quantised base keeps vLLM's quantised GEMMs: the adapters only read their inputs
+        # and outputs, never the frozen weights.
         self.gate_up_proj = MergedColumnParallelLinear(
             input_size=hidden_size, output_sizes=[intermediate_size] * 2, bias=bias,
-            prefix=f"{prefix}.gate_up_proj")
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(input_size=intermediate_size, output_size=hidden_size,
-                                           bias=bias, prefix=f"{prefix}.down_proj")
+                                           bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         # Reduced in forward, after the adapters' deltas: with tensor parallelism each rank's
         # down delta is a partial sum over its I-slice (layers.TensorShard), and the base
         # all-reduce adds those up with the frozen projection's partial sums.
@@ -102,7 +106,8 @@ class MoleLlamaDecoderLayer(LlamaDecoderLayer):
                                 adapters=FFNAdapters(limits, base, layer_index, token_slots,
                                                      use_kernels, routing_stats, shard,
                                                      per_linear=per_linear,
-                                                     ffn_experts="mixlora" in families))
+                                                     ffn_experts="mixlora" in families),
+                                quant_config=vllm_config.quant_config)
 
 
 class MoleLlamaForCausalLM(LlamaForCausalLM):
@@ -111,8 +116,6 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
-        if vllm_config.quant_config is not None:
-            raise ValueError("MoLE serving supports unquantized base models only")
         shard = vllm_compat.tensor_parallel_shard()
         if config.hidden_act != "silu":
             raise ValueError(f"MoLE serving needs a SiLU MLP; found {config.hidden_act!r}")

@@ -127,14 +127,3 @@ def test_configs_the_llama_layers_would_serve_wrongly_are_refused(tmp_path, chan
         with offline_llm(tmp_path / "model"):
             pass
 
-
-def test_quantised_base_models_are_refused_before_any_layer_is_built():
-    """Our layers add adapter deltas to unquantised GEMM outputs only."""
-    from types import SimpleNamespace
-
-    from mole_serve.model import MoleLlamaForCausalLM
-
-    quantised = SimpleNamespace(model_config=SimpleNamespace(hf_config=None),
-                                quant_config=object())
-    with pytest.raises(ValueError, match="unquantized base models only"):
-        MoleLlamaForCausalLM(vllm_config=quantised)

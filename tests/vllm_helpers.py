@@ -148,11 +148,11 @@ class ReferenceGenerator:
     """A transformers Llama-family model with adapters (MoLE or plain LoRA) attached by
     `mole_serve.hf` (the reference math); greedy decoding by full recomputation."""
 
-    def __init__(self, model_dir: pathlib.Path, adapters: list[MoleAdapter]):
+    def __init__(self, model_dir: pathlib.Path, adapters: list[MoleAdapter],
+                 dtype: str = ENGINE_DTYPE):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, torch_dtype=getattr(torch, ENGINE_DTYPE),
-            attn_implementation="eager").eval()
+            model_dir, torch_dtype=getattr(torch, dtype), attn_implementation="eager").eval()
         if torch.cuda.is_available():
             model.cuda()
         self.attachment = attach_adapters(model, adapters)
