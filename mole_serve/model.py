@@ -171,8 +171,8 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        self.mole_token_slots.prepare(
-            (input_ids if input_ids is not None else inputs_embeds).shape[0])
+        # positions: every pipeline stage gets them (later stages may get no input ids)
+        self.mole_token_slots.prepare(positions.shape[-1])
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_mole_adapter(self, path: str, name: str) -> MoleAdapter:
