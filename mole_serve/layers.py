@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .adapter import BaseShape, MoleAdapter, MoleLayer
-from . import metrics
+from . import grouped, metrics
 from .metrics import ENTROPY_BUCKETS
 from .reference import (add_where, gated_lora_delta, gated_route, mixlora_down_delta,
                         mixlora_experts, mixlora_route, router_logits)
@@ -579,8 +579,11 @@ class ProjectionAdapters(nn.Module):
             routed = gated_route(logits, slots, member)
             if stats is not None:
                 stats.record(logits, slots, member, routed, router=index)
-            outputs.append(add_where(part, *gated_lora_delta(x_rows, slots, member, logits,
-                                                             routed)))
+            if batch.rows is None:
+                delta = gated_lora_delta(x_rows, slots, member, logits, routed)
+            else:
+                delta = grouped.gated_lora_delta(x_rows, slots, member, routed, batch.used_slots)
+            outputs.append(add_where(part, *delta))
         return batch.put(y, torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0])
 
     def routing_stats(self) -> list[RoutingStats]:
@@ -695,8 +698,13 @@ class FFNAdapters(ProjectionAdapters):
         weights, ids, uses = mixlora_route(x_rows, slots, stack, logits)
         if self.mixlora_stats is not None:
             self.mixlora_stats.record(logits, slots, self.mixlora, (weights, ids))
-        mixed, down_shrink = mixlora_experts(batch.take(g), batch.take(u), x_rows, slots,
-                                             weights, ids, stack)
+        if batch.rows is None:
+            mixed, down_shrink = mixlora_experts(batch.take(g), batch.take(u), x_rows, slots,
+                                                 weights, ids, stack)
+        else:
+            mixed, down_shrink = grouped.mixlora_experts(batch.take(g), batch.take(u), x_rows,
+                                                         slots, weights, ids, stack,
+                                                         batch.used_slots)
         mixed = torch.where(uses[:, None], mixed.to(h.dtype), batch.take(h))
         return batch.put(h, mixed), (batch, stack, down_shrink, weights, ids, uses)
 
@@ -716,7 +724,12 @@ class FFNAdapters(ProjectionAdapters):
                                            self.mixlora.stack())
             return y
         batch, stack, down_shrink, weights, ids, uses = routed  # its narrowed batch
-        delta = mixlora_down_delta(down_shrink, batch.take(batch.slots), weights, ids, stack)
+        slots = batch.take(batch.slots)
+        if batch.rows is None:
+            delta = mixlora_down_delta(down_shrink, slots, weights, ids, stack)
+        else:
+            delta = grouped.mixlora_down_delta(down_shrink, slots, weights, ids, stack,
+                                               batch.used_slots)
         return batch.put(y, add_where(batch.take(y), delta, uses))
 
 

@@ -180,7 +180,7 @@ def _slot_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return table[slot].float()
 
 
-def _by_token_chunks(fn, per_token: int, *rows: torch.Tensor, **fixed):
+def by_token_chunks(fn, per_token: int, *rows: torch.Tensor, **fixed):
     """fn(*rows, **fixed), its token rows taken in chunks whose gathers hold at most
     GATHER_BUDGET elements (`per_token`: the largest gather's elements per token); every
     row is computed alone, so chunking changes no result. Not while torch.compile traces:
@@ -199,7 +199,7 @@ def router_logits(x: torch.Tensor, slots: torch.Tensor, router: torch.Tensor
                   ) -> torch.Tensor:
     """Each token's logits [T, E] (fp32) through its own slot's router [S, E, in]. Linear in
     x: with x split over tensor-parallel ranks, the ranks' results sum to the whole's."""
-    return _by_token_chunks(_router_logits, router[0].numel(), x, slots.clamp(min=0),
+    return by_token_chunks(_router_logits, router[0].numel(), x, slots.clamp(min=0),
                             router=router)
 
 
@@ -229,7 +229,7 @@ def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: 
     weight-mixed intermediate [T, I] (fp32) and the down shrinks A_d h_k [T, k, r] (fp32)."""
     per_token = ids.shape[1] * max(table[0, 0].numel() for table in (
         stack.gate_up_a, stack.gate_up_b, stack.down_a))
-    return _by_token_chunks(_mixlora_experts, per_token, g0, u0, x, slots, weights, ids,
+    return by_token_chunks(_mixlora_experts, per_token, g0, u0, x, slots, weights, ids,
                             stack=stack, act_fn=act_fn)
 
 
@@ -254,7 +254,7 @@ def _mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots:
 def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                        ids: torch.Tensor, stack: MixLoRAStack) -> torch.Tensor:
     """sum_k w_k s B_d,k (A_d,k h_k) -> [T, H] fp32."""
-    return _by_token_chunks(_mixlora_down_delta, ids.shape[1] * stack.down_b[0, 0].numel(),
+    return by_token_chunks(_mixlora_down_delta, ids.shape[1] * stack.down_b[0, 0].numel(),
                             down_shrink, slots, weights, ids, stack=stack)
 
 
@@ -283,7 +283,7 @@ def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
     weights, ids = routed
     coef = torch.where(uses[:, None], weights * stack.scaling[slot][:, None], 0.0)
     per_token = ids.shape[1] * max(stack.a[0, 0].numel(), stack.b[0, 0].numel())
-    return _by_token_chunks(_gated_delta, per_token, x, slot, coef, ids, stack=stack), uses
+    return by_token_chunks(_gated_delta, per_token, x, slot, coef, ids, stack=stack), uses
 
 
 def _gated_delta(x: torch.Tensor, slot: torch.Tensor, coef: torch.Tensor, ids: torch.Tensor,
@@ -304,7 +304,7 @@ def lora_stack_delta(x: torch.Tensor, slots: torch.Tensor, stack: LoRAStack
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
     per_token = max(stack.a[0].numel(), stack.b[0].numel())
-    return _by_token_chunks(_lora_stack_delta, per_token, x, slot, stack=stack), uses
+    return by_token_chunks(_lora_stack_delta, per_token, x, slot, stack=stack), uses
 
 
 def _lora_stack_delta(x: torch.Tensor, slot: torch.Tensor, stack: LoRAStack) -> torch.Tensor:
