@@ -200,7 +200,7 @@ def router_logits(x: torch.Tensor, slots: torch.Tensor, router: torch.Tensor
     """Each token's logits [T, E] (fp32) through its own slot's router [S, E, in]. Linear in
     x: with x split over tensor-parallel ranks, the ranks' results sum to the whole's."""
     return by_token_chunks(_router_logits, router[0].numel(), x, slots.clamp(min=0),
-                            router=router)
+                           router=router)
 
 
 def _router_logits(x: torch.Tensor, slot: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ def mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: 
     per_token = ids.shape[1] * max(table[0, 0].numel() for table in (
         stack.gate_up_a, stack.gate_up_b, stack.down_a))
     return by_token_chunks(_mixlora_experts, per_token, g0, u0, x, slots, weights, ids,
-                            stack=stack, act_fn=act_fn)
+                           stack=stack, act_fn=act_fn)
 
 
 def _mixlora_experts(g0: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
@@ -255,7 +255,7 @@ def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: 
                        ids: torch.Tensor, stack: MixLoRAStack) -> torch.Tensor:
     """sum_k w_k s B_d,k (A_d,k h_k) -> [T, H] fp32."""
     return by_token_chunks(_mixlora_down_delta, ids.shape[1] * stack.down_b[0, 0].numel(),
-                            down_shrink, slots, weights, ids, stack=stack)
+                           down_shrink, slots, weights, ids, stack=stack)
 
 
 def _mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
