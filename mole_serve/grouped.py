@@ -80,13 +80,20 @@ def mixlora_down_delta(down_shrink: torch.Tensor, slots: torch.Tensor, weights: 
 
 
 def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack,
-                     routed: tuple[torch.Tensor, torch.Tensor], used_slots: tuple[int, ...]
+                     routed: tuple[torch.Tensor, torch.Tensor] | None,
+                     used_slots: tuple[int, ...], lora_slots: set[int] | frozenset = frozenset()
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.gated_lora_delta` given the routing: (delta [T, out] fp32, uses mask)."""
-    weights, ids = routed
+    """`reference.gated_lora_delta` given the routing: (delta [T, out] fp32, uses mask).
+    Slots in `lora_slots` hold a plain LoRA as a one-expert stack (weight 1: switch routing
+    over one expert) and skip the routing (None when they are all the step uses)."""
     uses = (slots >= 0) & stack.enabled[slots.clamp(min=0)]
     delta = torch.zeros(x.shape[0], stack.b.shape[2], device=x.device)
     for slot, rows, experts in _slot_groups(slots, used_slots, stack):
+        if slot in lora_slots:
+            shrink = x[rows].float() @ stack.a[slot, 0].float().T * stack.scaling[slot]
+            delta[rows] = shrink @ stack.b[slot, 0].float().T
+            continue
+        weights, ids = routed
         coef = _dense(weights[rows] * stack.scaling[slot], ids[rows], experts)
         shrink = torch.einsum("ni,eri->ner", x[rows].float(), stack.a[slot, :experts].float())
         delta[rows] = torch.einsum("ner,eor->no", shrink * coef[..., None],

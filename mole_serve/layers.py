@@ -29,8 +29,8 @@ from torch import nn
 from .adapter import BaseShape, MoleAdapter, MoleLayer
 from . import grouped, metrics
 from .metrics import ENTROPY_BUCKETS
-from .reference import (add_where, gated_lora_delta, gated_route, mixlora_down_delta,
-                        mixlora_experts, mixlora_route, router_logits)
+from .reference import (add_where, gated_lora_delta, mixlora_down_delta, mixlora_experts,
+                        mixlora_route, router_logits)
 from .routing import (NUM_COLUMNS, NUM_EXPERTS, masked_softmax, one_expert_routing_row, route,
                       routing_row)
 from .stack import GatedLoRAStack, GroupedLoRAStack, MixLoRAStack
@@ -260,23 +260,26 @@ class RoutingStats(nn.Module):
 
     def record(self, logits: torch.Tensor, slots: torch.Tensor,
                tables: GatedLoRAStack | MixLoRAStack,
-               routed: tuple[torch.Tensor, torch.Tensor] | None = None, router: int = 0
-               ) -> None:
+               routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Count this batch's routing from its router logits [T, E] through `tables`
-        (router `router`'s slot buffers). `routed`: (weights, ids) [T, k] when the caller
-        has them; else routed again here."""
-        num_slots = tables.enabled.shape[0]
-        slot = slots.clamp(min=0)
-        used = ((slots >= 0) & tables.enabled[slot]).double()
-        params = tables.routing[slot]
-        weights, ids = routed if routed is not None else route(logits, params, tables.k_max)
-        n = params[:, NUM_EXPERTS]
+        (the slot buffers of this module's single router). `routed`: (weights, ids) [T, k]
+        when the caller has them; else routed again here."""
+        rows = _member_rows(tables, None, slots)
+        self.record_rows(logits, rows, routed if routed is not None else
+                         route(logits, rows.routing, tables.k_max))
+
+    def record_rows(self, logits: torch.Tensor, rows: "RouterRows",
+                    routed: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """`record` for rows of several routers at once (`RouterRows`), in one scatter-add."""
+        weights, ids = routed
+        used = rows.used.double()
+        n = rows.routing[:, NUM_EXPERTS]
         entropy = torch.special.entr(masked_softmax(logits, n.round().long())).sum(-1) \
             / n.clamp_min(2).log()
         entropy = torch.where(used > 0, entropy, 0.0)  # empty slots' rows are NaN
         chosen = (weights > 0).double() * used[:, None]
         columns = self.counts.shape[2]
-        row = ((router * num_slots + slot) * columns)[:, None]
+        row = (rows.counter * columns)[:, None]
         E = self.experts
         index = torch.cat([row + ids.long(),
                            row + E + chosen.sum(1, keepdim=True).long(),
@@ -305,6 +308,29 @@ class RoutingStats(nn.Module):
             self._exported[:, slot].zero_()
         for slots, routes in zip(self.routed_slots, routed, strict=True):
             (slots.add if routes else slots.discard)(slot)
+
+
+@dataclass(frozen=True)
+class RouterRows:
+    """Per routed row: its routing-table row, whether its slot's adapter routes there
+    (`used`), and its counter row in `RoutingStats.counts` (router * slots + slot)."""
+
+    routing: torch.Tensor  # [rows, NUM_COLUMNS]
+    used: torch.Tensor     # [rows] bool
+    counter: torch.Tensor  # [rows] long
+
+
+def _member_rows(tables: GroupedLoRAStack | GatedLoRAStack | MixLoRAStack,
+                 members: list[int] | None, slots: torch.Tensor) -> RouterRows:
+    """The `RouterRows` of tokens with `slots` through router `members` of a group, rows
+    stacked member by member (None: a single router's tables)."""
+    slot = slots.clamp(min=0)
+    if members is None:
+        return RouterRows(tables.routing[slot], (slots >= 0) & tables.enabled[slot], slot)
+    num_slots = tables.enabled.shape[1]
+    return RouterRows(torch.cat([tables.routing[m, slot] for m in members]),
+                      torch.cat([(slots >= 0) & tables.enabled[m, slot] for m in members]),
+                      torch.cat([slot + m * num_slots for m in members]))
 
 
 def split_counts(counts: torch.Tensor, experts: int) -> dict[str, torch.Tensor]:
@@ -419,6 +445,11 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
         G, S, E, r, fan_in = len(projs), limits.slots, limits.experts, limits.rank, \
             dims[0].local_in
         self.projs, self.dims, self.k_max, self.slot_k = projs, dims, E, [0] * S
+        # Per projection, the slots whose adapter routes there and those holding a plain LoRA
+        # there (host-side, kept by `fill`): a compact step computes no more than its slots
+        # need (no routing for plain LoRA, nothing where they adapt nothing).
+        self.routed_slots: list[set[int]] = [set() for _ in projs]
+        self.lora_slots: list[set[int]] = [set() for _ in projs]
         self.register_buffer("router", _zeros(G, S, E, fan_in), persistent=False)
         self.register_buffer("a", _zeros(G, S, E, r, fan_in, dtype=limits.factor_dtype),
                              persistent=False)
@@ -439,7 +470,7 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
              ) -> list[bool]:
         """Load `adapter` into `slot`; returns, per projection, whether it routes there (a
         one-expert LoRA does not)."""
-        routed = [False] * len(self.projs)
+        routed, plain = [False] * len(self.projs), [False] * len(self.projs)
         for buffer in (self.router[:, slot], self.a[:, slot], self.b[slot],
                        self.scaling[:, slot], self.routing[:, slot], self.enabled[:, slot]):
             buffer.zero_()
@@ -457,6 +488,7 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
                     layer.routers[proj][:, dims.in_part]
                 experts = layer.experts[proj].a, layer.experts[proj].b
             elif adapter is not None and not per_linear and proj in layer.lora:
+                plain[index] = True
                 self.routing[index, slot] = _ONE_EXPERT_ROUTING
                 self.slot_k[slot] = max(self.slot_k[slot], 1)
                 experts = layer.lora[proj].a[None], layer.lora[proj].b[None]
@@ -468,6 +500,9 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
             e, ra = a.shape[0], a.shape[1]
             self.a[index, slot, :e, :ra] = a[..., dims.in_part]
             self.b[slot, :e, columns, :ra] = b[:, dims.out_part]
+        for kind, slots in ((routed, self.routed_slots), (plain, self.lora_slots)):
+            for holds, holders in zip(kind, slots):
+                (holders.add if holds else holders.discard)(slot)
         return routed
 
     def stack(self, k_max: int | None = None) -> GroupedLoRAStack:
@@ -570,21 +605,46 @@ class ProjectionAdapters(nn.Module):
             return y
         stack = buffers.stack(k)
         x_rows, slots = batch.take(x), batch.take(batch.slots)
+        used = set(batch.used_slots)
+        routes = [index for index, routed in enumerate(buffers.routed_slots)
+                  if batch.rows is None or routed & used]
+        routing = self._route_members(stack, routes, x_rows, slots,
+                                      buffers.routes_split_input, stats)
         outputs = []
         for index, part in enumerate(batch.take(y).split(stack.out_sizes, dim=-1)):
             member = stack.member(index)
-            logits = router_logits(x_rows, slots, member.router)
-            if buffers.routes_split_input:
-                logits = self.shard.all_reduce(logits)
-            routed = gated_route(logits, slots, member)
-            if stats is not None:
-                stats.record(logits, slots, member, routed, router=index)
+            lora_slots = buffers.lora_slots[index]
+            if index not in routing and not lora_slots & used:  # compact: nothing to add
+                outputs.append(part)
+                continue
             if batch.rows is None:
-                delta = gated_lora_delta(x_rows, slots, member, logits, routed)
-            else:
-                delta = grouped.gated_lora_delta(x_rows, slots, member, routed, batch.used_slots)
+                delta = gated_lora_delta(x_rows, slots, member, *routing[index])
+            else:  # routing None: plain LoRA only
+                routed = routing[index][1] if index in routing else None
+                delta = grouped.gated_lora_delta(x_rows, slots, member, routed,
+                                                 batch.used_slots, lora_slots)
             outputs.append(add_where(part, *delta))
         return batch.put(y, torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0])
+
+    def _route_members(self, stack: GroupedLoRAStack, members: list[int], x: torch.Tensor,
+                       slots: torch.Tensor, split_input: bool, stats: RoutingStats | None
+                       ) -> dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        """Router logits and routing (weights, ids) of a group's `members`, their rows stacked
+        member by member: routing is row-wise, so one route, count and all-reduce serve the
+        whole group (q/k/v: a third of the small ops)."""
+        if not members:
+            return {}
+        logits = torch.cat([router_logits(x, slots, stack.router[m]) for m in members])
+        if split_input:
+            logits = self.shard.all_reduce(logits)
+        tables = _member_rows(stack, members, slots)
+        weights, ids = route(logits, tables.routing, stack.k_max)
+        if stats is not None:
+            stats.record_rows(logits, tables, (weights, ids))
+        n = x.shape[0]
+        return {m: (logits[j * n:(j + 1) * n], (weights[j * n:(j + 1) * n],
+                                                ids[j * n:(j + 1) * n]))
+                for j, m in enumerate(members)}
 
     def routing_stats(self) -> list[RoutingStats]:
         return list(self.gated_stats.values())

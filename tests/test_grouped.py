@@ -76,3 +76,35 @@ def test_step_columns_wider_than_a_slot_s_experts(adapters):
     expected = reference.mixlora_experts(g0, u0, x, slots, weights, ids, ffn)
     got = grouped.mixlora_experts(g0, u0, x, slots, weights, ids, ffn, used)
     assert rel_err(got[0][uses], expected[0][uses]) <= 1e-5
+
+
+def test_plain_lora_slots_skip_the_routing_and_equal_the_reference(adapters):
+    """A served q/k/v group holds MixLoRA's attention LoRA as one-expert stacks (weight 1),
+    which compact steps compute without routing: beside DynMoLE's routed slots (whose
+    routing they ignore), and alone (no routing at all)."""
+    from mole_serve.layers import GroupedLoRABuffers, ShardDims, SlotLimits, TensorShard
+
+    names = list(adapters)
+    projs = ("q_proj", "k_proj", "v_proj")
+    buffers = GroupedLoRABuffers(SlotLimits(len(names), 8, 6),
+                                 [ShardDims.of(ODD_BASE, p, TensorShard()) for p in projs], projs)
+    for slot, name in enumerate(names):
+        buffers.fill(slot, adapters[name], adapters[name].layers[1])
+    q = buffers.stack().member(0)
+    lora_slots = buffers.lora_slots[0]
+    assert {names[s] for s in lora_slots} == {"topk", "dynamic", "lora"}  # LoRA on q
+    assert {names[s] for s in buffers.routed_slots[0]} == {"dynmole"}
+    g = torch.Generator().manual_seed(3)
+    slots = torch.randint(-1, len(names), (47,), generator=g)
+    x = torch.randn(47, H, generator=g)
+    expected, expected_uses = reference.gated_lora_delta(x, slots, q)
+    routed = reference.gated_route(reference.router_logits(x, slots, q.router), slots, q)
+    got, uses = grouped.gated_lora_delta(x, slots, q, routed, tuple(range(len(names))),
+                                         lora_slots)
+    assert torch.equal(uses, expected_uses) and {names[s] for s in slots[uses].tolist()} == \
+        {"topk", "dynamic", "lora", "dynmole"}
+    assert rel_err(got[uses], expected[uses]) <= 1e-5
+    plain = torch.isin(slots, torch.tensor(sorted(lora_slots)))
+    alone, alone_uses = grouped.gated_lora_delta(x[plain], slots[plain], q, None,
+                                                 tuple(sorted(lora_slots)), lora_slots)
+    assert alone_uses.all() and rel_err(alone, expected[plain]) <= 1e-5

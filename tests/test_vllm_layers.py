@@ -123,9 +123,9 @@ def test_base_and_other_adapters_tokens_are_untouched(backend):
 def test_compact_steps_compute_only_their_mole_rows_and_the_experts_they_need(monkeypatch):
     """A CPU server's steps (compact): the slot-grouped math sees only the rows of MoLE tokens
     whose adapter adapts the buffer at hand, with as many expert columns as their slots'
-    adapters can select (top-2 MixLoRA: 2; its attention LoRA: 1; DynMoLE: all 4), not the
-    server's 5; a step without MoLE tokens runs none of it and leaves every output as it
-    was."""
+    adapters can select (top-2 MixLoRA: 2; DynMoLE: all 4), not the server's 5; where their
+    slots hold plain LoRA only (MixLoRA's attention LoRA), no routing; a step without MoLE
+    tokens runs none of it and leaves every output as it was."""
     from mole_serve import grouped
 
     calls = []
@@ -134,8 +134,11 @@ def test_compact_steps_compute_only_their_mole_rows_and_the_experts_they_need(mo
         original = getattr(grouped, name)
 
         def counted(*args, **kwargs):
-            ids = args[5] if name == "mixlora_experts" else args[3][1]  # (weights, ids)
-            calls.append((name, ids.shape[0], ids.shape[1]))
+            if name == "gated_lora_delta" and args[3] is None:  # plain LoRA: no routing
+                calls.append(("lora_delta", args[0].shape[0], 1))
+            else:
+                ids = args[5] if name == "mixlora_experts" else args[3][1]  # (weights, ids)
+                calls.append((name, ids.shape[0], ids.shape[1]))
             return original(*args, **kwargs)
         monkeypatch.setattr(grouped, name, counted)
     spy("mixlora_experts")
@@ -147,12 +150,11 @@ def test_compact_steps_compute_only_their_mole_rows_and_the_experts_they_need(mo
     x = randn(7, 64, generator=g)
     for slots, expected_calls in (
             ([-1] * 7, []),
-            ([0, -1, 0, -1, -1, -1, 0], [("gated_lora_delta", 3, 1), ("mixlora_experts", 3, 2)]),
+            ([0, -1, 0, -1, -1, -1, 0], [("lora_delta", 3, 1), ("mixlora_experts", 3, 2)]),
             # each buffer computes the rows of the slots it adapts: o and the FFN experts
-            # slot 0's two, DynMoLE's gate/up and down slot 1's three
-            ([1, 0, -1, -1, 0, 1, 1], [("gated_lora_delta", 2, 1), ("gated_lora_delta", 3, 4),
-                                       ("gated_lora_delta", 3, 4), ("mixlora_experts", 2, 2),
-                                       ("gated_lora_delta", 3, 4)])):
+            # slot 0's two, DynMoLE's up (not gate: it adapts none) and down slot 1's three
+            ([1, 0, -1, -1, 0, 1, 1], [("lora_delta", 2, 1), ("gated_lora_delta", 3, 4),
+                                       ("mixlora_experts", 2, 2), ("gated_lora_delta", 3, 4)])):
         slots = torch.tensor(slots, device=DEVICE)
         outputs = {}
         for backend in ("reference", "compact"):
