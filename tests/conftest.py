@@ -22,6 +22,13 @@ def take(stats) -> dict[str, dict[str, torch.Tensor]]:
             for name, counts in zip(stats.routers, stats.added())}
 
 
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute error relative to the largest magnitude expected (in fp32): the
+    bound every numerical comparison in the tests uses."""
+    got, expected = got.float(), expected.float()
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
 # Odd sizes on purpose (DESIGN §9): nothing may assume powers of two.
 ODD_BASE = BaseShape(hidden=96, intermediate=200, num_layers=2, num_heads=3, num_kv_heads=1,
                      head_dim=32)

@@ -7,16 +7,12 @@ factors."""
 import pytest
 import torch
 
-from conftest import ODD_BASE
+from conftest import ODD_BASE, rel_err
 from mole_serve import grouped, reference
 from mole_serve.stack import stack_layer
 
 H, I = ODD_BASE.hidden, ODD_BASE.intermediate
 FFN_EXPERTS = ("topk", "top1", "dynamic", "switch")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def mixed_batch(adapters, tokens: int, seed: int):

@@ -40,7 +40,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import take
+from conftest import rel_err, take
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import ACTIVATIONS, MoleConfig
 from mole_serve.kernels import (as_gated, gated_lora_, mixlora_down_delta_, mixlora_experts_,
@@ -72,10 +72,6 @@ def poison_uninitialised_memory():
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(previous)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def mixlora(strategy: str, experts: int, rank: int, **routing) -> MoleConfig:

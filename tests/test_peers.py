@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from conftest import rel_err
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.checkpoint import load_adapter, save_adapter
 from mole_serve.config import MoleConfig
@@ -48,10 +49,6 @@ def peer(*args: str) -> None:
     done = subprocess.run([str(PEERS_PYTHON), str(PEER_TOOL), *args], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, f"peer_tool {args[0]} failed:\n{done.stderr[-3000:]}"
-
-
-def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ODD_BASE, configs, random_adapters
+from conftest import ODD_BASE, configs, random_adapters, rel_err
 from mole_serve.reference import (FrozenFFN, ffn_literal, mole_ffn, mole_projection,
                                   projection_literal)
 from mole_serve.stack import stack_layer
 
 H, I = ODD_BASE.hidden, ODD_BASE.intermediate
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def frozen(seed: int = 3, dtype=torch.float32) -> FrozenFFN:
