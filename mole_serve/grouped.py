@@ -27,6 +27,20 @@ def _slot_groups(slots: torch.Tensor, used_slots: tuple[int, ...], stack):
             yield slot, rows, int(stack.routing[slot, NUM_EXPERTS])
 
 
+def router_logits(x: torch.Tensor, slots: torch.Tensor, router: torch.Tensor,
+                  members: list[int], used_slots: tuple[int, ...]) -> torch.Tensor:
+    """`reference.router_logits` through routers `members` of `router` [G, S, E, in], stacked
+    router by router [len(members) * T, E] fp32: per used slot one GEMM of its rows against
+    its routers, where the reference gathers each token's router rows."""
+    g, E = len(members), router.shape[2]
+    logits = torch.zeros(g, x.shape[0], E, device=x.device)
+    for slot in used_slots:
+        rows = (slots == slot).nonzero().flatten()
+        weights = router[members, slot].reshape(g * E, -1).float()
+        logits[:, rows] = (x[rows].float() @ weights.T).view(-1, g, E).transpose(0, 1)
+    return logits.flatten(0, 1)
+
+
 def _dense(values: torch.Tensor, ids: torch.Tensor, experts: int) -> torch.Tensor:
     """[n, k, ...] values of the experts `ids` [n, k] -> [n, experts, ...], zero for the
     experts not selected (ids of padded experts, which the reference weighs 0, dropped)."""

@@ -609,7 +609,7 @@ class ProjectionAdapters(nn.Module):
         routes = [index for index, routed in enumerate(buffers.routed_slots)
                   if batch.rows is None or routed & used]
         routing = self._route_members(stack, routes, x_rows, slots,
-                                      buffers.routes_split_input, stats)
+                                      buffers.routes_split_input, stats, batch)
         outputs = []
         for index, part in enumerate(batch.take(y).split(stack.out_sizes, dim=-1)):
             member = stack.member(index)
@@ -627,14 +627,18 @@ class ProjectionAdapters(nn.Module):
         return batch.put(y, torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0])
 
     def _route_members(self, stack: GroupedLoRAStack, members: list[int], x: torch.Tensor,
-                       slots: torch.Tensor, split_input: bool, stats: RoutingStats | None
+                       slots: torch.Tensor, split_input: bool, stats: RoutingStats | None,
+                       batch: SlotBatch
                        ) -> dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         """Router logits and routing (weights, ids) of a group's `members`, their rows stacked
         member by member: routing is row-wise, so one route, count and all-reduce serve the
         whole group (q/k/v: a third of the small ops)."""
         if not members:
             return {}
-        logits = torch.cat([router_logits(x, slots, stack.router[m]) for m in members])
+        if batch.rows is None:
+            logits = torch.cat([router_logits(x, slots, stack.router[m]) for m in members])
+        else:
+            logits = grouped.router_logits(x, slots, stack.router, members, batch.used_slots)
         if split_input:
             logits = self.shard.all_reduce(logits)
         tables = _member_rows(stack, members, slots)
@@ -754,7 +758,11 @@ class FFNAdapters(ProjectionAdapters):
             return h, None
         stack = self.mixlora.stack(k)
         x_rows, slots = batch.take(x), batch.take(batch.slots)
-        logits = router_logits(x_rows, slots, stack.router)
+        if batch.rows is None:
+            logits = router_logits(x_rows, slots, stack.router)
+        else:
+            logits = grouped.router_logits(x_rows, slots, stack.router[None], [0],
+                                           batch.used_slots)
         weights, ids, uses = mixlora_route(x_rows, slots, stack, logits)
         if self.mixlora_stats is not None:
             self.mixlora_stats.record(logits, slots, self.mixlora, (weights, ids))

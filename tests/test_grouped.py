@@ -104,3 +104,18 @@ def test_plain_lora_slots_skip_the_routing_and_equal_the_reference(adapters):
     alone, alone_uses = grouped.gated_lora_delta(x[plain], slots[plain], q, None,
                                                  tuple(sorted(lora_slots)), lora_slots)
     assert alone_uses.all() and rel_err(alone, expected[plain]) <= 1e-5
+
+
+def test_router_logits_of_a_group_s_routers_equal_the_reference(adapters):
+    """Several routers' logits at once (routing members of a group), stacked router by
+    router; rows of a slot the step does not use stay 0."""
+    names, stack, slots, used, g = mixed_batch(adapters, 45, seed=4)
+    routers = torch.stack([stack.gated[p].router for p in ("q_proj", "v_proj", "up_proj")])
+    x = torch.randn(45, H, generator=g)
+    members, used = [0, 2], used[1:]
+    got = grouped.router_logits(x, slots, routers, members, used).view(2, 45, -1)
+    rows = torch.isin(slots, torch.tensor(used))
+    assert not rows.all() and torch.equal(got[:, ~rows], torch.zeros_like(got[:, ~rows]))
+    for index, member in enumerate(members):
+        expected = reference.router_logits(x, slots, routers[member])
+        assert rel_err(got[index, rows], expected[rows]) <= 1e-5
