@@ -197,10 +197,24 @@ class SlotBatch:
 class ExpertColumns:
     """How many expert columns ([T, k] routing) a slot buffer's tokens need: its k_max, or
     for a compact batch the most any of its slots' adapters selects (`slot_k`, kept by
-    `fill`; 0: no adapter of those slots adapts here, nothing to compute)."""
+    `fill`; 0: no adapter of those slots adapts here, nothing to compute); and how a compact
+    batch's expert math reads the factors (`gathers`)."""
 
     k_max: int
     slot_k: list[int]
+    slot_experts: list[int]  # each slot's adapter's experts here (plain LoRA: 1), by `fill`
+
+    def gathers(self, batch: SlotBatch) -> bool:
+        """Whether the batch's expert math gathers each row's k experts' factors (the
+        reference; every-row batches always) rather than running each used slot's experts
+        as GEMMs over its factors (`grouped`): whichever reads fewer expert factor sets,
+        rows x k or the used slots' experts; at a tie the gathers, a fixed number of ops
+        where grouping takes a few per slot. So decode steps (a row or two per slot) gather
+        and prefill steps group."""
+        if batch.rows is None:
+            return True
+        return batch.rows.shape[0] * self.k_for(batch) <= sum(self.slot_experts[s]
+                                                              for s in batch.used_slots)
 
     def k_for(self, batch: SlotBatch) -> int:
         if batch.rows is None:
@@ -397,7 +411,7 @@ class MixLoRABuffers(_SlotTables, ExpertColumns):
         self.part = shard.part(intermediate)
         S, E, r, H = limits.slots, limits.experts, limits.rank, hidden
         I = intermediate // shard.world
-        self.k_max, self.slot_k = E, [0] * S
+        self.k_max, self.slot_k, self.slot_experts = E, [0] * S, [0] * S
         self.register_buffer("router", _zeros(S, E, H), persistent=False)
         for name, shape in (("gate_up_a", (S, E, 2 * r, H)), ("gate_up_b", (S, E, 2, I, r)),
                             ("down_a", (S, E, r, I)), ("down_b", (S, E, H, r))):
@@ -409,6 +423,7 @@ class MixLoRABuffers(_SlotTables, ExpertColumns):
             buffer[slot].zero_()
         self.set_row(slot, adapter)
         self.slot_k[slot] = 0 if adapter is None else adapter.config.max_experts_per_token
+        self.slot_experts[slot] = 0 if adapter is None else adapter.config.num_experts
         if adapter is None:
             return
         e, ra, r = adapter.config.num_experts, adapter.config.r, self.down_a.shape[2]
@@ -444,7 +459,8 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
             raise ValueError(f"grouped projections {projs} must share their input")
         G, S, E, r, fan_in = len(projs), limits.slots, limits.experts, limits.rank, \
             dims[0].local_in
-        self.projs, self.dims, self.k_max, self.slot_k = projs, dims, E, [0] * S
+        self.projs, self.dims, self.k_max, self.slot_k, self.slot_experts = \
+            projs, dims, E, [0] * S, [0] * S
         # Per projection, the slots whose adapter routes there and those holding a plain LoRA
         # there (host-side, kept by `fill`): a compact step computes no more than its slots
         # need (no routing for plain LoRA, nothing where they adapt nothing).
@@ -475,7 +491,7 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
                        self.scaling[:, slot], self.routing[:, slot], self.enabled[:, slot]):
             buffer.zero_()
         per_linear = adapter is not None and adapter.config.is_per_linear
-        self.slot_k[slot] = 0
+        self.slot_k[slot] = self.slot_experts[slot] = 0
         first = 0
         for index, (proj, dims) in enumerate(zip(self.projs, self.dims)):
             columns = slice(first, first + dims.local_out)
@@ -483,6 +499,7 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
             if per_linear and proj in layer.routers:
                 routed[index] = True
                 self.slot_k[slot] = adapter.config.max_experts_per_token
+                self.slot_experts[slot] = adapter.config.num_experts
                 self.routing[index, slot] = routing_row(adapter.config)
                 self.router[index, slot, :adapter.config.num_experts] = \
                     layer.routers[proj][:, dims.in_part]
@@ -491,6 +508,7 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
                 plain[index] = True
                 self.routing[index, slot] = _ONE_EXPERT_ROUTING
                 self.slot_k[slot] = max(self.slot_k[slot], 1)
+                self.slot_experts[slot] = max(self.slot_experts[slot], 1)
                 experts = layer.lora[proj].a[None], layer.lora[proj].b[None]
             else:
                 continue
@@ -513,6 +531,12 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
 
 
 _ONE_EXPERT_ROUTING = one_expert_routing_row()
+
+
+def _one_expert(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing of a plain LoRA held as a one-expert stack: weight 1 on expert 0."""
+    return (torch.ones(rows, 1, device=device),
+            torch.zeros(rows, 1, dtype=torch.long, device=device))
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")  # vLLM splits their inputs; the rest their outputs
@@ -605,11 +629,11 @@ class ProjectionAdapters(nn.Module):
             return y
         stack = buffers.stack(k)
         x_rows, slots = batch.take(x), batch.take(batch.slots)
-        used = set(batch.used_slots)
+        used, gathers = set(batch.used_slots), buffers.gathers(batch)
         routes = [index for index, routed in enumerate(buffers.routed_slots)
                   if batch.rows is None or routed & used]
         routing = self._route_members(stack, routes, x_rows, slots,
-                                      buffers.routes_split_input, stats, batch)
+                                      buffers.routes_split_input, stats, batch, gathers)
         outputs = []
         for index, part in enumerate(batch.take(y).split(stack.out_sizes, dim=-1)):
             member = stack.member(index)
@@ -617,10 +641,12 @@ class ProjectionAdapters(nn.Module):
             if index not in routing and not lora_slots & used:  # compact: nothing to add
                 outputs.append(part)
                 continue
-            if batch.rows is None:
-                delta = gated_lora_delta(x_rows, slots, member, *routing[index])
-            else:  # routing None: plain LoRA only
-                routed = routing[index][1] if index in routing else None
+            routed = routing.get(index)  # None: compact, plain LoRA only (weight 1)
+            if gathers:
+                if routed is None:
+                    routed = _one_expert(x_rows.shape[0], x.device)
+                delta = gated_lora_delta(x_rows, slots, member, routed=routed)
+            else:
                 delta = grouped.gated_lora_delta(x_rows, slots, member, routed,
                                                  batch.used_slots, lora_slots)
             outputs.append(add_where(part, *delta))
@@ -628,14 +654,14 @@ class ProjectionAdapters(nn.Module):
 
     def _route_members(self, stack: GroupedLoRAStack, members: list[int], x: torch.Tensor,
                        slots: torch.Tensor, split_input: bool, stats: RoutingStats | None,
-                       batch: SlotBatch
-                       ) -> dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
-        """Router logits and routing (weights, ids) of a group's `members`, their rows stacked
-        member by member: routing is row-wise, so one route, count and all-reduce serve the
-        whole group (q/k/v: a third of the small ops)."""
+                       batch: SlotBatch, gathers: bool
+                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The routing (weights, ids) of a group's `members`, their rows stacked member by
+        member: routing is row-wise, so one route, count and all-reduce serve the whole
+        group (q/k/v: a third of the small ops)."""
         if not members:
             return {}
-        if batch.rows is None:
+        if gathers:
             logits = torch.cat([router_logits(x, slots, stack.router[m]) for m in members])
         else:
             logits = grouped.router_logits(x, slots, stack.router, members, batch.used_slots)
@@ -646,8 +672,7 @@ class ProjectionAdapters(nn.Module):
         if stats is not None:
             stats.record_rows(logits, tables, (weights, ids))
         n = x.shape[0]
-        return {m: (logits[j * n:(j + 1) * n], (weights[j * n:(j + 1) * n],
-                                                ids[j * n:(j + 1) * n]))
+        return {m: (weights[j * n:(j + 1) * n], ids[j * n:(j + 1) * n])
                 for j, m in enumerate(members)}
 
     def routing_stats(self) -> list[RoutingStats]:
@@ -758,7 +783,8 @@ class FFNAdapters(ProjectionAdapters):
             return h, None
         stack = self.mixlora.stack(k)
         x_rows, slots = batch.take(x), batch.take(batch.slots)
-        if batch.rows is None:
+        gathers = self.mixlora.gathers(batch)
+        if gathers:
             logits = router_logits(x_rows, slots, stack.router)
         else:
             logits = grouped.router_logits(x_rows, slots, stack.router[None], [0],
@@ -766,7 +792,7 @@ class FFNAdapters(ProjectionAdapters):
         weights, ids, uses = mixlora_route(x_rows, slots, stack, logits)
         if self.mixlora_stats is not None:
             self.mixlora_stats.record(logits, slots, self.mixlora, (weights, ids))
-        if batch.rows is None:
+        if gathers:
             mixed, down_shrink = mixlora_experts(batch.take(g), batch.take(u), x_rows, slots,
                                                  weights, ids, stack)
         else:
@@ -793,7 +819,7 @@ class FFNAdapters(ProjectionAdapters):
             return y
         batch, stack, down_shrink, weights, ids, uses = routed  # its narrowed batch
         slots = batch.take(batch.slots)
-        if batch.rows is None:
+        if self.mixlora.gathers(batch):
             delta = mixlora_down_delta(down_shrink, slots, weights, ids, stack)
         else:
             delta = grouped.mixlora_down_delta(down_shrink, slots, weights, ids, stack,

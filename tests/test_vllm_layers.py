@@ -172,6 +172,44 @@ def test_compact_steps_compute_only_their_mole_rows_and_the_experts_they_need(mo
             assert torch.equal(outputs["compact"][0], y)
 
 
+def test_compact_decode_steps_gather_and_prefill_steps_group(monkeypatch):
+    """Compact steps read each buffer's expert factors the cheaper way (`gathers`): a decode
+    step's row or two per slot gather their k experts (the reference's form), a prefill
+    step's rows run each slot's experts as GEMMs (`grouped`); both equal the every-row
+    reference, DynMoLE's routed experts and MixLoRA's experts and attention LoRA alike."""
+    from mole_serve import grouped, layers
+
+    calls = []
+    for module in (grouped, layers):
+        for name in ("mixlora_experts", "gated_lora_delta"):
+            def spied(*args, _original=getattr(module, name), _module=module, **kwargs):
+                calls.append(_module)
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(module, name, spied)
+
+    mix, dyn, dynamic = adapters()
+    g = torch.Generator().manual_seed(7)
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
+    for slots, expected_module in (([0, -1, 2], layers), ([-1, 1], layers),
+                                   ([0] * 5 + [1] * 5 + [2] * 5, grouped)):
+        slots = torch.tensor(slots, device=DEVICE)
+        x = randn(slots.shape[0], 64, generator=g)
+        outputs = {}
+        for backend in ("reference", "compact"):
+            ffn, attention = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
+            for slot, adapter in enumerate((mix, dyn, dynamic)):
+                ffn.fill(slot, adapter)
+                attention.fill(slot, adapter)
+            calls.clear()
+            batch = attention.slot_batch(slots.shape[0])
+            outputs[backend] = (attention.project(x @ qkv_weight.T, x, batch, "qkv"),
+                                attention.project(x.clone(), x, batch, "o"),
+                                ffn_step(ffn, frozen, x))
+        assert calls and set(calls) == {expected_module}, slots
+        torch.testing.assert_close(outputs["compact"], outputs["reference"])
+
+
 def routing_counts(x, slots, adapter, slot, layer=1):
     """Per-token loop: (expert selection counts, experts-per-token counts, entropies) of the
     MixLoRA FFN router of `adapter` for the tokens in `slot`."""
