@@ -5,8 +5,11 @@ expert factors (at Llama-3.2-1B's FFN size, 1.4 MB per token and expert).
 
 Every expert of the slot's adapter is computed and the unselected ones weigh 0, so the result
 is the reference's up to summation order, at (experts / selected) times its expert FLOPs:
-small beside the frozen GEMMs, and far cheaper on a CPU than the gathers. A loop over the
-step's slots and host reads: eager CPU steps only, never the kernels' CUDA-graph path.
+small beside the frozen GEMMs, and far cheaper on a CPU than the gathers once a slot has
+many rows (prefill); a decode step's few rows gather instead (`layers.ExpertColumns.gathers`
+picks per buffer). Routers run per slot as GEMMs too, and plain LoRA held as a one-expert
+stack skips the routing. A loop over the step's slots and host reads: eager CPU steps only,
+never the kernels' CUDA-graph path.
 """
 
 from __future__ import annotations

@@ -175,10 +175,10 @@ class SlotBatch:
     A compact batch (reference backend on a CPU, `TokenSlots(compact=True)`: vLLM runs the
     model eagerly there and the slots are host memory) also names the rows of MoLE tokens
     and the slots they use. The reference layers then compute those rows only (a step of
-    base-model or plain-LoRA tokens costs nothing extra) and gather only as many experts
-    per token as those slots' adapters can select (`k_for`), not the server's largest
-    count: data-dependent shapes, so never on the kernels' CUDA-graph path or while
-    compiling."""
+    base-model or plain-LoRA tokens costs nothing extra), with only as many expert columns
+    as those slots' adapters can select (`k_for`), not the server's largest count, and
+    read the expert factors the cheaper way (`gathers`): data-dependent shapes, so never
+    on the kernels' CUDA-graph path or while compiling."""
 
     slots: torch.Tensor
     plan: "TokenPlan | None"
