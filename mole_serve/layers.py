@@ -244,13 +244,13 @@ class RoutingStats(nn.Module):
 
     On the kernels the routing launch adds to `counts` itself (the route kernel; DynMoLE's
     down router: the down kernel; a few atomics per block, no extra launch); on the
-    reference backend `record` does, ending in a single scatter-add into the same
-    fixed-size buffer. Either way: no host sync, no data-dependent shapes
-    (CUDA-graph and compile safe). `added` runs outside the forward (`RoutingExport`, at a
-    step boundary or slot change) and returns what was added since its last call; the
-    device counters only grow (until `reset_slot`), so nothing in the forward waits for the
-    host. float64 holds the integer counts exactly (to 2**53) and the entropy sum in the same
-    buffer.
+    reference backend `record` / `record_rows` (a group's routers at once) do, ending in a
+    single scatter-add into the same fixed-size buffer. Either way: no host sync, no
+    data-dependent shapes (CUDA-graph and compile safe). `added` runs outside the forward
+    (`RoutingExport`, at a step boundary or slot change) and returns what was added since
+    its last call; the device counters only grow (until `reset_slot`), so nothing in the
+    forward waits for the host. float64 holds the integer counts exactly (to 2**53) and the
+    entropy sum in the same buffer.
 
     `counts` [routers, slots, columns]; columns of a slot's row: expert selections [E],
     tokens by experts kept [E + 1], tokens by entropy bucket [len(ENTROPY_BUCKETS) + 1, the
@@ -268,8 +268,8 @@ class RoutingStats(nn.Module):
         self.register_buffer("entropy_bounds", torch.tensor(ENTROPY_BUCKETS, dtype=torch.float32),
                              persistent=False)  # fp32 whatever the default dtype (vLLM: bf16)
         self._exported: torch.Tensor | None = None
-        # Per router: slots whose adapter routes there (a one-expert LoRA is counted, not
-        # reported).
+        # Per router: slots whose adapter routes there (a one-expert LoRA may be counted, is
+        # never reported: `added` reads 0 for it).
         self.routed_slots: list[set[int]] = [set() for _ in routers]
 
     def record(self, logits: torch.Tensor, slots: torch.Tensor,
@@ -334,7 +334,7 @@ class RouterRows:
     counter: torch.Tensor  # [rows] long
 
 
-def _member_rows(tables: GroupedLoRAStack | GatedLoRAStack | MixLoRAStack,
+def _member_rows(tables: GroupedLoRAStack | GatedLoRAStack | MixLoRAStack | MixLoRABuffers,
                  members: list[int] | None, slots: torch.Tensor) -> RouterRows:
     """The `RouterRows` of tokens with `slots` through router `members` of a group, rows
     stacked member by member (None: a single router's tables)."""

@@ -273,7 +273,8 @@ def gated_lora_delta(x: torch.Tensor, slots: torch.Tensor, stack: GatedLoRAStack
     """Per-linear routed LoRA delta [T, out] fp32 and the mask of tokens it applies to.
     `logits`: the tokens' `router_logits` when the caller has them (tensor parallelism: the
     sum over ranks; x and the A factors are then this rank's slices, the delta its part);
-    `routed`: their `gated_route` when the caller has that too (the metrics count it)."""
+    `routed`: their routing (weights, ids) when the caller has it (the metrics count it;
+    `gated_route`'s, or a plain LoRA's one expert of weight 1)."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
     if routed is None:

@@ -210,6 +210,40 @@ def test_compact_decode_steps_gather_and_prefill_steps_group(monkeypatch):
         torch.testing.assert_close(outputs["compact"], outputs["reference"])
 
 
+@pytest.mark.parametrize("gathers", [True, False])
+def test_compact_steps_equal_the_reference_whichever_way_they_read_factors(monkeypatch,
+                                                                          gathers):
+    """Either way of reading expert factors, forced on every buffer whatever the step's size,
+    gives the every-row result: slots refilled in turn, members that route some of the
+    step's slots and hold plain LoRA for others (v: DynMoLE's experts, mixlora-dynamic's
+    LoRA), one-row and many-row steps."""
+    from mole_serve.layers import ExpertColumns
+
+    mix, dyn, dynamic = adapters()
+    g = torch.Generator().manual_seed(8)
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
+    for tokens in (1, 3, 20):
+        slots = randint(-1, 3, (tokens,), generator=g).to(DEVICE)
+        assert tokens < 20 or {0, 1, 2} <= set(slots.tolist())
+        x = randn(tokens, 64, generator=g)
+        outputs = {}
+        for backend in ("reference", "compact"):
+            if backend == "compact":
+                monkeypatch.setattr(ExpertColumns, "gathers",
+                                    lambda self, batch: batch.rows is None or gathers)
+            ffn, attention = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
+            for slot, adapter in ((2, dyn), (0, mix), (1, dyn), (2, dynamic)):
+                ffn.fill(slot, adapter)
+                attention.fill(slot, adapter)
+            batch = attention.slot_batch(tokens)
+            outputs[backend] = (attention.project(x @ qkv_weight.T, x, batch, "qkv"),
+                                attention.project(x.clone(), x, batch, "o"),
+                                ffn_step(ffn, frozen, x))
+        monkeypatch.undo()
+        torch.testing.assert_close(outputs["compact"], outputs["reference"])
+
+
 def routing_counts(x, slots, adapter, slot, layer=1):
     """Per-token loop: (expert selection counts, experts-per-token counts, entropies) of the
     MixLoRA FFN router of `adapter` for the tokens in `slot`."""
