@@ -172,6 +172,21 @@ def test_compact_steps_compute_only_their_mole_rows_and_the_experts_they_need(mo
             assert torch.equal(outputs["compact"][0], y)
 
 
+def one_step_outputs(slots: torch.Tensor, backend: str, fills, x: torch.Tensor, seed: int):
+    """A served layer's qkv, o and FFN outputs for one step on `backend`, its 3 slots filled
+    in the order of `fills` ((slot, adapter) pairs); frozen weights drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
+    qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
+    ffn, attention = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
+    for slot, adapter in fills:
+        ffn.fill(slot, adapter)
+        attention.fill(slot, adapter)
+    batch = attention.slot_batch(slots.shape[0])
+    return (attention.project(x @ qkv_weight.T, x, batch, "qkv"),
+            attention.project(x.clone(), x, batch, "o"), ffn_step(ffn, frozen, x))
+
+
 def test_compact_decode_steps_gather_and_prefill_steps_group(monkeypatch):
     """Compact steps read each buffer's expert factors the cheaper way (`gathers`): a decode
     step's row or two per slot gather their k experts (the reference's form), a prefill
@@ -187,27 +202,17 @@ def test_compact_decode_steps_gather_and_prefill_steps_group(monkeypatch):
                 return _original(*args, **kwargs)
             monkeypatch.setattr(module, name, spied)
 
-    mix, dyn, dynamic = adapters()
+    fills = list(enumerate(adapters()))  # mix, dyn, dynamic
     g = torch.Generator().manual_seed(7)
-    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
-    qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
     for slots, expected_module in (([0, -1, 2], layers), ([-1, 1], layers),
                                    ([0] * 5 + [1] * 5 + [2] * 5, grouped)):
         slots = torch.tensor(slots, device=DEVICE)
         x = randn(slots.shape[0], 64, generator=g)
-        outputs = {}
-        for backend in ("reference", "compact"):
-            ffn, attention = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
-            for slot, adapter in enumerate((mix, dyn, dynamic)):
-                ffn.fill(slot, adapter)
-                attention.fill(slot, adapter)
-            calls.clear()
-            batch = attention.slot_batch(slots.shape[0])
-            outputs[backend] = (attention.project(x @ qkv_weight.T, x, batch, "qkv"),
-                                attention.project(x.clone(), x, batch, "o"),
-                                ffn_step(ffn, frozen, x))
+        expected = one_step_outputs(slots, "reference", fills, x, seed=7)
+        calls.clear()
+        got = one_step_outputs(slots, "compact", fills, x, seed=7)
         assert calls and set(calls) == {expected_module}, slots
-        torch.testing.assert_close(outputs["compact"], outputs["reference"])
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("gathers", [True, False])
@@ -220,28 +225,18 @@ def test_compact_steps_equal_the_reference_whichever_way_they_read_factors(monke
     from mole_serve.layers import ExpertColumns
 
     mix, dyn, dynamic = adapters()
+    fills = ((2, dyn), (0, mix), (1, dyn), (2, dynamic))
     g = torch.Generator().manual_seed(8)
-    frozen = FrozenFFN(*(randn(*s, generator=g) / 8 for s in ((96, 64), (96, 64), (64, 96))))
-    qkv_weight = randn(64 + 32 + 32, 64, generator=g) / 8
     for tokens in (1, 3, 20):
         slots = randint(-1, 3, (tokens,), generator=g).to(DEVICE)
         assert tokens < 20 or {0, 1, 2} <= set(slots.tolist())
         x = randn(tokens, 64, generator=g)
-        outputs = {}
-        for backend in ("reference", "compact"):
-            if backend == "compact":
-                monkeypatch.setattr(ExpertColumns, "gathers",
-                                    lambda self, batch: batch.rows is None or gathers)
-            ffn, attention = served_layer(SlotLimits(slots=3, rank=8, experts=5), slots, backend)
-            for slot, adapter in ((2, dyn), (0, mix), (1, dyn), (2, dynamic)):
-                ffn.fill(slot, adapter)
-                attention.fill(slot, adapter)
-            batch = attention.slot_batch(tokens)
-            outputs[backend] = (attention.project(x @ qkv_weight.T, x, batch, "qkv"),
-                                attention.project(x.clone(), x, batch, "o"),
-                                ffn_step(ffn, frozen, x))
+        expected = one_step_outputs(slots, "reference", fills, x, seed=8)
+        monkeypatch.setattr(ExpertColumns, "gathers",
+                            lambda self, batch: batch.rows is None or gathers)
+        got = one_step_outputs(slots, "compact", fills, x, seed=8)
         monkeypatch.undo()
-        torch.testing.assert_close(outputs["compact"], outputs["reference"])
+        torch.testing.assert_close(got, expected)
 
 
 def routing_counts(x, slots, adapter, slot, layer=1):
