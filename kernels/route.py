@@ -83,7 +83,7 @@ class Routing:
 
 @dataclass(frozen=True)
 class RoutingCounts:
-    """Metrics counters a route launch adds to (`mole_serve.layers.RoutingStats` layout):
+    """Metrics counters a route launch adds to (`mole_serve.routing_stats.RoutingStats` layout):
     `counts` [G, S, 2E + NB + 3] float64, `bounds` [NB] fp32 entropy bucket bounds."""
 
     counts: torch.Tensor
@@ -162,7 +162,7 @@ def _select(logits, table_row, E_PAD: tl.constexpr):
 def _count_routing(counts_row, bounds_ptr, probs, weight, row_ok, n_exp, E,
                    E_PAD: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr):
     """Add this block's routing to its slot's row of the metrics counters (the layout of
-    `mole_serve.layers.RoutingStats`): per expert selections, tokens by experts kept,
+    `mole_serve.routing_stats.RoutingStats`): per expert selections, tokens by experts kept,
     tokens by normalised-entropy bucket, entropy sum. Sums per block, then fp64 atomics."""
     cols = tl.arange(0, E_PAD)
     chosen = (weight > 0.0) & row_ok[:, None]

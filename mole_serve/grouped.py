@@ -1,12 +1,12 @@
 """The reference's expert math for a step whose slots are known on the host (a CPU server's
-compact steps, `layers.SlotBatch`): rows grouped by slot, and each slot's experts applied to
+compact steps, `slots.SlotBatch`): rows grouped by slot, and each slot's experts applied to
 its rows with GEMMs over that slot's factors, where the reference gathers every token's
 expert factors (at Llama-3.2-1B's FFN size, 1.4 MB per token and expert).
 
 Every expert of the slot's adapter is computed and the unselected ones weigh 0, so the result
 is the reference's up to summation order, at (experts / selected) times its expert FLOPs:
 small beside the frozen GEMMs, and far cheaper on a CPU than the gathers once a slot has
-many rows (prefill); a decode step's few rows gather instead (`layers.ExpertColumns.gathers`
+many rows (prefill); a decode step's few rows gather instead (`slots.ExpertColumns.gathers`
 picks per buffer). Routers run per slot as GEMMs too, and plain LoRA held as a one-expert
 stack skips the routing. A loop over the step's slots and host reads: eager CPU steps only,
 never the kernels' CUDA-graph path.

@@ -5,7 +5,7 @@ Where each series is made:
   adapters refused at `/v1/load_lora_adapter`.
 * worker process: adapter loads, load latency, evictions, slot fills, and the routing
   statistics the layers accumulate on the device (exported at step boundaries, never inside
-  a forward: see `layers.RoutingStats`).
+  a forward: see `routing_stats.RoutingStats`).
 
 `/metrics` shows one process's registry unless `PROMETHEUS_MULTIPROC_DIR` is set, in which
 case prometheus_client aggregates every process's values; with `--enable-mole-adapters`

@@ -27,8 +27,10 @@ from vllm.sequence import IntermediateTensors
 from . import metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
 from .errors import AdapterError
-from .layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
-                     TensorShard, TokenSlots, RoutingExport)
+from .layers import ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters
+from .routing_stats import RoutingExport
+from .sharding import TensorShard
+from .slots import SlotLimits, TokenSlots
 
 
 class MoleLlamaAttention(LlamaAttention):
@@ -65,7 +67,7 @@ class MoleLlamaMLP(nn.Module):
                                            bias=bias, quant_config=quant_config,
                                            prefix=f"{prefix}.down_proj")
         # Reduced in forward, after the adapters' deltas: with tensor parallelism each rank's
-        # down delta is a partial sum over its I-slice (layers.TensorShard), and the base
+        # down delta is a partial sum over its I-slice (sharding.TensorShard), and the base
         # all-reduce adds those up with the frozen projection's partial sums.
         vllm_compat.defer_all_reduce(self.down_proj)
         self.act_fn = SiluAndMul()
@@ -132,7 +134,7 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
         base = vllm_compat.base_shape(vllm_config)
         use_kernels = settings.uses_kernels()
         # On a CPU vLLM runs LoRA models eagerly: the reference layers may compute each
-        # step's MoLE rows only (layers.SlotBatch), which CUDA graphs would not allow.
+        # step's MoLE rows only (slots.SlotBatch), which CUDA graphs would not allow.
         token_slots = TokenSlots(slots, vllm_config.scheduler_config.max_num_batched_tokens,
                                  use_kernels, vllm_config.device_config.device,
                                  compact=not use_kernels and vllm_compat.is_cpu_platform())

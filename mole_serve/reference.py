@@ -15,6 +15,7 @@ frozen model's result: no delta is added to them, not even a zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -208,16 +209,17 @@ def _router_logits(x: torch.Tensor, slot: torch.Tensor, router: torch.Tensor) ->
 
 
 def mixlora_route(x: torch.Tensor, slots: torch.Tensor, stack: MixLoRAStack,
-                  logits: torch.Tensor | None = None
+                  logits: torch.Tensor | None = None,
+                  strategies: Collection[int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token routing through each token's slot router (`logits`: `router_logits`, when
-    the caller has them). Returns (weights [T, k_max] zero for non-MixLoRA tokens, expert
-    ids, uses-MixLoRA mask)."""
+    the caller has them; `strategies`: `routing.selection_mask`'s). Returns (weights
+    [T, k_max] zero for non-MixLoRA tokens, expert ids, uses-MixLoRA mask)."""
     slot = slots.clamp(min=0)
     uses = (slots >= 0) & stack.enabled[slot]
     if logits is None:
         logits = router_logits(x, slots, stack.router)
-    weights, ids = route(logits, stack.routing[slot], stack.k_max)
+    weights, ids = route(logits, stack.routing[slot], stack.k_max, strategies)
     # where, not a product: tokens of empty slots (or base tokens) may have NaN weights
     return torch.where(uses[:, None], weights, 0.0), ids, uses
 

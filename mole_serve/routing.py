@@ -9,6 +9,7 @@ does not use, which is what CUDA graphs and the kernels need (no data-dependent 
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from .config import DYNMOLE, MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH, MoleConfig
 
 STRATEGY_CODE = {MIXLORA: 0, MIXLORA_DYNAMIC: 1, MIXLORA_SWITCH: 2, DYNMOLE: 3}
+TOP_K_CODE, DYNAMIC_CODE, SWITCH_CODE, DYNMOLE_CODE = (
+    STRATEGY_CODE[s] for s in (MIXLORA, MIXLORA_DYNAMIC, MIXLORA_SWITCH, DYNMOLE))
 
 # Columns of a routing table row (float32 so one tensor holds them all).
 STRATEGY, NUM_EXPERTS, TOP_K, TOP_P, TEMPERATURE, KEEP_TOP_K, ENTROPY_THRESHOLD, \
@@ -83,55 +86,72 @@ def tsallis_entropy(probs: torch.Tensor, num_experts: torch.Tensor, q: torch.Ten
     return torch.where(n > 1, entropy / max_entropy.clamp_min(1e-12), torch.zeros_like(entropy))
 
 
-def selection_mask(probs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def selection_mask(probs: torch.Tensor, params: torch.Tensor,
+                   strategies: Collection[int] | None = None) -> tuple[torch.Tensor, ...]:
     """Sort each token's probabilities and decide which sorted positions it keeps.
 
+    `strategies`: the strategy codes the rows use, when the caller knows them on the host (a
+    compact step's slots), so only those selections are computed (DynMoLE's entropy only
+    for DynMoLE rows); the rows' results equal those of None (any strategy) bit for bit.
+    Rows of other strategies get meaningless weights: only rows whose slot holds no adapter
+    there, which every caller masks.
     Returns (sorted probabilities, sorted expert ids, keep mask, weights in sorted order).
     """
+    codes = sorted(STRATEGY_CODE.values() if strategies is None else set(strategies))
     strategy = params[:, STRATEGY].round().long()
     num_experts = params[:, NUM_EXPERTS].round().long()
     rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    # mixlora-dynamic divides the probabilities (not the logits) by the temperature.
-    temperature = params[:, TEMPERATURE:TEMPERATURE + 1]
-    scaled = torch.where((strategy[:, None] == 1) & (temperature > 0),
-                         probs / temperature.clamp_min(1e-30), probs)
+    scaled = probs
+    if DYNAMIC_CODE in codes:  # mixlora-dynamic divides the probabilities by the temperature
+        temperature = params[:, TEMPERATURE:TEMPERATURE + 1]
+        scaled = torch.where((strategy[:, None] == DYNAMIC_CODE) & (temperature > 0),
+                             probs / temperature.clamp_min(1e-30), probs)
     sorted_p, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
     cumulative = sorted_p.cumsum(-1)
-    # The sum before each position is the previous running sum, as MoE-PEFT compares it; the
-    # difference cumulative - p rounds differently and moves the cut-off when a running sum
-    # meets top_p exactly.
-    exclusive = F.pad(cumulative[:, :-1], (1, 0))
     top_p = params[:, TOP_P:TOP_P + 1]
-
-    top_k_keep = rank < params[:, TOP_K:TOP_K + 1].round()
-    switch_keep = rank < 1
-    # mixlora-dynamic keeps up to and including the expert whose cumulative prob crosses top_p.
-    dynamic_keep = exclusive <= top_p
-    # dynmole keeps while the cumulative prob stays <= top_p (crossing expert excluded), at
-    # least keep_top_k, and every expert when the normalised entropy is above the threshold.
-    entropy = tsallis_entropy(probs, num_experts, params[:, ENTROPY_INDEX],
-                              params[:, ENTROPY_EPS])
-    broadcast = (entropy > params[:, ENTROPY_THRESHOLD])[:, None]
-    dynmole_keep = (cumulative <= top_p) | (rank < params[:, KEEP_TOP_K:KEEP_TOP_K + 1].round()) \
-        | broadcast
-
-    keep = torch.stack([top_k_keep.expand_as(sorted_p), dynamic_keep,  # by STRATEGY_CODE
-                        switch_keep.expand_as(sorted_p), dynmole_keep])
-    keep = keep.gather(0, strategy.clamp(0, 3)[None, :, None].expand(1, *sorted_p.shape))[0]
+    keep = None
+    for code in codes:
+        if code == TOP_K_CODE:
+            kept = rank < params[:, TOP_K:TOP_K + 1].round()
+        elif code == DYNAMIC_CODE:
+            # Up to and including the expert whose cumulative prob crosses top_p. The sum
+            # before each position is the previous running sum, as MoE-PEFT compares it; the
+            # difference cumulative - p rounds differently and moves the cut-off when a
+            # running sum meets top_p exactly.
+            kept = F.pad(cumulative[:, :-1], (1, 0)) <= top_p
+        elif code == SWITCH_CODE:
+            kept = rank < 1
+        elif code == DYNMOLE_CODE:
+            # dynmole keeps while the cumulative prob stays <= top_p (crossing expert
+            # excluded), at least keep_top_k, and every expert when the normalised entropy
+            # is above the threshold.
+            entropy = tsallis_entropy(probs, num_experts, params[:, ENTROPY_INDEX],
+                                      params[:, ENTROPY_EPS])
+            broadcast = (entropy > params[:, ENTROPY_THRESHOLD])[:, None]
+            kept = (cumulative <= top_p) | (rank < params[:, KEEP_TOP_K:KEEP_TOP_K + 1].round()) \
+                | broadcast
+        else:
+            raise ValueError(f"unknown routing strategy code {code}")
+        kept = kept.expand_as(sorted_p)
+        keep = kept if len(codes) == 1 else torch.where(
+            (strategy == code)[:, None], kept, False if keep is None else keep)
     keep = keep & (rank < num_experts[:, None])
     weights = sorted_p * keep
-    renormalise = (strategy == 0)[:, None]
-    weights = torch.where(renormalise, weights / weights.sum(-1, keepdim=True), weights)
+    if codes == [TOP_K_CODE]:
+        weights = weights / weights.sum(-1, keepdim=True)
+    elif TOP_K_CODE in codes:  # top-k renormalises over the kept experts
+        weights = torch.where((strategy == TOP_K_CODE)[:, None],
+                              weights / weights.sum(-1, keepdim=True), weights)
     return sorted_p, sorted_ids, keep, weights
 
 
-def route(router_logits: torch.Tensor, params: torch.Tensor, k_max: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router_logits: torch.Tensor, params: torch.Tensor, k_max: int,
+          strategies: Collection[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens: `router_logits` [T, E_max], `params` [T, NUM_COLUMNS] (each token's
-    adapter row). Returns fp32 weights [T, k_max] (0 for unused slots) and int64 expert ids
-    [T, k_max] (by descending probability)."""
+    adapter row; `strategies`: see `selection_mask`). Returns fp32 weights [T, k_max] (0 for
+    unused slots) and int64 expert ids [T, k_max] (by descending probability)."""
     probs = masked_softmax(router_logits, params[:, NUM_EXPERTS].round().long())
-    _, sorted_ids, _, weights = selection_mask(probs, params)
+    _, sorted_ids, _, weights = selection_mask(probs, params, strategies)
     return weights[:, :k_max].contiguous(), sorted_ids[:, :k_max].contiguous()
 
 
@@ -139,7 +159,8 @@ def route_config(router_logits: torch.Tensor, config: MoleConfig
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-adapter convenience: every token routed with `config`."""
     params = routing_row(config).to(router_logits.device).expand(router_logits.shape[0], -1)
-    return route(router_logits, params, config.max_experts_per_token)
+    return route(router_logits, params, config.max_experts_per_token,
+                 [STRATEGY_CODE[config.routing_strategy]])
 
 
 # -- losses ----------------------------------------------------------------------------------
@@ -157,7 +178,8 @@ def load_balance_loss(router_logits: torch.Tensor, config: MoleConfig,
     or the mean kept routing weight (DynMoLE's soft load). P_e: mean router probability."""
     params = routing_row(config).to(router_logits.device).expand(router_logits.shape[0], -1)
     probs = masked_softmax(router_logits, params[:, NUM_EXPERTS].long())
-    _, sorted_ids, keep, weights = selection_mask(probs, params)
+    _, sorted_ids, keep, weights = selection_mask(
+        probs, params, [STRATEGY_CODE[config.routing_strategy]])
     if config.routing_strategy == DYNMOLE:
         load = torch.zeros_like(probs).scatter(-1, sorted_ids, weights)
     else:

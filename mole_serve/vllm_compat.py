@@ -63,7 +63,6 @@ import os
 import pathlib
 import tempfile
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
@@ -76,15 +75,14 @@ from .checkpoint import (check_plain_lora_fits, is_mole_adapter_dir, load_adapte
                          served_as_mole)
 from .config import CONFIG_NAME, FAMILIES, AdapterLimits, MoleConfig, read_config_json
 from .errors import AdapterError
-from .layers import TensorShard
+from .settings import DEFAULT_MAX_EXPERTS, MOLE_KEY, ServeSettings, mole_section
+from .sharding import TensorShard
 
 # Under "vllm": vLLM's logging config gives only its own logger tree a handler, so a
 # "mole_serve" logger's info lines would never be printed.
 logger = logging.getLogger("vllm.mole_serve")
 
 TESTED_VLLM_VERSIONS = ("0.26.", "0.32.")
-MOLE_KEY = "mole"                 # our section of vLLM's --additional-config
-DEFAULT_MAX_EXPERTS = 8
 MOLE_ARCHITECTURE = "MoleLlamaForCausalLM"
 MOLE_MODEL_CLASS = "mole_serve.model:MoleLlamaForCausalLM"
 # Checkpoint architectures served by our Llama class: same layers and weight names. Qwen2
@@ -93,95 +91,6 @@ LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _PATCHED = "_mole_serve_patched"
 _MOLE_ATTRIBUTE = "mole_adapter"  # set on the LoRAModel that carries a MoleAdapter
 _NAME_ATTRIBUTE = "mole_serve_name"  # set on every LoRAModel we see loaded: metric labels
-# "auto": the Triton kernels with CUDA, else the reference math (Triton only runs interpreted
-# on a CPU); "kernels" on a CPU runs them interpreted (tests: slow); "reference" anywhere.
-BACKENDS = ("auto", "kernels", "reference")
-
-
-# -- settings carried to every process ---------------------------------------------------------
-def _switch(section: dict, key: str, default: bool) -> bool:
-    """A true/false setting; a string such as "false" would read as true."""
-    value = section.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"--additional-config {MOLE_KEY}.{key}: expected true or false, "
-                         f"found {value!r}")
-    return value
-
-
-def _count(section: dict, key: str, default: int | None) -> int | None:
-    """An integer >= 1; null stands for an optional one's default (as `merged_into` writes)."""
-    value = section.get(key, default)
-    if value is None and default is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"--additional-config {MOLE_KEY}.{key}: expected an integer >= 1, "
-                         f"found {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """`--additional-config '{"mole": {...}}'`: reaches every vLLM process, Ray workers too."""
-
-    enabled: bool = False
-    max_experts: int = DEFAULT_MAX_EXPERTS
-    max_rank: int | None = None        # None: vLLM's --max-lora-rank
-    routing_metrics: bool = True       # per-adapter routing counts (layers.RoutingStats)
-    metrics_interval_s: float = 5.0    # at most one routing-count export per interval
-    backend: str = "auto"              # one of BACKENDS
-    # Adapter families served (config.FAMILIES). Each costs slot buffers and kernel launches
-    # in every layer whether or not such an adapter is loaded (CUDA graphs fix the launches
-    # at start-up): a server of MixLoRA adapters only skips DynMoLE's per-linear routers.
-    # `vllm serve` narrows the default to what its adapters need (startup_families).
-    families: tuple[str, ...] = tuple(FAMILIES)
-
-    @classmethod
-    def from_additional_config(cls, additional_config: Any) -> "ServeSettings":
-        section = _mole_section(additional_config)
-        if not section:
-            return cls()
-        unknown = set(section) - _SETTING_KEYS
-        if unknown:
-            raise ValueError(f"--additional-config {MOLE_KEY}: unknown keys {sorted(unknown)}; "
-                             f"expected some of {sorted(_SETTING_KEYS)}")
-        max_experts = _count(section, "max_experts", DEFAULT_MAX_EXPERTS)
-        max_rank = _count(section, "max_rank", None)
-        interval = section.get("metrics_interval_s", cls.metrics_interval_s)
-        if not isinstance(interval, (int, float)) or interval < 0:
-            raise ValueError(f"--additional-config {MOLE_KEY}.metrics_interval_s: expected "
-                             f"seconds >= 0, found {interval!r}")
-        backend = section.get("backend", cls.backend)
-        if backend not in BACKENDS:
-            raise ValueError(f"--additional-config {MOLE_KEY}.backend: expected one of "
-                             f"{list(BACKENDS)}, found {backend!r}")
-        enabled, routing_metrics = (_switch(section, key, getattr(cls, key))
-                                    for key in ("enabled", "routing_metrics"))
-        families = section.get("families", list(FAMILIES))
-        if (not isinstance(families, list) or not families
-                or not set(families) <= set(FAMILIES)):
-            raise ValueError(f"--additional-config {MOLE_KEY}.families: expected a non-empty "
-                             f"list of {list(FAMILIES)}, found {families!r}")
-        return cls(enabled=enabled, max_experts=max_experts, max_rank=max_rank,
-                   routing_metrics=routing_metrics,
-                   metrics_interval_s=float(interval), backend=backend,
-                   families=tuple(f for f in FAMILIES if f in families))
-
-    def uses_kernels(self) -> bool:
-        return self.backend == "kernels" or (self.backend == "auto" and torch.cuda.is_available())
-
-    def merged_into(self, additional_config: Any) -> dict:
-        merged = dict(additional_config) if isinstance(additional_config, dict) else {}
-        merged[MOLE_KEY] = dict(dataclasses.asdict(self), families=list(self.families))
-        return merged
-
-
-_SETTING_KEYS = {f.name for f in dataclasses.fields(ServeSettings)}
-
-
-def _mole_section(additional_config: Any) -> dict:
-    """Our section of `--additional-config` as the user gave it ({} when absent)."""
-    section = additional_config.get(MOLE_KEY) if isinstance(additional_config, dict) else None
-    return section if isinstance(section, dict) else {}
 
 
 def serve_settings(vllm_config: Any) -> ServeSettings:
@@ -371,7 +280,7 @@ def add_cli_flags() -> None:
         if flag or current.enabled:  # the flag, or the setting it writes given by hand
             use_multiprocess_metrics()  # before vLLM makes its metrics or spawns the engine
             families = None
-            if flag and "families" not in _mole_section(engine_args.additional_config):
+            if flag and "families" not in mole_section(engine_args.additional_config):
                 families = startup_families(
                     [module.path for module in getattr(args, "lora_modules", None) or []])
             settings = dataclasses.replace(

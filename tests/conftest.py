@@ -17,7 +17,7 @@ from mole_serve.config import MoleConfig
 
 def take(stats) -> dict[str, dict[str, torch.Tensor]]:
     """A `RoutingStats`' counts since the last look, per router and kind of count."""
-    from mole_serve.layers import split_counts
+    from mole_serve.routing_stats import split_counts
     return {name: split_counts(counts, stats.experts)
             for name, counts in zip(stats.routers, stats.added())}
 

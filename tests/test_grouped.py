@@ -78,7 +78,9 @@ def test_plain_lora_slots_skip_the_routing_and_equal_the_reference(adapters):
     """A served q/k/v group holds MixLoRA's attention LoRA as one-expert stacks (weight 1),
     which compact steps compute without routing: beside DynMoLE's routed slots (whose
     routing they ignore), and alone (no routing at all)."""
-    from mole_serve.layers import GroupedLoRABuffers, ShardDims, SlotLimits, TensorShard
+    from mole_serve.layers import GroupedLoRABuffers
+    from mole_serve.sharding import ShardDims, TensorShard
+    from mole_serve.slots import SlotLimits
 
     names = list(adapters)
     projs = ("q_proj", "k_proj", "v_proj")

@@ -283,7 +283,7 @@ def test_route_matches_reference_dynmole_with_entropy_broadcast():
 def counter_pair(num_slots: int, experts: int, router: str):
     """Routing counters of one router for the kernels and for the reference
     (`RoutingStats.record`), both reporting every slot (empty ones included)."""
-    from mole_serve.layers import RoutingStats
+    from mole_serve.routing_stats import RoutingStats
     pair = [RoutingStats(num_slots, experts, 0, (router,)).to(DEVICE) for _ in range(2)]
     for stats in pair:
         stats.routed_slots[0].update(range(num_slots))
@@ -328,7 +328,7 @@ def test_route_lanes_change_nothing(lanes, monkeypatch):
     lane counts that do not divide the experts and more lanes than experts."""
     from mole_serve.kernels import RoutingCounts
     from mole_serve.kernels import router_logits as kernel_router_logits
-    from mole_serve.layers import RoutingStats
+    from mole_serve.routing_stats import RoutingStats
     from mole_serve.stack import GroupedLoRAStack
     configs = ZOO + [None]
     stack = make_stack(configs, seed=7)

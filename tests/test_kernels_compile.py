@@ -27,7 +27,7 @@ import torch
 
 from mole_serve.kernels import mixlora_route, mole_ffn_kernels, plan_tokens
 from mole_serve.kernels.configs import BLOCK_M
-from mole_serve.layers import RoutingStats
+from mole_serve.routing_stats import RoutingStats
 from mole_serve.stack import GroupedLoRAStack
 from test_kernels import ZOO, frozen, make_stack, tokens
 

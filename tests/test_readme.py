@@ -55,6 +55,7 @@ def check_make(argv: list[str]) -> None:
 
 
 def check_vllm_serve(argv: list[str]) -> None:
+    import huggingface_hub
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     assert argv[1] == "serve"
@@ -62,6 +63,9 @@ def check_vllm_serve(argv: list[str]) -> None:
     args.model = args.model_tag
     with pytest.MonkeyPatch.context() as env:  # the flag sets up a metrics dir otherwise
         env.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp")
+        # BASE_DIR is a placeholder: offline (as an engine test before this one may leave
+        # the hub), vLLM would look it up in the hub cache
+        env.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.additional_config["mole"]["enabled"]
     assert [m.name for m in args.lora_modules] == ["mixlora", "dynmole", "peft"]

@@ -2,14 +2,16 @@
 entropy broadcast, its keep_top_k floor and its crossing-expert rule (opposite to
 mixlora-dynamic), padded experts, and the auxiliary losses."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from mole_serve.config import MoleConfig
-from mole_serve.routing import (NUM_EXPERTS, TOP_P, entropy_loss, load_balance_loss, route,
-                                route_config, routing_row, router_loss, tsallis_entropy)
+from mole_serve.routing import (NUM_EXPERTS, STRATEGY_CODE, TOP_P, entropy_loss,
+                                load_balance_loss, route, route_config, routing_row, router_loss,
+                                tsallis_entropy)
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 
@@ -160,6 +162,30 @@ def test_mixed_strategies_in_one_call_equal_each_alone():
         rows = which == i
         w, e = route_config(logits[rows], config)
         torch.testing.assert_close(dense(weights[rows], ids[rows], 6), dense(w, e, 6))
+
+
+STRATEGY_SUBSETS = [codes for n in range(1, 5) for codes in itertools.combinations(range(4), n)]
+
+
+@pytest.mark.parametrize("codes", STRATEGY_SUBSETS, ids=str)
+def test_routing_told_the_strategies_in_use_equals_routing_told_nothing(codes):
+    """A compact step tells `route` which strategies its rows use, and only those selections
+    are computed: every row's weights and ids must be the general routing's, bit for bit.
+    Padded expert columns, a mixlora-dynamic temperature, DynMoLE rows above and below the
+    entropy threshold (logits from flat to peaked)."""
+    torch.manual_seed(sum(codes))
+    configs = [cfg("mixlora", 5, top_k=2), cfg("mixlora-dynamic", 5, top_p=0.7, temperature=0.8),
+               cfg("mixlora-switch", 5), cfg("dynmole", 5, keep_top_k=1, entropy_threshold=0.95)]
+    assert [STRATEGY_CODE[c.routing_strategy] for c in configs] == [0, 1, 2, 3]
+    rows = 64
+    logits = torch.randn(rows, 6) * torch.linspace(0.05, 4.0, rows)[:, None]
+    params = torch.stack([routing_row(configs[c]) for c in codes])[torch.arange(rows) % len(codes)]
+    expected = route(logits, params, 6)
+    told = route(logits, params, 6, codes)
+    assert torch.equal(told[0], expected[0]) and torch.equal(told[1], expected[1])
+    if 3 in codes:  # both sides of DynMoLE's broadcast were exercised
+        kept = (expected[0] > 0).sum(-1)[params[:, 0] == 3]
+        assert kept.max() == 5 and kept.min() < 5
 
 
 def test_load_balance_loss_by_hand():

@@ -13,9 +13,9 @@ import torch
 from conftest import take
 from mole_serve.adapter import BaseShape, init_adapter
 from mole_serve.config import MoleConfig
-from mole_serve.layers import (ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters, SlotLimits,
-                               TokenSlots)
+from mole_serve.layers import ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters
 from mole_serve.reference import FrozenFFN, mole_ffn, mole_projection
+from mole_serve.slots import SlotLimits, TokenSlots
 from mole_serve.stack import stack_layer
 
 BASE = BaseShape(hidden=64, intermediate=96, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -215,6 +215,38 @@ def test_compact_decode_steps_gather_and_prefill_steps_group(monkeypatch):
         torch.testing.assert_close(got, expected)
 
 
+def test_compact_steps_route_with_just_the_strategies_their_rows_use(monkeypatch):
+    """Compact steps tell the routing which strategies their rows use (kept per slot on the
+    host), so it computes those selections alone: exactly the strategies of the rows whose
+    slot holds an adapter there (plain LoRA: switch over one expert); every-row steps tell
+    nothing (any strategy)."""
+    from mole_serve import layers, reference
+    from mole_serve.routing import NUM_EXPERTS, STRATEGY, STRATEGY_CODE
+
+    told = []
+    for module in (layers, reference):
+        def spied(logits, params, k_max, strategies=None, _original=module.route):
+            present = params[params[:, NUM_EXPERTS] > 0, STRATEGY].round().long()
+            told.append((strategies, frozenset(present.tolist())))
+            return _original(logits, params, k_max, strategies)
+        monkeypatch.setattr(module, "route", spied)
+
+    fills = list(enumerate(adapters()))  # mix, dyn, dynamic
+    x = randn(6, 64, generator=torch.Generator().manual_seed(9))
+    for slots in ([0, 1, 2, 1, -1, 0], [1, -1, 1], [0, 2]):
+        slots = torch.tensor(slots, device=DEVICE)
+        told.clear()
+        one_step_outputs(slots, "reference", fills, x[:len(slots)], seed=9)
+        assert told and all(strategies is None for strategies, _ in told)
+        told.clear()
+        one_step_outputs(slots, "compact", fills, x[:len(slots)], seed=9)
+        assert told and all(strategies == present for strategies, present in told), told
+    # the last step: MixLoRA's top-k and mixlora-dynamic in the FFN experts; their attention
+    # LoRA (q, o, v: switch over one expert) is beside no routed slot, so never routed
+    assert [strategies for strategies, _ in told] == [
+        {STRATEGY_CODE["mixlora"], STRATEGY_CODE["mixlora-dynamic"]}]
+
+
 @pytest.mark.parametrize("gathers", [True, False])
 def test_compact_steps_equal_the_reference_whichever_way_they_read_factors(monkeypatch,
                                                                           gathers):
@@ -222,7 +254,7 @@ def test_compact_steps_equal_the_reference_whichever_way_they_read_factors(monke
     gives the every-row result: slots refilled in turn, members that route some of the
     step's slots and hold plain LoRA for others (v: DynMoLE's experts, mixlora-dynamic's
     LoRA), one-row and many-row steps."""
-    from mole_serve.layers import ExpertColumns
+    from mole_serve.slots import ExpertColumns
 
     mix, dyn, dynamic = adapters()
     fills = ((2, dyn), (0, mix), (1, dyn), (2, dynamic))
@@ -307,7 +339,7 @@ def test_routing_export_adds_up_per_adapter_and_writes_only_when_flushed(monkeyp
     import copy
 
     from mole_serve import metrics
-    from mole_serve.layers import RoutingExport, RoutingStats, split_counts
+    from mole_serve.routing_stats import RoutingExport, RoutingStats, split_counts
 
     observed = []
     monkeypatch.setattr(metrics, "routing_observed",
@@ -376,7 +408,7 @@ def tp_ranks(run, world: int):
     all-reduce gives every rank the sum of all ranks' inputs, so a first pass records each
     rank's all-reduce inputs, and a second pass, whose results are returned, gets their sums
     call by call (an all-reduce input never depends on an earlier all-reduce of its step)."""
-    from mole_serve.layers import TensorShard
+    from mole_serve.sharding import TensorShard
     recorded = [[] for _ in range(world)]
     for rank in range(world):
         run(TensorShard(rank, world, lambda t, calls=recorded[rank]: calls.append(t) or t))
@@ -394,7 +426,7 @@ def test_tensor_parallel_shards_sum_to_the_unsharded_ffn(backend, world):
     DynMoLE router on down_proj sees a part of its input on each rank: ranks route from their
     all-reduced logits, so the first rank (the only one the model lets count) counts the
     unsharded routing."""
-    from mole_serve.layers import TensorShard
+    from mole_serve.sharding import TensorShard
     mix, dyn, dynamic = adapters()
     column_dynmole = init_adapter(MoleConfig("dynmole", 4, 2, 4, ("gate_proj", "up_proj")),
                                   BASE, "col", generator=torch.Generator().manual_seed(5),
@@ -434,7 +466,7 @@ def test_tensor_parallel_attention_routes_o_proj_from_all_reduced_logits(backend
     """o_proj's input (the attention heads) is split over ranks: a DynMoLE router there
     routes from the ranks' summed logits; a MixLoRA-only server's one-expert attention LoRA
     needs no logits and no all-reduce."""
-    from mole_serve.layers import TensorShard
+    from mole_serve.sharding import TensorShard
     base = dataclasses.replace(BASE, num_heads=4, head_dim=16)  # heads for 4 ranks
     dyn_o = init_adapter(MoleConfig("dynmole", 3, 4, 8, ("o_proj",), top_p=0.6), base, "o",
                          generator=torch.Generator().manual_seed(8), b_std=0.1, router_std=0.5)
@@ -472,7 +504,7 @@ def test_tensor_parallel_qkv_deltas_are_the_rank_s_columns(backend, heads, kv_he
     """q/k/v are column-parallel with one fused output per rank, [q_local | k_local |
     v_local], k/v heads split or replicated as vLLM does: each rank's deltas (DynMoLE
     routed, MixLoRA's attention LoRA) are exactly those columns of the unsharded deltas."""
-    from mole_serve.layers import TensorShard
+    from mole_serve.sharding import TensorShard
     base = dataclasses.replace(BASE, num_heads=heads, num_kv_heads=kv_heads, head_dim=16)
     g = torch.Generator().manual_seed(11)
     dyn = init_adapter(MoleConfig("dynmole", 3, 4, 8, ("q_proj", "k_proj", "v_proj"),
@@ -556,7 +588,7 @@ def test_token_slots_from_the_host_reset_the_rows_past_them():
     (2, 1, [(0, 32), (0, 32)]),                      # MQA: every rank holds the head
 ])
 def test_kv_rows_follow_vllm_head_split_and_replication(world, kv_heads, rows):
-    from mole_serve.layers import ShardDims, TensorShard
+    from mole_serve.sharding import ShardDims, TensorShard
     base = dataclasses.replace(BASE, num_heads=4, num_kv_heads=kv_heads, head_dim=32)
     for rank, (begin, end) in enumerate(rows):
         shard = TensorShard(rank, world, lambda t: t)
@@ -600,7 +632,7 @@ def test_served_layers_compile_once_for_every_token_count(backend, ranks):
     count in the layers (slicing the step buffers, routing counts included) fails here. With
     two ranks, the down_proj router's logits go through the rank's all-reduce (here: rank
     0's slice alone, doubled; vLLM's is a custom op)."""
-    from mole_serve.layers import TensorShard
+    from mole_serve.sharding import TensorShard
     mix, dyn, dynamic = adapters()
     g = torch.Generator().manual_seed(7)
     slots = randint(-1, 3, (40,), generator=g)

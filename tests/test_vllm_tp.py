@@ -1,5 +1,5 @@
 """Tensor parallelism 2 in a real (CPU) vLLM engine: adapters sharded like the frozen layers
-(`layers.TensorShard`) must give the greedy tokens of the unsharded reference, DynMoLE
+(`sharding.TensorShard`) must give the greedy tokens of the unsharded reference, DynMoLE
 routers on the row-parallel o_proj and down_proj (whose inputs are split over the ranks,
 their logits all-reduced) included, with KV heads split over the ranks or replicated."""
 
