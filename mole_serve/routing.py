@@ -98,6 +98,8 @@ def selection_mask(probs: torch.Tensor, params: torch.Tensor,
     Returns (sorted probabilities, sorted expert ids, keep mask, weights in sorted order).
     """
     codes = sorted(STRATEGY_CODE.values() if strategies is None else set(strategies))
+    if not codes:
+        raise ValueError("selection_mask: an empty set of routing strategies")
     strategy = params[:, STRATEGY].round().long()
     num_experts = params[:, NUM_EXPERTS].round().long()
     rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]

@@ -133,8 +133,9 @@ class SlotBatch:
 class ExpertColumns:
     """How many expert columns ([T, k] routing) a slot buffer's tokens need: its k_max, or
     for a compact batch the most any of its slots' adapters selects (`slot_k`, kept by
-    `fill`; 0: no adapter of those slots adapts here, nothing to compute); and how a compact
-    batch's expert math reads the factors (`gathers`)."""
+    `fill`; 0: no adapter of those slots adapts here, nothing to compute); how a compact
+    batch's expert math reads the factors (`gathers`); and which routing strategies its
+    rows need (`strategies`)."""
 
     k_max: int
     slot_k: list[int]
