@@ -198,6 +198,16 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
 _ONE_EXPERT_ROUTING = one_expert_routing_row()
 
 
+def _members_logits(x: torch.Tensor, slots: torch.Tensor, routers: torch.Tensor,
+                    members: list[int], batch: SlotBatch, gathers: bool) -> torch.Tensor:
+    """Router logits of `members` of `routers` [G, S, E, in], rows stacked member by member,
+    read the way the buffer's expert math reads its factors (`ExpertColumns.gathers`)."""
+    if not gathers:
+        return grouped.router_logits(x, slots, routers, members, batch.used_slots)
+    logits = [router_logits(x, slots, routers[m]) for m in members]
+    return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+
 def _one_expert(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing of a plain LoRA held as a one-expert stack: weight 1 on expert 0."""
     return (torch.ones(rows, 1, device=device),
@@ -300,10 +310,7 @@ class ProjectionAdapters(nn.Module):
         group (q/k/v: a third of the small ops)."""
         if not members:
             return {}
-        if gathers:
-            logits = torch.cat([router_logits(x, slots, stack.router[m]) for m in members])
-        else:
-            logits = grouped.router_logits(x, slots, stack.router, members, batch.used_slots)
+        logits = _members_logits(x, slots, stack.router, members, batch, gathers)
         if split_input:
             logits = self.shard.all_reduce(logits)
         tables = member_rows(stack, members, slots)
@@ -397,8 +404,8 @@ class FFNAdapters(ProjectionAdapters):
             stats = self.gated_stats["down"] if "down" in self.gated_stats else None
             y = y.contiguous()  # the kernels add into rows in place
             kernels_module().dynmole_down_delta_(y, step.down_partials, batch.plan,
-                                           self.gated["down"].stack().member(0),
-                                           _kernel_counts(stats))
+                                                 self.gated["down"].stack().member(0),
+                                                 _kernel_counts(stats))
         elif "down" in self.gated:
             y = self.project(y, h, batch, "down")
         return self.add_down_delta(y, batch, step.mixlora)
@@ -423,11 +430,7 @@ class FFNAdapters(ProjectionAdapters):
         stack = self.mixlora.stack(k)
         x_rows, slots = batch.take(x), batch.take(batch.slots)
         gathers = self.mixlora.gathers(batch)
-        if gathers:
-            logits = router_logits(x_rows, slots, stack.router)
-        else:
-            logits = grouped.router_logits(x_rows, slots, stack.router[None], [0],
-                                           batch.used_slots)
+        logits = _members_logits(x_rows, slots, stack.router[None], [0], batch, gathers)
         weights, ids, uses = mixlora_route(x_rows, slots, stack, logits,
                                            self.mixlora.strategies(batch))
         if self.mixlora_stats is not None:
@@ -440,7 +443,7 @@ class FFNAdapters(ProjectionAdapters):
                                                          slots, weights, ids, stack,
                                                          batch.used_slots)
         mixed = torch.where(uses[:, None], mixed.to(h.dtype), batch.take(h))
-        return batch.put(h, mixed), (batch, stack, down_shrink, weights, ids, uses)
+        return batch.put(h, mixed), (batch, gathers, stack, down_shrink, weights, ids, uses)
 
     def routing_stats(self) -> list[RoutingStats]:
         own = [] if self.mixlora_stats is None else [self.mixlora_stats]
@@ -455,11 +458,11 @@ class FFNAdapters(ProjectionAdapters):
         if self.use_kernels:
             routing, partials = routed
             kernels_module().mixlora_down_delta_(y, partials, routing, batch.plan,
-                                           self.mixlora.stack())
+                                                 self.mixlora.stack())
             return y
-        batch, stack, down_shrink, weights, ids, uses = routed  # its narrowed batch
+        batch, gathers, stack, down_shrink, weights, ids, uses = routed  # its narrowed batch
         slots = batch.take(batch.slots)
-        if self.mixlora.gathers(batch):
+        if gathers:
             delta = mixlora_down_delta(down_shrink, slots, weights, ids, stack)
         else:
             delta = grouped.mixlora_down_delta(down_shrink, slots, weights, ids, stack,
