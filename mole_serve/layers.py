@@ -30,8 +30,8 @@ from .adapter import BaseShape, MoleAdapter, MoleLayer
 from . import grouped
 from .reference import (add_where, gated_lora_delta, mixlora_down_delta, mixlora_experts,
                         mixlora_route, router_logits)
-from .routing import (NUM_COLUMNS, STRATEGY_CODE, SWITCH_CODE, one_expert_routing_row, route,
-                      routing_row)
+from .routing import (DYNMOLE_CODE, NUM_COLUMNS, STRATEGY_CODE, SWITCH_CODE,
+                      one_expert_routing_row, route, routing_row)
 from .routing_stats import RoutingStats, member_rows
 from .sharding import ShardDims, TensorShard
 from .slots import ExpertColumns, SlotBatch, SlotLimits, TokenSlots, kernels_module
@@ -70,7 +70,8 @@ class MixLoRABuffers(_SlotTables, ExpertColumns):
         S, E, r, H = limits.slots, limits.experts, limits.rank, hidden
         I = intermediate // shard.world
         self.k_max, self.slot_k, self.slot_experts = E, [0] * S, [0] * S
-        self.slot_strategies: list[list[int | None]] = [[None] * S]
+        # each slot's routing strategy (`routing.STRATEGY_CODE`; None: empty), by `fill`
+        self.slot_strategy: list[int | None] = [None] * S
         self.register_buffer("router", _zeros(S, E, H), persistent=False)
         for name, shape in (("gate_up_a", (S, E, 2 * r, H)), ("gate_up_b", (S, E, 2, I, r)),
                             ("down_a", (S, E, r, I)), ("down_b", (S, E, H, r))):
@@ -83,7 +84,7 @@ class MixLoRABuffers(_SlotTables, ExpertColumns):
         self.set_row(slot, adapter)
         self.slot_k[slot] = 0 if adapter is None else adapter.config.max_experts_per_token
         self.slot_experts[slot] = 0 if adapter is None else adapter.config.num_experts
-        self.slot_strategies[0][slot] = None if adapter is None else \
+        self.slot_strategy[slot] = None if adapter is None else \
             STRATEGY_CODE[adapter.config.routing_strategy]
         if adapter is None:
             return
@@ -98,6 +99,14 @@ class MixLoRABuffers(_SlotTables, ExpertColumns):
         if "down_proj" in layer.experts:
             self.down_a[slot, :e, :ra] = layer.experts["down_proj"].a[:, :, self.part]
             self.down_b[slot, :e, :, :ra] = layer.experts["down_proj"].b
+
+    def strategies(self, batch: SlotBatch) -> frozenset[int] | None:
+        """The routing strategies of a compact batch's slots, so that it routes with those
+        alone (`routing.selection_mask`); None (any) for an every-row batch."""
+        if batch.rows is None:
+            return None
+        return frozenset(self.slot_strategy[s] for s in batch.used_slots
+                         if self.slot_strategy[s] is not None)
 
     def stack(self, k_max: int | None = None) -> MixLoRAStack:
         """The buffers as a stack routing to `k_max` experts (default: all a slot holds)."""
@@ -127,7 +136,6 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
         # need (no routing for plain LoRA, nothing where they adapt nothing).
         self.routed_slots: list[set[int]] = [set() for _ in projs]
         self.lora_slots: list[set[int]] = [set() for _ in projs]
-        self.slot_strategies: list[list[int | None]] = [[None] * S for _ in projs]
         self.register_buffer("router", _zeros(G, S, E, fan_in), persistent=False)
         self.register_buffer("a", _zeros(G, S, E, r, fan_in, dtype=limits.factor_dtype),
                              persistent=False)
@@ -158,10 +166,8 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
         for index, (proj, dims) in enumerate(zip(self.projs, self.dims)):
             columns = slice(first, first + dims.local_out)
             first += dims.local_out
-            self.slot_strategies[index][slot] = None
             if per_linear and proj in layer.routers:
                 routed[index] = True
-                self.slot_strategies[index][slot] = STRATEGY_CODE[adapter.config.routing_strategy]
                 self.slot_k[slot] = adapter.config.max_experts_per_token
                 self.slot_experts[slot] = adapter.config.num_experts
                 self.routing[index, slot] = routing_row(adapter.config)
@@ -170,7 +176,6 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
                 experts = layer.experts[proj].a, layer.experts[proj].b
             elif adapter is not None and not per_linear and proj in layer.lora:
                 plain[index] = True
-                self.slot_strategies[index][slot] = SWITCH_CODE  # as `_ONE_EXPERT_ROUTING`
                 self.routing[index, slot] = _ONE_EXPERT_ROUTING
                 self.slot_k[slot] = max(self.slot_k[slot], 1)
                 self.slot_experts[slot] = max(self.slot_experts[slot], 1)
@@ -187,6 +192,18 @@ class GroupedLoRABuffers(nn.Module, ExpertColumns):
             for holds, holders in zip(kind, slots):
                 (holders.add if holds else holders.discard)(slot)
         return routed
+
+    def strategies(self, batch: SlotBatch, members: list[int]) -> frozenset[int] | None:
+        """The routing strategies a compact batch's rows use through `members`, so that it
+        routes with those alone (`routing.selection_mask`): DynMoLE where a used slot routes
+        (per-linear routers are DynMoLE's only), switch where it holds a plain LoRA (its
+        one-expert table row); None (any) for an every-row batch."""
+        if batch.rows is None:
+            return None
+        used = set(batch.used_slots)
+        return frozenset(code for m in members for code, holders in (
+            (DYNMOLE_CODE, self.routed_slots[m]), (SWITCH_CODE, self.lora_slots[m]))
+            if holders & used)
 
     def stack(self, k_max: int | None = None) -> GroupedLoRAStack:
         """The buffers as a stack routing to `k_max` experts (default: all a slot holds)."""

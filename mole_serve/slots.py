@@ -9,7 +9,7 @@ how a compact step reads their factors.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -134,26 +134,11 @@ class ExpertColumns:
     """How many expert columns ([T, k] routing) a slot buffer's tokens need: its k_max, or
     for a compact batch the most any of its slots' adapters selects (`slot_k`, kept by
     `fill`; 0: no adapter of those slots adapts here, nothing to compute); how a compact
-    batch's expert math reads the factors (`gathers`); and which routing strategies its
-    rows need (`strategies`)."""
+    batch's expert math reads the factors (`gathers`)."""
 
     k_max: int
     slot_k: list[int]
     slot_experts: list[int]  # each slot's adapter's experts here (plain LoRA: 1), by `fill`
-    # Per router, each slot's routing strategy code there (`routing.STRATEGY_CODE`; plain
-    # LoRA: switch; None: the slot's adapter does not adapt there), by `fill`
-    slot_strategies: list[list[int | None]]
-
-    def strategies(self, batch: SlotBatch, routers: Iterable[int] = (0,)
-                   ) -> frozenset[int] | None:
-        """The routing strategies the batch's rows use through `routers`, so that a compact
-        step routes with those alone (`routing.selection_mask`); None (any) for an
-        every-row batch."""
-        if batch.rows is None:
-            return None
-        return frozenset(self.slot_strategies[router][slot] for router in routers
-                         for slot in batch.used_slots
-                         if self.slot_strategies[router][slot] is not None)
 
     def gathers(self, batch: SlotBatch) -> bool:
         """Whether the batch's expert math gathers each row's k experts' factors (the
