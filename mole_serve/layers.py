@@ -21,7 +21,7 @@ read on the host and computed alone, `slots.SlotBatch`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -428,7 +428,7 @@ class FFNAdapters(ProjectionAdapters):
         return self.add_down_delta(y, batch, step.mixlora)
 
     def mix_experts(self, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
-                    batch: SlotBatch) -> tuple[torch.Tensor, tuple | None]:
+                    batch: SlotBatch) -> tuple[torch.Tensor, "LaunchedMix | ComputedMix | None"]:
         """MixLoRA tokens get their experts' weight-mixed intermediate in place of `h`
         (DESIGN §1 rewrites 1-2). Returns (h, routing state for `add_down_delta`)."""
         if self.mixlora is None:
@@ -439,7 +439,7 @@ class FFNAdapters(ProjectionAdapters):
             routing = kernels.mixlora_route(x, batch.plan, stack,
                                             _kernel_counts(self.mixlora_stats))
             partials = kernels.mixlora_experts_(h, g, u, routing, batch.plan, stack)
-            return h, (routing, partials)
+            return h, LaunchedMix(routing, partials)
         batch = self.mixlora.narrowed(batch)
         k = self.mixlora.k_for(batch)
         if k == 0:
@@ -460,31 +460,29 @@ class FFNAdapters(ProjectionAdapters):
                                                          slots, weights, ids, stack,
                                                          batch.used_slots)
         mixed = torch.where(uses[:, None], mixed.to(h.dtype), batch.take(h))
-        return batch.put(h, mixed), (batch, gathers, stack, down_shrink, weights, ids, uses)
+        return batch.put(h, mixed), ComputedMix(batch, gathers, stack, down_shrink, weights,
+                                                ids, uses)
 
     def routing_stats(self) -> list[RoutingStats]:
         own = [] if self.mixlora_stats is None else [self.mixlora_stats]
         return super().routing_stats() + own
 
-    def add_down_delta(self, y: torch.Tensor, batch: SlotBatch, routed: tuple | None
-                       ) -> torch.Tensor:
-        """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens (`routed`: `mix_experts`'
+    def add_down_delta(self, y: torch.Tensor, batch: SlotBatch,
+                       mixed: "LaunchedMix | ComputedMix | None") -> torch.Tensor:
+        """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens (`mixed`: `mix_experts`'
         state; None: no MixLoRA experts here, or none the batch's slots use)."""
-        if routed is None:
+        if mixed is None:
             return y
-        if self.use_kernels:
-            routing, partials = routed
-            kernels_module().mixlora_down_delta_(y, partials, routing, batch.plan,
+        if isinstance(mixed, LaunchedMix):
+            kernels_module().mixlora_down_delta_(y, mixed.partials, mixed.routing, batch.plan,
                                                  self.mixlora.stack())
             return y
-        batch, gathers, stack, down_shrink, weights, ids, uses = routed  # its narrowed batch
-        slots = batch.take(batch.slots)
-        if gathers:
-            delta = mixlora_down_delta(down_shrink, slots, weights, ids, stack)
-        else:
-            delta = grouped.mixlora_down_delta(down_shrink, slots, weights, ids, stack,
-                                               batch.used_slots)
-        return batch.put(y, add_where(batch.take(y), delta, uses))
+        rows = mixed.batch  # narrowed to the MixLoRA tokens
+        slots = rows.take(rows.slots)
+        args = (mixed.down_shrink, slots, mixed.weights, mixed.ids, mixed.stack)
+        delta = (mixlora_down_delta(*args) if mixed.gathers
+                 else grouped.mixlora_down_delta(*args, rows.used_slots))
+        return rows.put(y, add_where(rows.take(y), delta, mixed.uses))
 
 
 @dataclass
@@ -493,7 +491,26 @@ class FFNStep:
 
     gate_up_routing: Routing | None = None       # DynMoLE's gate/up routing (launch 1)
     down_partials: DownPartials | None = None    # DynMoLE down's partial sums (launch 2)
-    mixlora: tuple | None = None                 # MixLoRA's routing state for its down delta
+    mixlora: "LaunchedMix | ComputedMix | None" = None  # MixLoRA's state for its down delta
+
+
+class LaunchedMix(NamedTuple):
+    """MixLoRA's experts as launched on the kernels, for the down delta (launch 3)."""
+
+    routing: "Routing"
+    partials: torch.Tensor  # down-shrink partial sums [split_i, T, k_max, r]
+
+
+class ComputedMix(NamedTuple):
+    """MixLoRA's experts as the reference computed them, for the down delta."""
+
+    batch: SlotBatch           # narrowed to the MixLoRA tokens
+    gathers: bool              # per-token gathered factors (else grouped by slot)
+    stack: MixLoRAStack        # narrowed to the step's k
+    down_shrink: torch.Tensor  # A_d,k h_k per row and selected expert
+    weights: torch.Tensor      # routing weights per row and selection
+    ids: torch.Tensor          # selected experts
+    uses: torch.Tensor         # rows whose slot routes (others keep y)
 
 
 def _kernel_counts(stats: RoutingStats | None):
