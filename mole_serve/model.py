@@ -24,7 +24,7 @@ from vllm.model_executor.models.llama import (LlamaAttention, LlamaDecoderLayer,
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.sequence import IntermediateTensors
 
-from . import metrics, vllm_compat
+from . import admission, metrics, vllm_compat
 from .adapter import BaseShape, MoleAdapter
 from .errors import AdapterError
 from .layers import ATTENTION_GROUPS, FFNAdapters, ProjectionAdapters
@@ -114,7 +114,7 @@ class MoleLlamaDecoderLayer(LlamaDecoderLayer):
 
 class MoleLlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with MoLE adapter slots; also serves Mistral and Qwen2 checkpoints
-    (see `vllm_compat.LLAMA_FAMILY`)."""
+    (see `admission.LLAMA_FAMILY`)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
@@ -147,7 +147,7 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
                                        and shard.rank == 0, shard=shard,
                                        families=settings.families)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-        self.mole_vllm_config = vllm_config
+        self.mole_served = vllm_compat.served_model(vllm_config)
         self.mole_token_slots = token_slots
         self.mole_metrics_interval_s = settings.metrics_interval_s
         self.mole_slot_names: list[str | None] = [None] * slots  # adapter in each slot
@@ -180,7 +180,7 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
     def load_mole_adapter(self, path: str, name: str) -> MoleAdapter:
         """Read a MoLE adapter dir for this model and the server's limits (worker side)."""
         try:
-            return vllm_compat.load_served_adapter(path, name, self.mole_vllm_config)
+            return admission.load_served_adapter(path, name, self.mole_served)
         except AdapterError:
             if self.mole_reports_metrics:
                 metrics.adapter_rejected("engine")

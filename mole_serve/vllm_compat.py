@@ -27,7 +27,7 @@ How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
   layers spend nothing on plain-LoRA tokens.
 * `OpenAIServingModels._check_load_lora_adapter_request` and `resolve_lora` are wrapped so a
   malformed MoLE adapter is refused with HTTP 400 and a message naming the tensor (vLLM
-  itself answers 500 for any engine-side load error).
+  itself answers 500 for any engine-side load error); the checks are `mole_serve.admission`'s.
 * A `LoRAResolver` is registered beside vLLM's filesystem one, which takes PEFT LoRA dirs only,
   so MoLE dirs in `VLLM_LORA_RESOLVER_CACHE_DIR` load on first request too.
 Route (A), re-expressing MoLE weights as LoRA tensors on extra `LinearBase` submodules, was
@@ -60,7 +60,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
 import tempfile
 import time
 from http import HTTPStatus
@@ -69,11 +68,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import metrics
-from .adapter import BaseShape, MoleAdapter
-from .checkpoint import (check_plain_lora_fits, is_mole_adapter_dir, load_adapter,
-                         served_as_mole)
-from .config import CONFIG_NAME, FAMILIES, AdapterLimits, MoleConfig, read_config_json
+from . import admission, metrics
+from .adapter import BaseShape
+from .admission import LLAMA_FAMILY, ServedModel
+from .checkpoint import is_mole_adapter_dir, served_as_mole
+from .config import FAMILIES, AdapterLimits, MoleConfig
 from .errors import AdapterError
 from .settings import DEFAULT_MAX_EXPERTS, MOLE_KEY, ServeSettings, mole_section
 from .sharding import TensorShard
@@ -85,9 +84,6 @@ logger = logging.getLogger("vllm.mole_serve")
 TESTED_VLLM_VERSIONS = ("0.26.", "0.32.")
 MOLE_ARCHITECTURE = "MoleLlamaForCausalLM"
 MOLE_MODEL_CLASS = "mole_serve.model:MoleLlamaForCausalLM"
-# Checkpoint architectures served by our Llama class: same layers and weight names. Qwen2
-# differs only by its q/k/v biases, which vLLM's Llama attention reads from `qkv_bias`.
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _PATCHED = "_mole_serve_patched"
 _MOLE_ATTRIBUTE = "mole_adapter"  # set on the LoRAModel that carries a MoleAdapter
 _NAME_ATTRIBUTE = "mole_serve_name"  # set on every LoRAModel we see loaded: metric labels
@@ -111,28 +107,17 @@ def base_shape(vllm_config: Any) -> BaseShape:
     return BaseShape.from_hf_config(vllm_config.model_config.hf_config.get_text_config())
 
 
-def serves_mole(vllm_config: Any) -> bool:
-    """Whether the served model is ours (a Llama-family base), whose shapes and slots the
-    adapter checks read."""
-    return MOLE_ARCHITECTURE in (vllm_config.model_config.architectures or [])
-
-
-def load_served_adapter(path: str, name: str, vllm_config: Any) -> MoleAdapter:
-    """Read and check a MoLE adapter against the served base model and the server's limits."""
-    if not serves_mole(vllm_config):
-        raise AdapterError(name, "base model", f"a checkpoint of {list(LLAMA_FAMILY)}",
-                           f"{vllm_config.model_config.architectures or []}, which mole_serve "
-                           "does not serve MoLE adapters on")
+def served_model(vllm_config: Any) -> ServedModel:
+    """What `admission` checks adapters against; only the architectures for a model that is
+    not ours (whose config may lack the fields the rest come from)."""
+    architectures = tuple(vllm_config.model_config.architectures or ())
+    if MOLE_ARCHITECTURE not in architectures:
+        return ServedModel(architectures)
     _, max_rank, max_experts = slot_capacity(vllm_config)
-    adapter = load_adapter(path, name, base=base_shape(vllm_config),
-                           limits=AdapterLimits(max_rank=max_rank, max_experts=max_experts))
-    families = serve_settings(vllm_config).families
-    if adapter.config.family is not None and adapter.config.family not in families:
-        raise AdapterError(name, f"{CONFIG_NAME}:routing_strategy",
-                           f"a strategy of the families this server was started for "
-                           f"({list(families)}: --additional-config mole.families)",
-                           adapter.config.routing_strategy)
-    return adapter
+    return ServedModel(architectures, base_shape(vllm_config),
+                       AdapterLimits(max_rank=max_rank, max_experts=max_experts),
+                       serve_settings(vllm_config).families,
+                       vllm_config.lora_config.max_lora_rank)
 
 
 # -- architectures -----------------------------------------------------------------------------
@@ -606,7 +591,8 @@ def install_api_validation() -> None:
         path = os.path.join(cache_dir, lora_name) if cache_dir else ""
         if (path and lora_name not in self.lora_requests
                 and serve_settings(vllm_config).enabled
-                and await asyncio.to_thread(_mole_dir_for_base, path, self.model_config.model)):
+                and await asyncio.to_thread(admission.mole_dir_for_base, path,
+                                            self.model_config.model)):
             error = await refusal(path, lora_name, vllm_config)
             if error is not None:
                 return error
@@ -635,7 +621,7 @@ def register_mole_resolver() -> None:
     class MoleFilesystemResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str):
             path = os.path.join(cache_dir, lora_name)
-            if not await asyncio.to_thread(_mole_dir_for_base, path, base_model_name):
+            if not await asyncio.to_thread(admission.mole_dir_for_base, path, base_model_name):
                 return None
             return LoRARequest(lora_name=lora_name, lora_int_id=abs(hash(lora_name)),
                                lora_path=path)
@@ -649,77 +635,19 @@ def _resolver_cache_dir() -> str | None:
     return envs.VLLM_LORA_RESOLVER_CACHE_DIR or None
 
 
-def _mole_dir_for_base(path: str, base_model_name: str) -> bool:
-    if not is_mole_adapter_dir(path):
-        return False
-    try:
-        named = read_config_json(path, os.path.basename(path)).get("base_model_name_or_path")
-    except AdapterError:
-        return False
-    if not isinstance(named, str):
-        return False
-    same_dir = os.path.isdir(named) and os.path.isdir(base_model_name) and \
-        os.path.samefile(named, base_model_name)
-    return named == base_model_name or same_dir
-
-
 def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
-    """Raise AdapterError for a bad local path, a bad MoLE dir, or a plain LoRA dir whose
-    rank or shapes do not fit (vLLM would answer 500 without saying why)."""
-    local = os.path.expanduser(path)
-    if served_as_mole(path, name):
-        _check_mole_dir(local, name, vllm_config)
-    elif not os.path.exists(local):  # a hub id (served_as_mole refuses other missing paths)
+    """`admission.check_local_adapter`, also for a hub id vLLM finds in its cache or fetches
+    (vLLM would answer 500 without saying why)."""
+    served = served_model(vllm_config)
+    admission.check_local_adapter(path, name, served)
+    if not os.path.exists(os.path.expanduser(path)):  # a hub id (the check refuses the rest)
         _check_hub_adapter_reachable(path, name)
         # Fetched as the engine would fetch it (into the same cache, which it then reuses),
         # so a MoLE adapter from the hub gets the same 400s as a local dir, not a 500.
         from vllm.lora.utils import get_adapter_absolute_path
         resolved = get_adapter_absolute_path(path)
         if resolved != path and os.path.isdir(resolved):
-            _check_requested_adapter(resolved, name, vllm_config)
-    elif os.path.isdir(local) and serves_mole(vllm_config):  # a base whose shapes we know
-        check_plain_lora_fits(pathlib.Path(local), name, base_shape(vllm_config),
-                              vllm_config.lora_config.max_lora_rank)
-
-
-# Per MoLE dir (real path): its files and what it was checked against when it last passed.
-_PASSED_MOLE_DIRS: dict[str, tuple] = {}
-
-
-def _check_mole_dir(path: str, name: str, vllm_config: Any) -> None:
-    """`load_served_adapter`, skipped for a dir that passed as its files are now against the
-    same limits: a dir served under many names (`--lora-modules a=DIR b=DIR ...`) is read
-    once. The engine checks every adapter it loads again."""
-    context = _check_context(vllm_config)
-    before = _dir_state(path)
-    real = os.path.realpath(path)
-    if context is not None and before is not None and \
-            _PASSED_MOLE_DIRS.get(real) == (before, context):
-        return
-    load_served_adapter(path, name, vllm_config)
-    if context is not None and before is not None and _dir_state(path) == before:
-        _PASSED_MOLE_DIRS[real] = (before, context)
-
-
-def _check_context(vllm_config: Any) -> str | None:
-    """What `load_served_adapter` checks a dir against, besides the dir; None for a base it
-    refuses MoLE adapters on (its other checks would not apply)."""
-    if not serves_mole(vllm_config):
-        return None
-    return repr((slot_capacity(vllm_config), serve_settings(vllm_config).families,
-                 base_shape(vllm_config)))
-
-
-def _dir_state(path: str) -> tuple | None:
-    """A dir's files: names, inodes, sizes, modification and change times (a copy that keeps
-    the mtime still changes the ctime); None if it cannot be listed."""
-    try:
-        return tuple(sorted((entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns,
-                             stat.st_ctime_ns)
-                            for entry in os.scandir(path) if entry.is_file()
-                            for stat in (entry.stat(),)))
-    except OSError:
-        return None
+            admission.check_local_adapter(resolved, name, served)
 
 
 def _check_hub_adapter_reachable(repo_id: str, name: str) -> None:

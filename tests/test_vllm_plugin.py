@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-from mole_serve import plugin, vllm_compat
+from mole_serve import admission, plugin, vllm_compat
 from mole_serve.adapter import BaseShape
 from mole_serve.config import MoleConfig
 from mole_serve.errors import AdapterError
@@ -229,7 +228,8 @@ def test_without_flag_vllm_is_stock_and_refuses_mole_adapters(tiny_llama, tmp_pa
                       BaseShape.from_hf_config(config.model_config.hf_config), seed=0)
     assert vllm_compat.is_mole_adapter_dir(str(adapter_dir))
     with pytest.raises(AdapterError, match=r"'mixlora': base model: expected a checkpoint of"):
-        vllm_compat.load_served_adapter(str(adapter_dir), "mixlora", config)
+        admission.load_served_adapter(str(adapter_dir), "mixlora",
+                                      vllm_compat.served_model(config))
 
 
 def test_vllm_serve_help_documents_the_flags():
@@ -368,44 +368,3 @@ def test_a_hub_adapter_that_cannot_be_had_is_refused_naming_why(tmp_path, monkey
         '{"peft_type": "MIXLORA"}')
     with pytest.raises(AdapterError, match="does not serve MoLE adapters on"):
         check("org/cached", "a", not_ours)
-
-
-def test_a_mole_dir_is_checked_once_while_it_stays_the_same(startup_adapters, monkeypatch,
-                                                            tmp_path):
-    """A dir served under many names (`--lora-modules a=DIR b=DIR ...`) is read once at the
-    API server; a changed dir, or one that failed, is read again."""
-    checked = []
-
-    def load(path, name, vllm_config):
-        checked.append(name)
-        if name == "bad":
-            raise AdapterError(name, "weights", "readable", "not")
-
-    monkeypatch.setattr(vllm_compat, "load_served_adapter", load)
-    monkeypatch.setattr(vllm_compat, "_PASSED_MOLE_DIRS", {})
-    monkeypatch.setattr(vllm_compat, "_check_context", lambda vllm_config: vllm_config)
-    adapter = tmp_path / "dynmole"  # a copy: its files change below
-    shutil.copytree(startup_adapters / "dynmole", adapter)
-    for name in ("a", "b", "c"):
-        vllm_compat._check_requested_adapter(str(adapter), name, "server 1")
-    assert checked == ["a"]
-    vllm_compat._check_requested_adapter(str(adapter), "x", "server 2")  # other limits
-    assert checked == ["a", "x"]
-    config = adapter / "adapter_config.json"
-    stat = config.stat()
-    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    vllm_compat._check_requested_adapter(str(adapter), "d", "server 1")
-    assert checked == ["a", "x", "d"]
-    for _ in range(2):
-        with pytest.raises(AdapterError):
-            vllm_compat._check_requested_adapter(str(startup_adapters / "mixlora-dynamic"),
-                                                 "bad", "server 1")
-    assert checked == ["a", "x", "d", "bad", "bad"]
-    weights = adapter / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes() + b" ")  # other weights, however stamped
-    vllm_compat._check_requested_adapter(str(adapter), "e", "server 1")
-    assert checked[-1] == "e"
-    monkeypatch.setattr(vllm_compat, "_check_context", lambda vllm_config: None)
-    vllm_compat._check_requested_adapter(str(adapter), "f", "server 1")  # another base
-    vllm_compat._check_requested_adapter(str(adapter), "g", "server 1")
-    assert checked[-2:] == ["f", "g"]
