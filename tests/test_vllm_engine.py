@@ -141,6 +141,32 @@ def test_prompt_logprobs_are_the_adapters(engine, reference):
                                           atol=1e-2), f"{name} does not change the logprobs"
 
 
+def test_parallel_samples_each_use_the_requests_adapter(engine, reference):
+    """`n` > 1: vLLM forks a request into child requests (sharing its prompt's cached
+    blocks), each of which must carry the adapter. Every sampled token's logprob is the
+    reference's for that adapter, given the prompt and the tokens the child sampled before."""
+    from vllm import SamplingParams
+    llm, requests = engine
+    n, prompt = 3, PROMPTS[0]
+    names = [None, *ADAPTERS]
+    params = SamplingParams(n=n, temperature=1.0, seed=7, max_tokens=5, logprobs=0,
+                            ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": prompt}] * len(names), params,
+                           lora_request=[requests[m] if m else None for m in names],
+                           use_tqdm=False)
+    for name, output in zip(names, outputs, strict=True):
+        assert len(output.outputs) == n
+        assert len({tuple(sample.token_ids) for sample in output.outputs}) > 1, \
+            f"{name}: the samples are all alike: this test could not tell them apart"
+        for sample in output.outputs:
+            tokens = list(sample.token_ids)
+            got = torch.tensor([entry[token].logprob
+                                for entry, token in zip(sample.logprobs, tokens, strict=True)])
+            expected = reference.prompt_logprobs(prompt + tokens, name)[len(prompt) - 1:]
+            torch.testing.assert_close(got, expected, rtol=0, atol=2e-3,
+                                       msg=lambda message: f"{name}: {message}")
+
+
 def test_prefix_cache_blocks_are_not_shared_across_adapters(engine, reference):
     """A prompt of several full KV blocks, served for the base model and each adapter in
     turn, then again: later requests find the prompt's blocks cached for another adapter
