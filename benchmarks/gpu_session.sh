@@ -16,7 +16,7 @@
 #            back (run(carry=[".gpu-bundle/part.0N", ".gpu-bundle/stage.sh",
 #            ".gpu-bundle/install.sh"]): a machine idle 30 s between calls is lost, with it)
 #   vllm     with the last piece: install vLLM and this package into $HOME/site
-#   serving-tests  the in-process engine, `vllm serve`, trained-adapter and AWQ-base tests on
+#   serving-tests  the in-process engine, `vllm serve`, trained-adapter and quantised-base tests on
 #            the GPU (auto backend = the Triton kernels, plus the reference backend; the
 #            engine tests also compiled with CUDA graphs) with VLLM_GPU_SYNC_CHECK=warn: the log's
 #            warnings summary lists the in-process engines' host syncs by source line (vLLM's
