@@ -127,8 +127,10 @@ class MoleLlamaForCausalLM(LlamaForCausalLM):
                              "(a Mistral-3-style config.json)")
         if vllm_compat.is_cpu_platform():
             # vLLM's own LoRA layers see MoLE tokens as "no adapter" (slot -1), which the
-            # CPU LoRA ops of vLLM <= 0.33 misread as the last slot.
+            # CPU LoRA ops of vLLM <= 0.33 misread as the last slot; and they could not wrap
+            # an int8 linear whose weight the CPU kernel prepacked.
             vllm_compat.fix_cpu_lora_no_adapter_rows()
+            vllm_compat.fix_cpu_lora_device_of_prepacked_weights()
         slots, rank, experts = vllm_compat.slot_capacity(vllm_config)
         settings = vllm_compat.serve_settings(vllm_config)
         base = vllm_compat.base_shape(vllm_config)

@@ -48,7 +48,8 @@ forward, exports the routing counts the layers keep on the device. `vllm serve
 
 Also here: the `--enable-mole-adapters` flag (vLLM has no hook for CLI flags; its settings
 are written into the parsed namespace's `additional_config`, which the API server processes
-of `--api-server-count` > 1 rebuild their engine args from) and the CPU LoRA -1 slot bug fix.
+of `--api-server-count` > 1 rebuild their engine args from) and fixes of two vLLM CPU LoRA
+bugs (the -1 slot; prepacked int8 weights).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import tempfile
@@ -694,7 +696,7 @@ def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return tensor_model_parallel_all_reduce(x)
 
 
-# -- the CPU LoRA -1 slot bug ------------------------------------------------------------------
+# -- vLLM's CPU LoRA bugs -----------------------------------------------------------------------
 def fix_cpu_lora_no_adapter_rows() -> None:
     """vLLM <= 0.33's pure-torch LoRA ops index weights with the slot id, and -1 ("no
     adapter") picks the last slot: base requests batched with LoRA requests got that LoRA
@@ -733,6 +735,29 @@ def _skip_no_adapter_rows(op: Callable) -> Callable:
 
     setattr(fixed, _PATCHED, True)
     return fixed
+
+
+def fix_cpu_lora_device_of_prepacked_weights() -> None:
+    """vLLM's CPU int8 GEMM (compressed-tensors W8A8, oneDNN) prepacks a linear's weight and
+    sets `layer.weight` to None; vLLM's LoRA wrapper reads the device for its LoRA buffers
+    off that weight, so any LoRA (hence any MoLE server) failed to start on such a model.
+    Answer with the device of the layer's other tensors (its weight scales)."""
+    from vllm.lora.layers import base_linear
+
+    find_device = base_linear._get_lora_device
+    if getattr(find_device, _PATCHED, False):
+        return
+
+    @functools.wraps(find_device)
+    def device_without_weight(base_layer):
+        if getattr(base_layer, "weight", False) is None:
+            tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
+            if tensor is not None:
+                return tensor.device
+        return find_device(base_layer)
+
+    setattr(device_without_weight, _PATCHED, True)
+    base_linear._get_lora_device = device_without_weight
 
 
 def is_cpu_platform() -> bool:

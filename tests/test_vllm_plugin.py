@@ -312,6 +312,25 @@ def test_cpu_lora_ops_leave_no_adapter_rows_alone():
     torch.testing.assert_close(rows, prompt @ a[1, 0].T)
 
 
+def test_lora_finds_the_device_of_a_linear_whose_weight_was_prepacked():
+    """vLLM's CPU int8 kernel sets a linear's `weight` to None; its LoRA wrapper then takes
+    the device off the layer's other tensors (tests/test_vllm_quantized.py serves one)."""
+    vllm_compat.fix_cpu_lora_device_of_prepacked_weights()  # what our model class does on CPU
+    vllm_compat.fix_cpu_lora_device_of_prepacked_weights()  # and again: wrapped once
+    from vllm.lora.layers import base_linear
+
+    prepacked = torch.nn.Module()
+    prepacked.weight = None
+    prepacked.weight_scale = torch.nn.Parameter(torch.ones(4, 1, device="meta"))
+    assert base_linear._get_lora_device(prepacked) == torch.device("meta")
+    assert base_linear._get_lora_device(torch.nn.Linear(2, 3)) == torch.device("cpu")
+    assert not getattr(base_linear._get_lora_device.__wrapped__, "_mole_serve_patched", False)
+    with pytest.raises(AttributeError):  # no tensor at all: vLLM's own error
+        bare = torch.nn.Module()
+        bare.weight = None
+        base_linear._get_lora_device(bare)
+
+
 def test_hf_overrides_apply_as_vllm_applies_them():
     """With the flag our `hf_overrides` callable wraps the user's dict: a dict attribute is
     replaced, a nested config updated key by key, as stock vLLM does."""
