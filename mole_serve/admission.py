@@ -1,9 +1,9 @@
 """Which adapter dirs a server admits, and why not, as an AdapterError (HTTP 400).
 
-vLLM-free: `vllm_compat.served_model` reads a `ServedModel` off vLLM's config, and resolves
-hub ids, before calling here. The API server checks every requested adapter so a bad one is
-a 400 naming the problem (vLLM's own answer is a bare 500); the engine checks each MoLE
-adapter it loads again (`load_served_adapter`)."""
+vLLM-free: `vllm_compat.served_model` reads a `ServedModel` off vLLM's config, and
+`vllm_compat` resolves hub ids (then checks the dirs they resolve to here). The API server
+checks every requested adapter so a bad one is a 400 naming the problem (vLLM's own answer
+is a bare 500); the engine checks each MoLE adapter it loads again (`load_served_adapter`)."""
 
 from __future__ import annotations
 

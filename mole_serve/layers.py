@@ -428,7 +428,7 @@ class FFNAdapters(ProjectionAdapters):
         return self.add_down_delta(y, batch, step.mixlora)
 
     def mix_experts(self, h: torch.Tensor, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor,
-                    batch: SlotBatch) -> tuple[torch.Tensor, "LaunchedMix | ComputedMix | None"]:
+                    batch: SlotBatch) -> tuple[torch.Tensor, LaunchedMix | ComputedMix | None]:
         """MixLoRA tokens get their experts' weight-mixed intermediate in place of `h`
         (DESIGN §1 rewrites 1-2). Returns (h, routing state for `add_down_delta`)."""
         if self.mixlora is None:
@@ -468,21 +468,22 @@ class FFNAdapters(ProjectionAdapters):
         return super().routing_stats() + own
 
     def add_down_delta(self, y: torch.Tensor, batch: SlotBatch,
-                       mixed: "LaunchedMix | ComputedMix | None") -> torch.Tensor:
-        """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens (`mixed`: `mix_experts`'
-        state; None: no MixLoRA experts here, or none the batch's slots use)."""
-        if mixed is None:
+                       mix: LaunchedMix | ComputedMix | None) -> torch.Tensor:
+        """y + sum_k w_k s B_d,k A_d,k h_k on MixLoRA tokens (`mix`: `mix_experts`' state,
+        whose own narrowed batch the reference uses; None: no MixLoRA experts here, or none
+        the batch's slots use)."""
+        if mix is None:
             return y
-        if isinstance(mixed, LaunchedMix):
-            kernels_module().mixlora_down_delta_(y, mixed.partials, mixed.routing, batch.plan,
+        if isinstance(mix, LaunchedMix):
+            kernels_module().mixlora_down_delta_(y, mix.partials, mix.routing, batch.plan,
                                                  self.mixlora.stack())
             return y
-        rows = mixed.batch  # narrowed to the MixLoRA tokens
+        rows = mix.batch
         slots = rows.take(rows.slots)
-        args = (mixed.down_shrink, slots, mixed.weights, mixed.ids, mixed.stack)
-        delta = (mixlora_down_delta(*args) if mixed.gathers
+        args = (mix.down_shrink, slots, mix.weights, mix.ids, mix.stack)
+        delta = (mixlora_down_delta(*args) if mix.gathers
                  else grouped.mixlora_down_delta(*args, rows.used_slots))
-        return rows.put(y, add_where(rows.take(y), delta, mixed.uses))
+        return rows.put(y, add_where(rows.take(y), delta, mix.uses))
 
 
 @dataclass
@@ -491,13 +492,13 @@ class FFNStep:
 
     gate_up_routing: Routing | None = None       # DynMoLE's gate/up routing (launch 1)
     down_partials: DownPartials | None = None    # DynMoLE down's partial sums (launch 2)
-    mixlora: "LaunchedMix | ComputedMix | None" = None  # MixLoRA's state for its down delta
+    mixlora: LaunchedMix | ComputedMix | None = None  # MixLoRA's state for its down delta
 
 
 class LaunchedMix(NamedTuple):
     """MixLoRA's experts as launched on the kernels, for the down delta (launch 3)."""
 
-    routing: "Routing"
+    routing: Routing
     partials: torch.Tensor  # down-shrink partial sums [split_i, T, k_max, r]
 
 

@@ -750,7 +750,7 @@ def fix_cpu_lora_device_of_prepacked_weights() -> None:
 
     @functools.wraps(find_device)
     def device_without_weight(base_layer):
-        if getattr(base_layer, "weight", False) is None:
+        if hasattr(base_layer, "weight") and base_layer.weight is None:
             tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
             if tensor is not None:
                 return tensor.device

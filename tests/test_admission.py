@@ -88,31 +88,38 @@ def test_a_mole_dir_is_checked_once_while_it_stays_the_same(adapters, monkeypatc
     monkeypatch.setattr(admission, "_PASSED_MOLE_DIRS", {})
     adapter = tmp_path / "dynmole"  # a copy: its files change below
     shutil.copytree(adapters / "dynmole", adapter)
+
+    def check(name: str, served: ServedModel = SERVER) -> None:
+        admission.check_local_adapter(str(adapter), name, served)
+
     for name in ("a", "b", "c"):
-        admission.check_local_adapter(str(adapter), name, SERVER)
+        check(name)
     assert checked == ["a"]
-    other_limits = ServedModel(OURS, BASE, AdapterLimits(16, 8), SERVER.families, 8)
-    admission.check_local_adapter(str(adapter), "x", other_limits)
-    assert checked == ["a", "x"]
     config = adapter / "adapter_config.json"
     stat = config.stat()
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    admission.check_local_adapter(str(adapter), "d", SERVER)
-    assert checked == ["a", "x", "d"]
+    check("d")
+    check("d2")
+    assert checked == ["a", "d"]
+    check("x", ServedModel(OURS, BASE, AdapterLimits(16, 8), SERVER.families, 8))  # limits
+    assert checked == ["a", "d", "x"]
     mixlora_only = ServedModel(OURS, BASE, SERVER.limits, ("mixlora",), 8)
     for _ in range(2):
         with pytest.raises(AdapterError, match="families"):
-            admission.check_local_adapter(str(adapter), "bad", mixlora_only)
-    assert checked == ["a", "x", "d", "bad", "bad"]
+            check("bad", mixlora_only)
+    check("s")  # the dir passed against other limits since
+    check("s2")
+    assert checked == ["a", "d", "x", "bad", "bad", "s"]
     weights = adapter / "adapter_model.safetensors"
-    stat = weights.stat()
-    weights.write_bytes(weights.read_bytes())  # rewritten (as a copy keeping the mtime would)
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # only the ctime tells
-    admission.check_local_adapter(str(adapter), "e", SERVER)
+    stat, before = weights.stat(), admission._dir_state(str(adapter))
+    while admission._dir_state(str(adapter)) == before:  # coarse clocks: until the ctime moves
+        weights.write_bytes(weights.read_bytes())  # rewritten as a copy keeping the mtime is
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # only the ctime tells
+    check("e")
     assert checked[-1] == "e"
     for name in ("f", "g"):  # a model we refuse MoLE adapters on: never passes
         with pytest.raises(AdapterError, match="does not serve MoLE adapters on"):
-            admission.check_local_adapter(str(adapter), name, ServedModel(("GPT2",)))
+            check(name, ServedModel(("GPT2",)))
     assert checked[-2:] == ["f", "g"]
 
 
