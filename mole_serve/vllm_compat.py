@@ -28,8 +28,8 @@ How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
 * `OpenAIServingModels._check_load_lora_adapter_request` and `resolve_lora` are wrapped so a
   malformed MoLE adapter is refused with HTTP 400 and a message naming the tensor (vLLM
   itself answers 500 for any engine-side load error); the checks are `mole_serve.admission`'s.
-* A `LoRAResolver` is registered beside vLLM's filesystem one, which takes PEFT LoRA dirs only,
-  so MoLE dirs in `VLLM_LORA_RESOLVER_CACHE_DIR` load on first request too.
+* `FilesystemResolver._get_lora_req_from_path` is wrapped: vLLM's filesystem and HF-hub LoRA
+  resolvers, which take PEFT LoRA dirs only, take MoLE dirs too (load on first request).
 Route (A), re-expressing MoLE weights as LoRA tensors on extra `LinearBase` submodules, was
 rejected: vLLM's loader accepts only PEFT key names, `adapter_model.*` files and ranks in
 {1, 8, 16, 32, ...}, so every MoE-PEFT checkpoint (`.bin`, `mixlora.layers...` keys, rank
@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -212,7 +213,7 @@ def _apply_settings(engine_args: Any) -> None:
     if not ServeSettings.from_additional_config(engine_args.additional_config).enabled:
         return
     install_request_metrics()  # this process runs the output processor
-    register_mole_resolver()   # this process may build the API's adapter registry
+    take_mole_dirs_in_lora_resolvers()  # this process may resolve adapters by name
     engine_args.enable_lora = True
     if not isinstance(engine_args.hf_overrides, UseMoleArchitecture):
         engine_args.hf_overrides = UseMoleArchitecture(engine_args.hf_overrides)
@@ -557,8 +558,8 @@ def use_multiprocess_metrics() -> None:
 
 def install_api_validation() -> None:
     """Refuse a malformed MoLE adapter at `/v1/load_lora_adapter` (and `--lora-modules`), or
-    found in the LoRA resolver cache by a request, with a 400 naming the problem, before the
-    engine sees it (vLLM answers 500, or 400 "could not be loaded", without saying why)."""
+    found by a LoRA resolver for a request, with a 400 naming the problem, before the engine
+    sees it (vLLM answers 500, or 400 "could not be loaded", without saying why)."""
     from vllm.entrypoints.openai.models import serving
 
     OpenAIServingModels = serving.OpenAIServingModels
@@ -567,16 +568,11 @@ def install_api_validation() -> None:
     if getattr(check, _PATCHED, False):
         return
 
-    async def refusal(path: str, name: str, vllm_config: Any, **param: str):
-        """None for an adapter that may load, else the 400 naming why not."""
-        try:  # file reads: off the event loop
-            await asyncio.to_thread(_check_requested_adapter, path, name, vllm_config)
-        except AdapterError as exc:
-            metrics.adapter_rejected("api_server")
-            # The module's own import: it moved between vLLM 0.26 and 0.32.
-            return serving.create_error_response(message=str(exc), err_type="BadRequestError",
-                                                 status_code=HTTPStatus.BAD_REQUEST, **param)
-        return None
+    def bad_request(exc: AdapterError, **param: str):
+        metrics.adapter_rejected("api_server")
+        # The module's own import: it moved between vLLM 0.26 and 0.32.
+        return serving.create_error_response(message=str(exc), err_type="BadRequestError",
+                                             status_code=HTTPStatus.BAD_REQUEST, **param)
 
     @functools.wraps(check)
     async def check_with_mole(self, request):
@@ -584,57 +580,63 @@ def install_api_validation() -> None:
         vllm_config = self.engine_client.vllm_config
         if error is not None or not serve_settings(vllm_config).enabled:
             return error
-        return await refusal(request.lora_path, request.lora_name, vllm_config,
-                             param="lora_path")
+        try:  # file reads: off the event loop
+            await asyncio.to_thread(_check_requested_adapter, request.lora_path,
+                                    request.lora_name, vllm_config)
+        except AdapterError as exc:
+            return bad_request(exc, param="lora_path")
+        return None
 
     @functools.wraps(resolve)
     async def resolve_with_mole(self, lora_name):
-        vllm_config, cache_dir = self.engine_client.vllm_config, _resolver_cache_dir()
-        path = os.path.join(cache_dir, lora_name) if cache_dir else ""
-        if (path and lora_name not in self.lora_requests
-                and serve_settings(vllm_config).enabled
-                and await asyncio.to_thread(admission.mole_dir_for_base, path,
-                                            self.model_config.model)):
-            error = await refusal(path, lora_name, vllm_config)
-            if error is not None:
-                return error
-        return await resolve(self, lora_name)
+        vllm_config = self.engine_client.vllm_config
+        if not serve_settings(vllm_config).enabled:
+            return await resolve(self, lora_name)
+        resolving = _RESOLVING_FOR.set(vllm_config)
+        try:
+            return await resolve(self, lora_name)
+        except AdapterError as exc:  # a MoLE dir a resolver found, refused
+            return bad_request(exc)
+        finally:
+            _RESOLVING_FOR.reset(resolving)
 
     setattr(check_with_mole, _PATCHED, True)
     OpenAIServingModels._check_load_lora_adapter_request = check_with_mole
     OpenAIServingModels.resolve_lora = resolve_with_mole
 
 
-MOLE_RESOLVER = "MoLE Filesystem Resolver"
+# The served model's config while `resolve_with_mole` runs vLLM's LoRA resolvers (in that
+# request's task only): the MoLE dirs they find are checked against it.
+_RESOLVING_FOR: contextvars.ContextVar[Any] = contextvars.ContextVar("mole_serve_resolving_for",
+                                                                    default=None)
 
 
-def register_mole_resolver() -> None:
+def take_mole_dirs_in_lora_resolvers() -> None:
     """vLLM's filesystem LoRA resolver (with runtime LoRA updating, a request naming a dir of
-    VLLM_LORA_RESOLVER_CACHE_DIR loads it) takes PEFT LoRA dirs only; this one takes the MoLE
-    dirs there on the same terms: the dir's `base_model_name_or_path` names the served model
-    (here also: the same dir by another path). `install_api_validation` checks them first."""
+    VLLM_LORA_RESOLVER_CACHE_DIR loads it) and its HF-hub resolver (a subclass, which
+    downloads the dir first) take PEFT LoRA dirs only: take MoLE dirs on the same terms. The
+    dir's `base_model_name_or_path` names the served model (here also: the same dir by
+    another path); one that would be refused raises its AdapterError, which
+    `install_api_validation` answers with a 400 naming the problem."""
     from vllm.lora.request import LoRARequest
-    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+    from vllm.plugins.lora_resolvers.filesystem_resolver import FilesystemResolver
 
-    cache_dir = _resolver_cache_dir()
-    if not cache_dir or MOLE_RESOLVER in LoRAResolverRegistry.get_supported_resolvers():
+    find = FilesystemResolver._get_lora_req_from_path
+    if getattr(find, _PATCHED, False):
         return
 
-    class MoleFilesystemResolver(LoRAResolver):
-        async def resolve_lora(self, base_model_name: str, lora_name: str):
-            path = os.path.join(cache_dir, lora_name)
-            if not await asyncio.to_thread(admission.mole_dir_for_base, path, base_model_name):
-                return None
-            return LoRARequest(lora_name=lora_name, lora_int_id=abs(hash(lora_name)),
-                               lora_path=path)
+    @functools.wraps(find)
+    async def find_lora_or_mole(self, lora_name, lora_path, base_model_name):
+        if not await asyncio.to_thread(admission.mole_dir_for_base, lora_path, base_model_name):
+            return await find(self, lora_name, lora_path, base_model_name)
+        vllm_config = _RESOLVING_FOR.get()
+        if vllm_config is not None:
+            await asyncio.to_thread(_check_requested_adapter, lora_path, lora_name, vllm_config)
+        return LoRARequest(lora_name=lora_name, lora_int_id=abs(hash(lora_name)),
+                           lora_path=lora_path)
 
-    LoRAResolverRegistry.register_resolver(MOLE_RESOLVER, MoleFilesystemResolver())
-
-
-def _resolver_cache_dir() -> str | None:
-    """Where vLLM's filesystem resolver looks for adapters by name (None: it is off)."""
-    import vllm.envs as envs
-    return envs.VLLM_LORA_RESOLVER_CACHE_DIR or None
+    setattr(find_lora_or_mole, _PATCHED, True)
+    FilesystemResolver._get_lora_req_from_path = find_lora_or_mole
 
 
 def _check_requested_adapter(path: str, name: str, vllm_config: Any) -> None:
