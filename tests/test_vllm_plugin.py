@@ -331,64 +331,6 @@ def test_lora_finds_the_device_of_a_linear_whose_weight_was_prepacked():
         base_linear._get_lora_device(bare)
 
 
-def test_vllms_hub_resolver_takes_mole_dirs_for_the_served_base(tiny_llama, tmp_path,
-                                                               monkeypatch):
-    """vLLM's HF-hub LoRA resolver (which downloads a repo's adapter dir, then reads it as
-    the filesystem resolver does: tests/test_vllm_serve.py runs that one) resolves a MoLE dir
-    made for the served base; a refused one is a 400 naming why from `resolve_lora`, before
-    the engine sees it; one for another base is vLLM's 404. The hub is faked: no network."""
-    import asyncio
-    from collections import defaultdict
-
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    from vllm.plugins.lora_resolvers import hf_hub_resolver
-    from vllm.utils.counter import AtomicCounter
-
-    plugin.register()
-    config = EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=128,
-                        additional_config={"mole": {"enabled": True, "max_experts": 4}}
-                        ).create_engine_config()  # as `vllm serve` does: installs the hooks
-    snapshot = tmp_path / "snapshot"
-    base = BaseShape.from_hf_config(config.model_config.hf_config)
-    for name, experts, base_name in (("math", 4, str(tiny_llama)), ("big", 6, str(tiny_llama)),
-                                     ("other", 4, "org/other-model")):
-        make_mole_adapter(snapshot / name, MoleConfig(
-            "mixlora", experts, 4, 8, ("gate_proj",), base_model_name_or_path=base_name),
-            base, seed=0)
-
-    class FakeHub:
-        def list_repo_files(self, repo_id):
-            return [str(path.relative_to(snapshot)) for path in snapshot.rglob("*")]
-
-        def snapshot_download(self, repo_id, allow_patterns):
-            return str(snapshot)
-
-    monkeypatch.setattr(hf_hub_resolver, "hf_api", FakeHub)
-    loaded = []
-
-    async def add_lora(request):
-        loaded.append(request)
-
-    models = types.SimpleNamespace(
-        engine_client=types.SimpleNamespace(vllm_config=config, add_lora=add_lora),
-        model_config=config.model_config, lora_requests={}, lora_id_counter=AtomicCounter(0),
-        lora_resolver_lock=defaultdict(asyncio.Lock),
-        lora_resolvers=[hf_hub_resolver.HfHubResolver(["org/moles"])])
-
-    def resolve(name: str):
-        return asyncio.run(OpenAIServingModels.resolve_lora(models, name))
-
-    assert resolve("org/moles/math").lora_path == str(snapshot / "math")
-    assert [request.lora_name for request in loaded] == ["org/moles/math"]
-    refused = resolve("org/moles/big")
-    assert refused.error.code == 400
-    assert "adapter 'org/moles/big': adapter_config.json:num_experts: expected <= the " \
-           "server's max experts 4, found 6" in refused.error.message
-    assert resolve("org/moles/other").error.code == 404
-    assert len(loaded) == 1
-
-
 def test_hf_overrides_apply_as_vllm_applies_them():
     """With the flag our `hf_overrides` callable wraps the user's dict: a dict attribute is
     replaced, a nested config updated key by key, as stock vLLM does."""
