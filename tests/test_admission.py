@@ -62,6 +62,8 @@ def test_requested_paths_and_plain_lora_dirs_are_checked_against_the_server(adap
     admission.check_local_adapter(str(adapters / "dynmole"), "d", SERVER)
     with pytest.raises(AdapterError, match="does not exist"):
         admission.check_local_adapter(str(tmp_path / "missing"), "x", SERVER)
+    with pytest.raises(AdapterError, match="cannot be read: File name too long"):
+        admission.check_local_adapter(str(tmp_path / ("x" * 300)), "x", SERVER)
     (tmp_path / "file").write_text("")
     with pytest.raises(AdapterError, match="is a file"):
         admission.check_local_adapter(str(tmp_path / "file"), "x", SERVER)
@@ -139,4 +141,5 @@ def test_a_resolver_cache_dir_is_taken_for_the_base_it_names(adapters, tmp_path)
     assert not admission.mole_dir_for_base(str(tmp_path / "by-id"), str(base_dir))
     assert not admission.mole_dir_for_base(str(tmp_path / "unnamed"), str(base_dir))
     assert not admission.mole_dir_for_base(str(tmp_path / "missing"), "org/base")
+    assert not admission.mole_dir_for_base(str(tmp_path / ("x" * 300)), "org/base")
     assert not admission.mole_dir_for_base(str(adapters / "peft-r16"), "org/base")

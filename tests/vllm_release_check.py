@@ -2,8 +2,10 @@
 so a release we cannot run here (the GPU host's CUDA vLLM 0.26.0: its wheel's Python sources)
 is checked on the CPU box too. Run by tests/test_vllm_releases.py; prints what it checked.
 
-1. Every hook installs: each vLLM class, method and function we wrap exists.
-2. Each wrapper takes the parameters of what it wraps (vLLM calls it in its place).
+1. Every hook installs: each vLLM method and function we wrap (`HOOKS`) exists beforehand,
+   and those are all the hooks found afterwards.
+2. Each wrapper takes the named parameters of what it wraps (vLLM calls it in its place; a
+   wrapper's *args / **kwargs pass the rest on).
 3. `vllm serve`'s parser takes our flags, and they land in `additional_config`.
 4. vLLM's HF-hub LoRA resolver (faked hub) takes a MoLE dir made for the served base, a
    refused one is a 400 naming why, one for another base vLLM's 404.
@@ -12,6 +14,7 @@ is checked on the CPU box too. Run by tests/test_vllm_releases.py; prints what i
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import pathlib
 import sys
@@ -28,6 +31,51 @@ from mole_serve import plugin, vllm_compat  # noqa: E402
 from mole_serve.adapter import BaseShape  # noqa: E402
 from mole_serve.config import MoleConfig  # noqa: E402
 from vllm_helpers import make_mole_adapter  # noqa: E402
+
+
+# Every vLLM attribute vllm_compat replaces (a new hook fails the check until listed here).
+HOOKS = (
+    "vllm.config.speculative.SpeculativeConfig.compose_draft_hf_overrides",
+    "vllm.engine.arg_utils.EngineArgs.add_cli_args",
+    "vllm.engine.arg_utils.EngineArgs.create_engine_config",
+    "vllm.engine.arg_utils.EngineArgs.from_cli_args",
+    "vllm.entrypoints.openai.models.serving.OpenAIServingModels."
+    "_check_load_lora_adapter_request",
+    "vllm.entrypoints.openai.models.serving.OpenAIServingModels.resolve_lora",
+    "vllm.lora.layers.base_linear._get_lora_device",
+    "vllm.lora.model_manager.AdapterLRUCache._on_remove",
+    "vllm.lora.model_manager.LoRAModelManager._create_merged_loras_inplace",
+    "vllm.lora.model_manager.LoRAModelManager._deactivate_adapter",
+    "vllm.lora.model_manager.LoRAModelManager._set_adapter_mapping",
+    "vllm.lora.model_manager.LoRAModelManager.activate_adapter",
+    *(f"{module}.{op}" for module in ("vllm.lora.ops.torch_ops", "vllm.lora.ops.torch_ops.lora_ops",
+                                      "vllm.lora.punica_wrapper.punica_cpu")
+      for op in ("bgmv_expand", "bgmv_expand_slice", "bgmv_shrink")),
+    "vllm.lora.worker_manager.WorkerLoRAManager._load_adapter",
+    "vllm.lora.worker_manager.WorkerLoRAManager.set_active_adapters",
+    "vllm.plugins.lora_resolvers.filesystem_resolver.FilesystemResolver._get_lora_req_from_path",
+    "vllm.v1.engine.core.EngineCoreProc._process_engine_step",
+    "vllm.v1.engine.core.EngineCoreProc._process_input_queue",
+    "vllm.v1.engine.output_processor.OutputProcessor.process_outputs",
+)
+
+
+def check_hooks_exist() -> None:
+    """Before anything is installed: each hooked attribute is the release's own function (an
+    install may otherwise create a name the release no longer has, which nothing calls)."""
+    for where in HOOKS:
+        parts = where.split(".")
+        for split in range(len(parts) - 1, 0, -1):
+            try:
+                owner = importlib.import_module(".".join(parts[:split]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for name in parts[split:-1]:
+            owner = getattr(owner, name)
+        value = inspect.getattr_static(owner, parts[-1], None)
+        value = getattr(value, "__func__", value)  # static and class methods
+        assert isinstance(value, types.FunctionType), f"{where}: not in vLLM {vllm.__version__}"
 
 
 def install_every_hook() -> None:
@@ -137,8 +185,12 @@ def check_hub_resolver(root: pathlib.Path) -> None:
 
 
 def main() -> None:
+    check_hooks_exist()
     install_every_hook()
     wrappers = our_wrappers()
+    assert sorted(wrappers) == sorted(HOOKS), \
+        f"hooks installed but not listed: {sorted(set(wrappers) - set(HOOKS))}; " \
+        f"listed but not installed: {sorted(set(HOOKS) - set(wrappers))}"
     for where, wrapper in sorted(wrappers.items()):
         check_parameters(where, wrapper)
     with tempfile.TemporaryDirectory() as root:
