@@ -92,7 +92,7 @@ def our_wrappers() -> dict[str, types.FunctionType]:
     """Every function of vllm_compat's now in a vLLM module or class, by where it sits."""
     found = {}
     for module_name, module in list(sys.modules.items()):
-        if not module_name.startswith("vllm") or module is None:
+        if not (module_name == "vllm" or module_name.startswith("vllm.")) or module is None:
             continue
         owners = [(module_name, module)] + [
             (f"{module_name}.{name}", value) for name, value in vars(module).items()
